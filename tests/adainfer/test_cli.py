@@ -1,0 +1,36 @@
+"""The console script: `adainfer info` and `adainfer demo`."""
+
+import json
+import subprocess
+import sys
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adainfer.cli", *args], capture_output=True, text=True, timeout=900)
+
+
+def test_info_json_reports_versions_and_backends():
+    out = _run("info", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    import torch
+
+    assert info["torch"] == torch.__version__
+    assert info["native_ext"] is not None
+    from adainfer_kernels import _native
+
+    expected = "native" if _native.has_op("compact_rows") else "torch"
+    assert info["ops"]["cpu"]["compaction"]["name"] == expected
+    assert info["ops"]["cpu"]["exit_head"]["name"] == "cpu"
+
+
+def test_info_table():
+    out = _run("info")
+    assert out.returncode == 0, out.stderr
+    assert "backend of each op" in out.stdout and "exit_head" in out.stdout
+
+
+def test_unknown_subcommand_is_a_usage_error():
+    out = _run("frobnicate")
+    assert out.returncode == 2
+    assert "invalid choice" in out.stderr
