@@ -105,3 +105,45 @@ def scatter_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) ->
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out.shape[0]):
         raise IndexError(f"rows must lie in [0, {out.shape[0]})")
     return out.index_copy_(0, rows, values)
+
+
+def merge_rows(
+    active_values: torch.Tensor,
+    active_rows: torch.Tensor,
+    fill_values: torch.Tensor,
+    fill_rows: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
+    """Build a full-batch tensor from the active rows' values and fill values for the others.
+
+    ``out[active_rows[i]] = active_values[i]`` and ``out[fill_rows[j]] = fill_values[j]``; the two
+    row lists together must be a permutation of ``range(batch_size)``. The runtime uses it to give
+    the cache each layer's new K/V for all rows during generation.
+
+    Args:
+        active_values: (A, ...) values of the rows still active.
+        active_rows: (A,) int64 their original rows.
+        fill_values: (F, ...) values of the other rows (same trailing shape and dtype).
+        fill_rows: (F,) int64 their original rows.
+        batch_size: B == A + F.
+
+    Returns:
+        (B, ...) tensor.
+    """
+    for name, rows, values in (("active", active_rows, active_values), ("fill", fill_rows, fill_values)):
+        if rows.dtype != torch.int64 or rows.dim() != 1 or values.shape[0] != rows.shape[0]:
+            raise ValueError(
+                f"{name}_rows must be 1-D int64 with one entry per row of {name}_values "
+                f"(got {rows.dtype} {tuple(rows.shape)} for values {tuple(values.shape)})"
+            )
+    if active_values.shape[1:] != fill_values.shape[1:] or active_values.dtype != fill_values.dtype:
+        raise ValueError(
+            f"active and fill values differ: {active_values.dtype} {tuple(active_values.shape)} vs "
+            f"{fill_values.dtype} {tuple(fill_values.shape)}"
+        )
+    if active_rows.numel() + fill_rows.numel() != batch_size:
+        raise ValueError(f"{active_rows.numel()} active + {fill_rows.numel()} fill rows != batch size {batch_size}")
+    out = active_values.new_empty((batch_size, *active_values.shape[1:]))
+    out.index_copy_(0, active_rows, active_values)
+    out.index_copy_(0, fill_rows, fill_values)
+    return out

@@ -1,0 +1,222 @@
+"""Reversible monkey-patches that install the early-exit layer loop into a HF model instance.
+
+    handle = adainfer.apply(model, classifier)          # or a policy: ForcedExits, NeverExit, ...
+    out = model(**batch); model.generate(**batch)       # the same calls as before
+    handle.last_stats.exit_layers                       # per-row exit layers of the last call
+    handle.remove()                                     # or: with adainfer.patched(model, clf): ...
+
+How it hooks in: the model's decoder forward (``LlamaModel.forward`` / ``OPTDecoder.forward``) is
+wrapped on the instance to validate the call and switch the loop on; while it runs, its layer
+list yields one callable (the ``LayerLoop``) instead of the L layers, so Hugging Face's own
+embedding, cache, mask, rotary and final-norm code run unchanged around our loop. Nothing else is
+touched: weights, state dict, parameters and the class stay as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from adainfer.arch import arch_for
+from adainfer.config import AdaInferConfig
+from adainfer.heads import exit_head_for
+from adainfer.policy import ClassifierPolicy, ExitPolicy
+from adainfer.runtime import ExitStats, LayerLoop
+
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+# transformers releases whose decoder loop and cache API the patch was written against:
+# 5.0 - 5.23 pass `past_key_values=`, 5.24+ pass `cache=` (the old name is accepted until 5.40).
+TRANSFORMERS_RANGE = ((5, 0), (5, 40))
+_ATTR = "_adainfer_handle"
+
+
+def _check_transformers_version() -> None:
+    import transformers
+
+    parts = transformers.__version__.split(".")
+    version = (int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0))
+    lo, hi = TRANSFORMERS_RANGE
+    if not lo <= version < hi:
+        raise RuntimeError(
+            f"transformers {transformers.__version__} is not supported by the AdaInfer patch "
+            f"(supported: >= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]}); install e.g. transformers==5.24.0"
+        )
+
+
+class _LoopLayers(nn.ModuleList):
+    """The decoder's layer list, which yields the AdaInfer loop while a patched forward runs.
+
+    Llama's decoder iterates ``self.layers[: num_hidden_layers]`` and OPT's ``enumerate(self.layers)``;
+    both see a single callable then. Indexing, ``len`` and iteration outside a forward are unchanged.
+    """
+
+    def __getitem__(self, idx):
+        handle = self.__dict__.get(_ATTR)
+        if isinstance(idx, slice) and handle is not None and handle._running:
+            if idx.step not in (None, 1) or (idx.start or 0) != 0 or (idx.stop is not None and idx.stop < len(self)):
+                raise RuntimeError(f"the AdaInfer loop runs all layers; the decoder asked for layers[{idx}]")
+            return [handle.loop]
+        return super().__getitem__(idx)
+
+    def __iter__(self):
+        handle = self.__dict__.get(_ATTR)
+        if handle is not None and handle._running:
+            return iter([handle.loop])
+        return super().__iter__()
+
+
+class AdaInferHandle:
+    """A patched model: its exit statistics, and ``remove()`` to restore it bit for bit."""
+
+    def __init__(self, model: nn.Module, policy: ExitPolicy, config: AdaInferConfig) -> None:
+        self.model = model
+        self.config = config
+        self.policy = policy
+        self.arch = arch_for(model)
+        self.loop = LayerLoop(model, self.arch, policy, config, exit_head_for(model))
+        self.history: list[ExitStats] = []
+        self.enabled = config.enabled
+        self._running = False
+        self._inner = self.arch.inner(model)
+        self._layers = self.arch.layers(model)
+        self._saved_forward = self._inner.__dict__.get("forward")
+        self.loop.on_stats = self.history.append
+
+    @property
+    def last_stats(self) -> ExitStats | None:
+        """Statistics of the last forward call (in ``generate``: the last step)."""
+        return self.history[-1] if self.history else None
+
+    def reset_stats(self) -> None:
+        self.history.clear()
+
+    @property
+    def checked_layers(self) -> frozenset[int]:
+        return self.loop.checked
+
+    # -- installing and removing -------------------------------------------------------------
+    def _install(self) -> None:
+        original = (
+            self._saved_forward if self._saved_forward is not None else type(self._inner).forward.__get__(self._inner)
+        )
+        handle = self
+
+        def forward(inner_self, *args, **kwargs):
+            if not handle.enabled:
+                return original(*args, **kwargs)
+            handle._validate_call(args, kwargs)
+            handle._running = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                handle._running = False
+
+        self._inner.forward = types.MethodType(forward, self._inner)
+        self._layers.__class__ = _LoopLayers
+        self._layers.__dict__[_ATTR] = self
+        self.model.__dict__[_ATTR] = self
+
+    def remove(self) -> None:
+        """Undo the patch: the model runs its original code again."""
+        if self.model.__dict__.get(_ATTR) is not self:
+            raise RuntimeError("this AdaInfer handle is not installed on the model (already removed?)")
+        if self._saved_forward is not None:
+            self._inner.forward = self._saved_forward
+        else:
+            del self._inner.forward
+        self._layers.__class__ = nn.ModuleList
+        del self._layers.__dict__[_ATTR]
+        del self.model.__dict__[_ATTR]
+
+    # -- per-call validation -----------------------------------------------------------------
+    def _validate_call(self, args, kwargs) -> None:
+        cfg = self.model.config
+        for flag in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(flag, getattr(cfg, flag, False)):
+                raise ValueError(
+                    f"{flag}=True is not supported while AdaInfer exits are enabled (rows leave the batch at "
+                    "different layers); set handle.enabled = False for that call, or remove the patch"
+                )
+        attn = getattr(cfg, "_attn_implementation", None)
+        if attn not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"attention implementation {attn!r} is not supported by the AdaInfer patch "
+                f"(supported: {', '.join(SUPPORTED_ATTENTION)}); load the model with attn_implementation='sdpa'"
+            )
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.numel() and not bool(mask[:, -1].all()):
+            raise ValueError(
+                "AdaInfer decides on the last position of each row, but some rows end in padding: "
+                "use left padding (tokenizer.padding_side = 'left')"
+            )
+
+
+def _as_policy(classifier_or_policy, config: AdaInferConfig) -> ExitPolicy:
+    if hasattr(classifier_or_policy, "should_stop"):
+        return classifier_or_policy
+    if hasattr(classifier_or_policy, "linear_score"):
+        return ClassifierPolicy(classifier_or_policy)
+    raise TypeError(
+        "expected a StopClassifier (with linear_score/subset_bias/label_token_ids) or an exit policy "
+        f"(ForcedExits, NeverExit, ...), got {type(classifier_or_policy).__name__}"
+    )
+
+
+def apply(model: nn.Module, classifier_or_policy, config: AdaInferConfig | None = None) -> AdaInferHandle:
+    """Patch ``model`` (``LlamaForCausalLM`` or ``OPTForCausalLM``) in place; returns the handle.
+
+    Args:
+        model: the model instance to patch (its class and other instances are not touched).
+        classifier_or_policy: a fitted ``StopClassifier`` (AdaInfer) or an exit policy.
+        config: which layers are checked, compact or mask mode (default: ``AdaInferConfig()``).
+
+    Raises:
+        ValueError: unsupported model type or attention implementation, a classifier fitted on
+            another model, or a model that is already patched.
+        RuntimeError: an unsupported transformers version.
+    """
+    _check_transformers_version()
+    arch = arch_for(model)
+    if _ATTR in model.__dict__:
+        raise ValueError("this model is already patched by AdaInfer: call handle.remove() (or adainfer.remove) first")
+    attn = getattr(model.config, "_attn_implementation", None)
+    if attn not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"attention implementation {attn!r} is not supported by the AdaInfer patch "
+            f"(supported: {', '.join(SUPPORTED_ATTENTION)}); load the model with attn_implementation='sdpa'"
+        )
+    if hasattr(classifier_or_policy, "check_compatible"):
+        classifier_or_policy.check_compatible(model)
+    if not isinstance(arch.layers(model), nn.ModuleList) or type(arch.layers(model)) is not nn.ModuleList:
+        raise ValueError("the model's decoder layers are not a plain nn.ModuleList: cannot patch it")
+    config = config or AdaInferConfig()
+    handle = AdaInferHandle(model, _as_policy(classifier_or_policy, config), config)
+    handle._install()
+    return handle
+
+
+def remove(model: nn.Module) -> None:
+    """Undo ``apply`` on ``model``."""
+    handle = model.__dict__.get(_ATTR)
+    if handle is None:
+        raise ValueError("this model is not patched by AdaInfer")
+    handle.remove()
+
+
+def handle_of(model: nn.Module) -> AdaInferHandle | None:
+    """The handle of a patched model, or None."""
+    return model.__dict__.get(_ATTR)
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, classifier_or_policy, config: AdaInferConfig | None = None) -> Iterator[AdaInferHandle]:
+    """``with patched(model, clf) as handle: ...`` applies the patch and always removes it."""
+    handle = apply(model, classifier_or_policy, config)
+    try:
+        yield handle
+    finally:
+        handle.remove()

@@ -1,0 +1,120 @@
+"""Exit policies: what the exit head decodes at a checked layer and which rows stop there.
+
+``ClassifierPolicy`` is AdaInfer: a fitted stop classifier whose linear score is computed inside the
+fused exit head. ``ForcedExits`` stops given rows at given layers (tests and benchmarks), and
+``NeverExit`` runs every check but stops nothing (it proves the checks change no result).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import torch
+
+from adainfer_kernels.head import ExitHead, ExitSignals, LinearScore
+
+
+class ExitPolicy(Protocol):
+    def layers_to_check(self, num_layers: int) -> frozenset[int]:
+        """Layers (1 <= k < L) after which this policy wants a check."""
+
+    def head_and_score(self, layer: int, base: ExitHead) -> tuple[ExitHead, LinearScore | None]:
+        """The exit head (vocabulary subset, per-layer bias) and linear score used at ``layer``."""
+
+    def should_stop(self, layer: int, signals: ExitSignals, rows: torch.Tensor) -> torch.Tensor:
+        """(A,) bool: which of the checked rows (original batch ids ``rows``) stop at ``layer``."""
+
+
+class ClassifierPolicy:
+    """AdaInfer's rule: stop a row at layer k when the classifier's score there is positive.
+
+    ``classifier`` is duck-typed (``adainfer.classifier.StopClassifier`` fits it): it provides
+    ``linear_score(layer) -> LinearScore`` with the threshold and any layer term folded into the
+    bias, ``subset_bias(layer) -> Tensor | None`` (per-layer label bias), ``label_token_ids``
+    (None for the full vocabulary) and ``checked_layers(num_layers)``.
+    """
+
+    def __init__(self, classifier, layers: frozenset[int] | None = None) -> None:
+        self.classifier = classifier
+        self._layers = layers
+        self._cache: dict[int, tuple[ExitHead, LinearScore | None]] = {}
+
+    def layers_to_check(self, num_layers: int) -> frozenset[int]:
+        if self._layers is not None:
+            return self._layers
+        return frozenset(self.classifier.checked_layers(num_layers))
+
+    def head_and_score(self, layer: int, base: ExitHead) -> tuple[ExitHead, LinearScore | None]:
+        if layer not in self._cache:
+            ids = self.classifier.label_token_ids
+            bias = self.classifier.subset_bias(layer)
+            device = base.weight.device
+            head = dataclasses.replace(
+                base,
+                vocab_subset=None if ids is None else torch.as_tensor(ids, dtype=torch.int64, device=device),
+                subset_bias=None if bias is None else torch.as_tensor(bias, dtype=torch.float32, device=device),
+            )
+            self._cache[layer] = (head, self.classifier.linear_score(layer))
+        return self._cache[layer]
+
+    def should_stop(self, layer: int, signals: ExitSignals, rows: torch.Tensor) -> torch.Tensor:
+        # NaN scores (non-finite hidden states) compare False: such rows never stop early.
+        return signals.score > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _FixedClassifier:
+    """The classifier protocol for one fixed score at every layer."""
+
+    score: LinearScore
+    layers: frozenset[int]
+    label_token_ids: object = None
+
+    def linear_score(self, layer: int) -> LinearScore:
+        return self.score
+
+    def subset_bias(self, layer: int) -> None:
+        return None
+
+    def checked_layers(self, num_layers: int) -> frozenset[int]:
+        return self.layers
+
+
+class LinearScorePolicy(ClassifierPolicy):
+    """One fixed linear score (and optional label tokens) at every checked layer."""
+
+    def __init__(self, score: LinearScore, layers, label_token_ids=None) -> None:
+        super().__init__(_FixedClassifier(score, frozenset(layers), label_token_ids))
+
+
+class NeverExit(LinearScorePolicy):
+    """Runs the full-vocabulary exit head at the given layers but never stops a row."""
+
+    def __init__(self, layers: frozenset[int]) -> None:
+        super().__init__(LinearScore(0.0, 0.0, -1.0), layers)
+
+
+class ForcedExits:
+    """Stops original batch row r at layer ``exit_layers[r]`` (values >= L mean never).
+
+    Args:
+        exit_layers: (B,) int64 per-row exit layer, counted from 1, applied at every forward call
+            (in generation: at every step).
+    """
+
+    def __init__(self, exit_layers) -> None:
+        self.exit_layers = torch.as_tensor(exit_layers, dtype=torch.int64)
+
+    def layers_to_check(self, num_layers: int) -> frozenset[int]:
+        return frozenset(int(k) for k in self.exit_layers.unique().tolist() if 1 <= k < num_layers)
+
+    def head_and_score(self, layer: int, base: ExitHead) -> tuple[ExitHead, LinearScore | None]:
+        return base, None
+
+    def should_stop(self, layer: int, signals: ExitSignals, rows: torch.Tensor) -> torch.Tensor:
+        if rows.numel() and int(rows.max()) >= self.exit_layers.numel():
+            raise ValueError(
+                f"ForcedExits covers {self.exit_layers.numel()} rows but the batch has row {int(rows.max())}"
+            )
+        return self.exit_layers.to(rows.device)[rows] == layer

@@ -1,0 +1,245 @@
+"""The AdaInfer patch on tiny random Llama and OPT models: bit-identity without exits, the exact
+semantics of forced exits (forward and generate), undo, and every refused input."""
+
+from __future__ import annotations
+
+import adainfer
+import pytest
+import torch
+from adainfer import AdaInferConfig, ForcedExits, NeverExit
+from tiny_models import decode_hidden, left_padded_batch, tiny_llama, tiny_opt
+
+MODELS = {
+    "llama": lambda attn, dtype=torch.float32: tiny_llama(attn, dtype),
+    "opt-pre-ln": lambda attn, dtype=torch.float32: tiny_opt(False, attn, dtype),
+    "opt-post-ln": lambda attn, dtype=torch.float32: tiny_opt(True, attn, dtype),
+}
+ATTN = ("sdpa", "eager")
+GEN = {"max_new_tokens": 6, "do_sample": False}
+
+
+def _batch(model, batch=4, length=9):
+    return left_padded_batch(batch, length, pad_id=model.config.pad_token_id)
+
+
+# fp32 for every model and attention kind; bf16/fp16 for every model with sdpa and for llama with eager.
+IDENTITY_CASES = [(n, a, torch.float32) for n in MODELS for a in ATTN] + [
+    (n, a, dt)
+    for dt in (torch.bfloat16, torch.float16)
+    for n, a in [*((n, "sdpa") for n in MODELS), ("llama", "eager")]
+]
+
+
+@pytest.mark.parametrize(("name", "attn", "dtype"), IDENTITY_CASES)
+@torch.inference_mode()
+def test_exits_disabled_and_never_exit_are_bit_identical(name, attn, dtype):
+    model = MODELS[name](attn, dtype)
+    batch = _batch(model)
+    ref_logits = model(**batch).logits
+    ref_tokens = model.generate(**batch, **GEN)
+    layers = range(1, model.config.num_hidden_layers)
+    for config in (AdaInferConfig(enabled=False), AdaInferConfig()):
+        with adainfer.patched(model, NeverExit(layers), config) as handle:
+            logits = model(**batch).logits
+            tokens = model.generate(**batch, **GEN)
+            assert torch.equal(logits, ref_logits), f"{name}/{attn}/{dtype} enabled={config.enabled}"
+            assert torch.equal(tokens, ref_tokens)
+            if config.enabled:
+                stats = handle.last_stats
+                assert stats.exit_layers.tolist() == [model.config.num_hidden_layers] * 4
+                assert stats.rows_checked == 4 * len(layers)
+    assert torch.equal(model(**batch).logits, ref_logits), "undo must restore the original bit for bit"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("mode", ["compact", "mask"])
+@torch.inference_mode()
+def test_forced_exit_logits_equal_the_logit_lens_of_that_layer(name, mode):
+    model = MODELS[name]("sdpa")
+    batch = _batch(model)
+    hidden = model(**batch, output_hidden_states=True).hidden_states  # L+1, the last one already normed
+    ref_logits = model(**batch).logits
+    exits = [2, 4, 1, 3]  # row 1 never exits (4 == L)
+    with adainfer.patched(model, ForcedExits(exits), AdaInferConfig(mode=mode)) as handle:
+        logits = model(**batch).logits
+        assert handle.last_stats.exit_layers.tolist() == exits
+    for row, k in enumerate(exits):
+        if k < model.config.num_hidden_layers:
+            expected = decode_hidden(model, hidden[k][row, -1])
+            # Same operations on the same values; only the GEMM batch differs (a row vs the batch).
+            torch.testing.assert_close(logits[row, -1], expected, rtol=1e-5, atol=1e-5)
+        else:
+            # A row that never exits ran its later layers in a smaller batch: results may differ in
+            # the last bits of fp32 GEMMs (blocking depends on the row count), nothing more.
+            torch.testing.assert_close(logits[row], ref_logits[row], rtol=1e-5, atol=1e-5)
+            assert torch.equal(logits[row].argmax(-1), ref_logits[row].argmax(-1))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@torch.inference_mode()
+def test_generate_with_mixed_exits_keeps_every_cache_layer_consistent(name):
+    model = MODELS[name]("sdpa")
+    batch = _batch(model)
+    ref = model.generate(**batch, **GEN)
+    exits = [2, 4, 1, 3]
+    layers = model.config.num_hidden_layers
+    runs = {}
+    for mode in ("compact", "mask"):
+        with adainfer.patched(model, ForcedExits(exits), AdaInferConfig(mode=mode)) as handle:
+            out = model.generate(**batch, **GEN, return_dict_in_generate=True, output_scores=True)
+            steps = len(handle.history)
+            assert steps == GEN["max_new_tokens"], "one forward per generated token"
+            assert all(s.exit_layers.tolist() == exits for s in handle.history)
+        cache = out.get("cache", out.get("past_key_values"))
+        total = batch["input_ids"].shape[1] + GEN["max_new_tokens"] - 1
+        shapes = {tuple(layer.keys.shape) for layer in cache.layers}
+        assert len(cache.layers) == layers
+        assert len(shapes) == 1, f"cache layers disagree: {shapes}"
+        (shape,) = shapes
+        assert shape[0] == 4 and shape[2] == total
+        runs[mode] = out
+    # The row that never exits produces the unpatched model's tokens exactly.
+    assert torch.equal(runs["compact"].sequences[1], ref[1])
+    # Compaction (rows leave the batch, K/V by state propagation) and mask mode (rows stay, frozen)
+    # are two implementations of the same semantics.
+    assert torch.equal(runs["compact"].sequences, runs["mask"].sequences)
+    for a, b in zip(runs["compact"].scores, runs["mask"].scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_state_propagation_matches_running_the_row_alone():
+    """A row that exits at layer k in a batch generates what it generates alone (batch 1)."""
+    model = tiny_llama("sdpa")
+    batch = left_padded_batch(3, 8)
+    batch["attention_mask"][:] = 1  # no padding: the row alone sees the same positions
+    exits = [1, 3, 2]
+    with adainfer.patched(model, ForcedExits(exits)):
+        together = model.generate(**batch, **GEN)
+    for row, k in enumerate(exits):
+        single = {key: v[row : row + 1] for key, v in batch.items()}
+        with adainfer.patched(model, ForcedExits([k])):
+            alone = model.generate(**single, **GEN)
+        assert torch.equal(together[row], alone[0]), f"row {row} (exit {k})"
+
+
+@torch.inference_mode()
+def test_every_row_exiting_early_still_fills_all_cache_layers():
+    model = tiny_llama("eager")
+    batch = _batch(model)
+    with adainfer.patched(model, ForcedExits([1, 1, 2, 1])) as handle:
+        out = model.generate(**batch, **GEN, return_dict_in_generate=True)
+        assert handle.last_stats.layer_rows == 4 + 1  # layer 1 for all rows, layer 2 for one
+    cache = out.get("cache", out.get("past_key_values"))
+    assert {tuple(layer.keys.shape) for layer in cache.layers} == {(4, 2, 9 + 5, 16)}
+
+
+@torch.inference_mode()
+def test_compaction_runs_fewer_rows_and_mask_mode_does_not():
+    model = tiny_llama("sdpa")
+    batch = _batch(model)
+    exits = [1, 4, 2, 1]
+    for mode, expected in (("compact", 4 + 2 + 1 + 1), ("mask", 16)):
+        with adainfer.patched(model, ForcedExits(exits), AdaInferConfig(mode=mode)) as handle:
+            model(**batch)
+            assert handle.last_stats.layer_rows == expected, mode
+            assert handle.last_stats.layers_saved_fraction == pytest.approx(1 - (1 + 4 + 2 + 1) / 16)
+
+
+@torch.inference_mode()
+def test_batch_sizes_one_and_many():
+    model = tiny_llama("sdpa")
+    for b in (1, 37):
+        batch = _batch(model, batch=b)
+        ref = model(**batch).logits
+        exits = [(r % 4) + 1 for r in range(b)]
+        with adainfer.patched(model, ForcedExits(exits)) as handle:
+            logits = model(**batch).logits
+        assert handle.last_stats.exit_layers.tolist() == exits
+        never = [r for r in range(b) if exits[r] == 4]
+        torch.testing.assert_close(logits[never], ref[never], rtol=1e-5, atol=1e-5)
+
+
+def test_remove_and_patching_twice():
+    model = tiny_llama()
+    inner_forward = model.model.forward
+    handle = adainfer.apply(model, NeverExit([1, 2]))
+    with pytest.raises(ValueError, match="already patched"):
+        adainfer.apply(model, NeverExit([1]))
+    assert adainfer.handle_of(model) is handle
+    adainfer.remove(model)
+    assert adainfer.handle_of(model) is None
+    assert type(model.model.layers) is torch.nn.ModuleList and "forward" not in model.model.__dict__
+    assert model.model.forward.__func__ is inner_forward.__func__
+    with pytest.raises(RuntimeError, match="not installed"):
+        handle.remove()
+    with pytest.raises(ValueError, match="not patched"):
+        adainfer.remove(model)
+
+
+def test_layer_list_is_untouched_outside_a_forward():
+    model = tiny_llama()
+    with adainfer.patched(model, NeverExit([1])):
+        assert len(model.model.layers) == 4
+        assert [type(m).__name__ for m in model.model.layers] == ["LlamaDecoderLayer"] * 4
+        assert len(model.model.layers[:2]) == 2
+        assert sorted(model.state_dict()) == sorted(tiny_llama().state_dict())
+
+
+# -- refused inputs -------------------------------------------------------------------------------
+def test_unsupported_model_type_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        adainfer.apply(model, NeverExit([1]))
+
+
+def test_unsupported_attention_is_refused():
+    model = tiny_llama("eager")
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="attention implementation 'flex_attention' is not supported"):
+        adainfer.apply(model, NeverExit([1]))
+
+
+@torch.inference_mode()
+def test_output_flags_and_right_padding_are_refused():
+    model = tiny_llama()
+    batch = _batch(model)
+    with adainfer.patched(model, NeverExit([1])) as handle:
+        with pytest.raises(ValueError, match="output_hidden_states=True is not supported"):
+            model(**batch, output_hidden_states=True)
+        with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+            model(**batch, output_attentions=True)
+        right = {k: v.flip(1) for k, v in batch.items()}
+        with pytest.raises(ValueError, match="use left padding"):
+            model(**right)
+        handle.enabled = False  # the documented escape hatch
+        assert len(model(**batch, output_hidden_states=True).hidden_states) == 5
+
+
+def test_bad_config_and_policy_are_refused():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="mode 'fast' is not valid"):
+        AdaInferConfig(mode="fast")
+    with pytest.raises(ValueError, match="counted from 1"):
+        AdaInferConfig(min_layer=0)
+    with pytest.raises(ValueError, match="not below the model's 4 layers"):
+        adainfer.apply(model, NeverExit([1]), AdaInferConfig(layers=[2, 4]))
+    with pytest.raises(TypeError, match="expected a StopClassifier"):
+        adainfer.apply(model, object())
+    assert adainfer.handle_of(model) is None
+
+
+def test_forced_exits_for_too_few_rows_is_an_error():
+    model = tiny_llama()
+    with adainfer.patched(model, ForcedExits([1, 2])), pytest.raises(ValueError, match="covers 2 rows"):
+        model(**_batch(model))
+
+
+def test_unsupported_transformers_version_is_refused(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "4.46.0")
+    with pytest.raises(RuntimeError, match=r"transformers 4.46.0 is not supported"):
+        adainfer.apply(tiny_llama(), NeverExit([1]))
