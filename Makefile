@@ -21,7 +21,7 @@ EXT_INPUTS := setup.py pyproject.toml $(shell find csrc -type f -not -path '*/te
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test pytest ctest bench lint format setup clean
+.PHONY: demo test pytest ctest test-compat bench lint format setup clean
 
 setup: $(BUILD_STAMP)
 
@@ -53,6 +53,19 @@ ctest: $(DEPS_STAMP)
 	  > $(CMAKE_BUILD).log 2>&1 || (cat $(CMAKE_BUILD).log; exit 1)
 	cmake --build $(CMAKE_BUILD) -j $(JOBS)
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure --no-tests=error
+
+# The patch tests again under transformers 5.23 (`past_key_values=` naming), in a second venv that
+# imports this checkout's packages (and its _C, built against the same torch).
+COMPAT_VENV := .venv-compat
+$(COMPAT_VENV)/.adainfer-deps: requirements/torch.txt requirements/compat.txt
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q -r requirements/torch.txt
+	$(COMPAT_VENV)/bin/python -m pip install -q -r requirements/compat.txt
+	touch $@
+
+test-compat: $(BUILD_STAMP) $(COMPAT_VENV)/.adainfer-deps
+	PYTHONPATH=$(CURDIR):$(CURDIR)/python TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest \
+	  tests/adainfer/test_patch.py -q -p no:cacheprovider
 
 bench: $(BUILD_STAMP)
 	$(PY) -m pytest bench -q --benchmark-columns=median,iqr,min,rounds --benchmark-sort=name
