@@ -137,6 +137,29 @@ def _check_scatter(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) 
         raise TypeError(f"scatter_rows: values are {values.dtype} but out is {out.dtype}")
 
 
+def _check_scatter_memory(out: torch.Tensor, values: torch.Tensor) -> None:
+    """Overlap checks (real tensors only: fake tensors have no memory to compare)."""
+    # As ATen's in-place ops: writing through an expanded `out`, or from values that alias it,
+    # would give order-dependent results.
+    if any(size > 1 and stride == 0 for size, stride in zip(out.shape, out.stride(), strict=True)):
+        raise RuntimeError("scatter_rows: out is expanded (more than one element refers to a single memory location)")
+    if _storage_ranges_intersect(out, values):
+        raise RuntimeError("scatter_rows: values and out share memory; clone values first")
+
+
+def _storage_ranges_intersect(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Conservative overlap test: same storage and intersecting byte ranges."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+        return t.storage_offset() * t.element_size(), (last + 1) * t.element_size()
+
+    (a_lo, a_hi), (b_lo, b_hi) = span(a), span(b)
+    return a_lo < b_hi and b_lo < a_hi
+
+
 def _check_merge(
     active_values: torch.Tensor,
     active_rows: torch.Tensor,
@@ -243,6 +266,7 @@ def scatter_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) ->
         torch.ops.adainfer.scatter_rows(out, rows, values)
         return out
     _check_scatter(out, rows, values)
+    _check_scatter_memory(out, values)
     _check_distinct([(rows, "rows")], out.shape[0])
     if choice == "reference":
         return reference.scatter_rows_ref(out, rows, values)
