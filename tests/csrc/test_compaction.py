@@ -383,13 +383,13 @@ def test_scatter_rows_op_refuses_bad_input_itself(case):
 def test_wrappers_use_the_native_ops_when_the_extension_is_loaded():
     assert backend.compaction_backend("cpu").name == "native"
     calls = []
-    real = ops.compact_rows
+    real = ops.compact_rows.default
 
     def spy(*args):
         calls.append(args)
         return real(*args)
 
-    with mock.patch.object(torch.ops.adainfer, "compact_rows", spy):
+    with mock.patch.object(ops.compact_rows, "default", spy):
         compaction.compact_rows(K, R, [X, None, torch.ones(1, 4)])
     assert len(calls) == 1
     assert len(calls[0][2]) == 1, "only the batch-leading tensor goes to the op"
@@ -403,12 +403,17 @@ def test_fallback_when_the_extension_is_unavailable(monkeypatch):
     choice = backend.compaction_backend("cpu")
     assert choice.name == "torch" and "monkeypatched" in choice.reason
 
-    def refuse(*args):
-        raise AssertionError("the native op must not be called without the extension")
+    class Refuse:
+        """Stands in for an op packet: any call of any overload fails the test."""
 
-    monkeypatch.setattr(torch.ops.adainfer, "compact_rows", refuse, raising=False)
-    monkeypatch.setattr(torch.ops.adainfer, "merge_rows", refuse, raising=False)
-    monkeypatch.setattr(torch.ops.adainfer, "scatter_rows", refuse, raising=False)
+        def __getattr__(self, overload):
+            raise AssertionError("the native op must not be called without the extension")
+
+        def __call__(self, *args):
+            raise AssertionError("the native op must not be called without the extension")
+
+    for name in ("compact_rows", "merge_rows", "scatter_rows"):
+        monkeypatch.setattr(torch.ops.adainfer, name, Refuse(), raising=False)
     c = compaction.compact_rows(K, R, [X, None])
     assert_same(c.tensors[0], X[K], "fallback compact")
     assert c.tensors[1] is None
