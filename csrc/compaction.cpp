@@ -19,19 +19,11 @@
 namespace adainfer {
 namespace {
 
-// Work below this many bytes runs on the calling thread: waking the pool costs more than copying.
-constexpr int64_t kGrainBytes = 64 * 1024;
-// Rows larger than this are split into chunks so that a few huge rows (prefill hidden states of a
-// small batch) still spread over every thread.
-constexpr int64_t kChunkBytes = 256 * 1024;
-
 // Outputs at least this large come from a fresh mmap on every call (glibc never serves requests
 // above its 32 MiB maximum mmap threshold from the heap), so every 4 KiB page faults on first
 // touch.
 constexpr size_t kHugePageMinBytes = size_t{32} << 20;
 constexpr uintptr_t kHugePageBytes = uintptr_t{2} << 20;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Asks for transparent huge pages on a fresh, untouched CPU output before the copy writes it.
 // With THP in "madvise" mode (a common default) torch's allocator does not ask (unless
@@ -73,13 +65,15 @@ void check_index_tensor(const at::Tensor& rows, const char* op, const char* what
   TORCH_CHECK_VALUE(rows.dim() == 1, op, ": ", what, " must be 1-D, got shape ", rows.sizes());
 }
 
-// Scatters values[i] into out[rows[i]] (rows already validated, out freshly allocated or checked
-// for overlap): one memcpy per row where both sides are row-contiguous, else ATen's strided copy.
-void scatter_into(const at::Tensor& out, const at::Tensor& rows, const at::Tensor& values) {
+// Adds the job for values[i] -> out[rows[i]] (rows already validated, out freshly allocated or
+// checked for overlap) where both sides are row-contiguous; otherwise copies right away with
+// ATen's strided index_copy_. `rows` must stay alive until the jobs have run.
+void add_scatter(std::vector<RowCopyJob>& jobs, const at::Tensor& out, const at::Tensor& rows,
+                 const at::Tensor& values) {
   if (rows.numel() == 0) return;
   if (rows_are_contiguous(out) && rows_are_contiguous(values)) {
-    const at::Tensor idx = rows.contiguous();
-    copy_rows_cpu(values, nullptr, out, idx.const_data_ptr<int64_t>(), idx.numel());
+    jobs.push_back(
+        row_copy_job(values, nullptr, out, rows.const_data_ptr<int64_t>(), rows.numel()));
   } else {
     out.index_copy_(0, rows, values);
   }
@@ -199,31 +193,55 @@ at::Tensor empty_rows_like(const at::Tensor& t, int64_t rows) {
 
 // ---- CPU kernels ----
 
-void copy_rows_cpu(const at::Tensor& src, const int64_t* src_index, const at::Tensor& dst,
-                   const int64_t* dst_index, int64_t n) {
-  const int64_t row_bytes = row_numel(src) * static_cast<int64_t>(src.element_size());
-  if (n <= 0 || row_bytes == 0) return;
-  const char* src_base = static_cast<const char*>(src.const_data_ptr());
-  char* dst_base = static_cast<char*>(dst.mutable_data_ptr());
-  // Strides in bytes; dim-0 strides may be anything (0 for an expanded row, larger for a slice of
-  // a bigger buffer) because only the trailing dims need to be contiguous.
-  const int64_t src_stride = src.stride(0) * static_cast<int64_t>(src.element_size());
-  const int64_t dst_stride = dst.stride(0) * static_cast<int64_t>(dst.element_size());
-  const int64_t chunks_per_row = ceil_div(row_bytes, kChunkBytes);
-  const int64_t chunk_bytes = ceil_div(row_bytes, chunks_per_row);
-  const int64_t items = n * chunks_per_row;
-  const int64_t grain = std::max<int64_t>(1, kGrainBytes / chunk_bytes);
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t i = item / chunks_per_row;
-      const int64_t offset = (item % chunks_per_row) * chunk_bytes;
-      const int64_t bytes = std::min(chunk_bytes, row_bytes - offset);
-      const int64_t s = src_index != nullptr ? src_index[i] : i;
-      const int64_t d = dst_index != nullptr ? dst_index[i] : i;
-      std::memcpy(dst_base + d * dst_stride + offset, src_base + s * src_stride + offset,
-                  static_cast<size_t>(bytes));
+RowCopyJob row_copy_job(const at::Tensor& src, const int64_t* src_index, const at::Tensor& dst,
+                        const int64_t* dst_index, int64_t n) {
+  const auto itemsize = static_cast<int64_t>(src.element_size());
+  RowCopyJob job{};
+  job.row_bytes = row_numel(src) * itemsize;
+  job.rows = (n > 0 && job.row_bytes > 0) ? n : 0;
+  if (job.rows == 0) return job;  // nothing to copy; empty tensors may have no data pointer
+  job.src = static_cast<const char*>(src.const_data_ptr());
+  job.dst = static_cast<char*>(dst.mutable_data_ptr());
+  job.src_stride = src.stride(0) * itemsize;
+  job.dst_stride = dst.stride(0) * itemsize;
+  job.src_index = src_index;
+  job.dst_index = dst_index;
+  return job;
+}
+
+void run_row_copies_cpu(const std::vector<RowCopyJob>& jobs, int64_t grain_bytes) {
+  // The jobs' bytes laid end to end: job j owns [start[j], start[j + 1]).
+  std::vector<int64_t> start(jobs.size() + 1, 0);
+  for (size_t j = 0; j < jobs.size(); ++j)
+    start[j + 1] = start[j] + jobs[j].rows * jobs[j].row_bytes;
+  const int64_t total = start.back();
+  if (total == 0) return;
+  at::parallel_for(0, total, std::max<int64_t>(grain_bytes, 1), [&](int64_t begin, int64_t end) {
+    // The last job starting at or before `begin` (skips empty jobs that share its start).
+    size_t j =
+        static_cast<size_t>(std::upper_bound(start.begin(), start.end(), begin) - start.begin()) -
+        1;
+    for (int64_t pos = begin; pos < end; ++j) {
+      const RowCopyJob& job = jobs[j];
+      const int64_t job_end = std::min(end, start[j + 1]);
+      while (pos < job_end) {
+        const int64_t local = pos - start[j];
+        const int64_t i = local / job.row_bytes;
+        const int64_t offset = local % job.row_bytes;
+        const int64_t bytes = std::min(job.row_bytes - offset, job_end - pos);
+        const int64_t s = job.src_index != nullptr ? job.src_index[i] : i;
+        const int64_t d = job.dst_index != nullptr ? job.dst_index[i] : i;
+        std::memcpy(job.dst + d * job.dst_stride + offset, job.src + s * job.src_stride + offset,
+                    static_cast<size_t>(bytes));
+        pos += bytes;
+      }
     }
   });
+}
+
+void copy_rows_cpu(const at::Tensor& src, const int64_t* src_index, const at::Tensor& dst,
+                   const int64_t* dst_index, int64_t n) {
+  run_row_copies_cpu({row_copy_job(src, src_index, dst, dst_index, n)});
 }
 
 void check_distinct_rows_cpu(const at::Tensor& rows_a, const char* name_a, const at::Tensor& rows_b,
@@ -277,20 +295,22 @@ CompactResult compact_rows_cpu(const at::Tensor& keep, const at::Tensor& row_map
     }
   }
 
-  // One gather per tensor with that index.
+  // One gather per tensor with that index, all in one parallel region.
   std::vector<at::Tensor> out;
   out.reserve(tensors.size());
+  std::vector<RowCopyJob> jobs;
   const int64_t* kept_index = kept.const_data_ptr<int64_t>();
   for (const at::Tensor& t : tensors) {
     if (rows_are_contiguous(t)) {
       at::Tensor o = empty_rows_like(t, n_kept);
-      copy_rows_cpu(t, kept_index, o, nullptr, n_kept);
+      jobs.push_back(row_copy_job(t, kept_index, o, nullptr, n_kept));
       out.push_back(std::move(o));
     } else {
       // Strided rows (e.g. an expanded 4-D mask): ATen gathers only the kept rows, contiguously.
       out.push_back(at::index_select(t, 0, kept));
     }
   }
+  run_row_copies_cpu(jobs);
   return {std::move(out), std::move(kept_rows), std::move(kept), std::move(finished),
           std::move(finished_rows)};
 }
@@ -298,7 +318,10 @@ CompactResult compact_rows_cpu(const at::Tensor& keep, const at::Tensor& row_map
 void scatter_rows_cpu(const at::Tensor& out, const at::Tensor& rows, const at::Tensor& values) {
   check_scatter_args(out, rows, values);
   check_distinct_rows_cpu(rows, "rows", at::Tensor(), "", out.size(0));
-  scatter_into(out, rows, values);
+  const at::Tensor rows_c = rows.contiguous();
+  std::vector<RowCopyJob> jobs;
+  add_scatter(jobs, out, rows_c, values);
+  run_row_copies_cpu(jobs);
 }
 
 at::Tensor merge_rows_cpu(const at::Tensor& active_values, const at::Tensor& active_rows,
@@ -309,8 +332,12 @@ at::Tensor merge_rows_cpu(const at::Tensor& active_values, const at::Tensor& act
   // output row is written exactly once and the uninitialised output never leaks.
   check_distinct_rows_cpu(active_rows, "active_rows", fill_rows, "fill_rows", batch_size);
   at::Tensor out = empty_rows_like(active_values, batch_size);
-  scatter_into(out, active_rows, active_values);
-  scatter_into(out, fill_rows, fill_values);
+  const at::Tensor active_c = active_rows.contiguous();
+  const at::Tensor fill_c = fill_rows.contiguous();
+  std::vector<RowCopyJob> jobs;
+  add_scatter(jobs, out, active_c, active_values);
+  add_scatter(jobs, out, fill_c, fill_values);
+  run_row_copies_cpu(jobs);
   return out;
 }
 

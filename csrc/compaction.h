@@ -59,10 +59,36 @@ at::Tensor empty_rows_like(const at::Tensor& t, int64_t rows);
 
 // ---- CPU kernels ----
 
-// The core row copy: dst[dst_index[i]] = src[src_index[i]] for i in [0, n), where a null index
-// means the identity. src and dst must be row-contiguous with equal trailing shapes and dtypes, and
-// the indices in range (the callers check; this routine does not). Parallel over rows and, for
-// large rows, over chunks of a row, with at::parallel_for.
+// Copies smaller than this run on the calling thread: a fork-join costs microseconds on an idle
+// machine and a scheduler time slice on a busy one, more than copying this much.
+constexpr int64_t kCopyGrainBytes = 256 * 1024;
+
+// One row-copy job: dst[dst_index[i]] = src[src_index[i]] for i in [0, rows), a null index meaning
+// the identity. A row is row_bytes contiguous bytes; *_stride are dim-0 strides in bytes (any
+// value, 0 for an expanded source). Indices must be in range (the callers check).
+struct RowCopyJob {
+  const char* src;
+  char* dst;
+  int64_t row_bytes;
+  int64_t src_stride;
+  int64_t dst_stride;
+  const int64_t* src_index;
+  const int64_t* dst_index;
+  int64_t rows;
+};
+
+// The job copying n rows of row-contiguous src into row-contiguous dst (equal trailing shapes and
+// dtypes) through the given indices.
+RowCopyJob row_copy_job(const at::Tensor& src, const int64_t* src_index, const at::Tensor& dst,
+                        const int64_t* dst_index, int64_t n);
+
+// The core routine: runs every job in ONE at::parallel_for over the total bytes, so a compaction
+// event forks threads once whatever the number of tensors, and the split is balanced in bytes
+// (a thread's range may start and end inside a row). Work under grain_bytes stays on the caller's
+// thread. Jobs write disjoint rows, so the ranges never race.
+void run_row_copies_cpu(const std::vector<RowCopyJob>& jobs, int64_t grain_bytes = kCopyGrainBytes);
+
+// One job: dst[dst_index[i]] = src[src_index[i]] for i in [0, n) (see row_copy_job).
 void copy_rows_cpu(const at::Tensor& src, const int64_t* src_index, const at::Tensor& dst,
                    const int64_t* dst_index, int64_t n);
 

@@ -2,6 +2,7 @@
 // adainfer::* ops, through the CMake build (ctest). The Python tests cover the same ops through
 // torch.ops with property tests; these pin the C++ routines without Python in the loop.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
@@ -70,9 +71,41 @@ ADAINFER_TEST(copy_rows_cpu_gathers_and_scatters_any_dtype) {
   }
 }
 
+ADAINFER_TEST(run_row_copies_cpu_splits_work_anywhere_in_a_row) {
+  // Several jobs of odd row sizes (one empty) in one region; with a 1-byte grain and 2..4 threads
+  // the thread ranges start and end inside rows and across job boundaries.
+  const at::Tensor a = at::randn({5, 7});
+  const at::Tensor b = at::randint(0, 100, {4, 3}, at::kLong);
+  const at::Tensor c = at::rand({6, 5}) > 0.5;
+  const at::Tensor none = at::randn({0, 3});
+  const at::Tensor ia = longs({4, 0, 2});
+  const at::Tensor ic = longs({5, 1});
+  const int saved = at::get_num_threads();
+  for (int threads = 1; threads <= 4; ++threads) {
+    at::set_num_threads(threads);
+    at::Tensor oa = adainfer::empty_rows_like(a, 3);
+    at::Tensor ob = at::zeros({6, 3}, at::kLong);
+    at::Tensor oc = adainfer::empty_rows_like(c, 2);
+    at::Tensor on = adainfer::empty_rows_like(none, 0);
+    const at::Tensor ib = longs({5, 3, 0, 2});
+    adainfer::run_row_copies_cpu(
+        {adainfer::row_copy_job(a, ia.data_ptr<int64_t>(), oa, nullptr, 3),
+         adainfer::row_copy_job(none, nullptr, on, nullptr, 0),
+         adainfer::row_copy_job(b, nullptr, ob, ib.data_ptr<int64_t>(), 4),
+         adainfer::row_copy_job(c, ic.data_ptr<int64_t>(), oc, nullptr, 2)},
+        /*grain_bytes=*/1);
+    ADAINFER_EXPECT(at::equal(oa, a.index_select(0, ia)));
+    ADAINFER_EXPECT(at::equal(ob.index_select(0, ib), b));
+    ADAINFER_EXPECT(at::equal(ob[1], at::zeros({3}, at::kLong)) &&
+                    at::equal(ob[4], at::zeros({3}, at::kLong)));
+    ADAINFER_EXPECT(at::equal(oc, c.index_select(0, ic)));
+  }
+  at::set_num_threads(saved);
+}
+
 ADAINFER_TEST(copy_rows_cpu_splits_large_rows_and_reads_strided_rows) {
-  // 400 KB rows are copied in chunks (several work items per row); the source is every other row
-  // of a bigger buffer, so its dim-0 stride is twice the row size.
+  // 400 KB rows, more than one thread's grain, so ranges split inside rows; the source is every
+  // other row of a bigger buffer, so its dim-0 stride is twice the row size.
   const at::Tensor buffer = at::randn({8, 100000});
   const at::Tensor src = buffer.slice(0, 0, 8, 2);
   const at::Tensor index = longs({3, 1});
