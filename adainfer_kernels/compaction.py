@@ -259,9 +259,12 @@ def compact_rows(keep: torch.Tensor, row_map: torch.Tensor, tensors: Sequence[to
         ref_out, kept_rows, finished_rows = reference.compact_rows_ref(keep, row_map, tensors)
         kept, finished = torch.nonzero(keep).squeeze(1), torch.nonzero(~keep).squeeze(1)
         return Compaction(list(ref_out), kept_rows, kept, finished, finished_rows)
-    # Torch fallback: one index computation (one host sync on CUDA), then one gather per tensor.
-    kept = torch.nonzero(keep).squeeze(1)
-    finished = torch.nonzero(~keep).squeeze(1)
+    # Torch fallback: one index computation, then one gather per tensor. A stable sort puts kept
+    # positions first and finished ones after, each ascending; the kept count is the only value
+    # the host needs (one sync on CUDA, where two nonzero calls would sync twice).
+    order = torch.sort(keep.to(torch.uint8), descending=True, stable=True).indices
+    n_kept = int(keep.sum())
+    kept, finished = order[:n_kept], order[n_kept:]
     out = [t.index_select(0, kept) if flag else t for t, flag in zip(tensors, flags, strict=True)]
     return Compaction(out, row_map.index_select(0, kept), kept, finished, row_map.index_select(0, finished))
 

@@ -22,7 +22,8 @@ Run: ``make bench`` (pytest-benchmark over the default cases, plus the report be
 ``python bench/bench_compaction.py [--full]``; ``ADAINFER_BENCH_FULL=1`` selects the full grid
 (B in {8,64,256} x T in {1,128,512} x d in {576,4096} x keep in {0.9,0.5,0.1}; combos whose tensors
 would exceed ~2 GB are skipped and listed); ``ADAINFER_BENCH_THREADS=N`` / ``--threads N`` sets torch's
-CPU threads. Providers are sampled round-robin so that they share the machine's load. Results are
+CPU threads, ``ADAINFER_BENCH_DEVICE=cuda`` / ``--device cuda`` runs on a GPU (synchronised timing;
+the 2 GB cap still applies). Providers are sampled round-robin so that they share the machine's load. Results are
 appended to bench/results/bench_compaction.csv.
 """
 
@@ -95,7 +96,9 @@ FULL_CASES = [
 ]
 
 
-def make_inputs(case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def make_inputs(
+    case: Case, seed: int = 0, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     b, t, d = case.batch, case.seq, case.hidden
     n_kept = round(case.keep * b)
@@ -110,7 +113,8 @@ def make_inputs(case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, 
     position_ids = torch.arange(t).expand(b, t).contiguous()
     cos = torch.randn(b, t, HEAD_DIM, generator=gen)
     sin = torch.randn(b, t, HEAD_DIM, generator=gen)
-    return keep, row_map, [hidden, mask, position_ids, cos, sin]
+    tensors = [x.to(device) for x in (hidden, mask, position_ids, cos, sin)]
+    return keep.to(device), row_map.to(device), tensors
 
 
 def native(keep: torch.Tensor, row_map: torch.Tensor, tensors: list[torch.Tensor]):
@@ -180,23 +184,25 @@ def _summary(samples: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(samples), "p20_ms": q[0], "p80_ms": q[3]}
 
 
-def interleaved_time(fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int, max_reps: int):
+def interleaved_time(
+    fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int, max_reps: int, device: str = "cpu"
+):
     """Median / p20 / p80 ms of each function, sampled round-robin (rotating the order each round)
     so that every provider sees the same machine load: on a shared 2-core machine the load moves
     faster than one provider's whole run. Each sample is one ``time_fn`` call (synchronised)."""
-    probe = {name: time_fn(fn, warmup=2, reps=1)["median_ms"] / 1e3 for name, fn in fns.items()}
+    probe = {name: time_fn(fn, warmup=2, reps=1, device=device)["median_ms"] / 1e3 for name, fn in fns.items()}
     reps = int(max(min_reps, min(max_reps, budget_s / max(sum(probe.values()), 1e-6))))
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(reps):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            samples[name].append(time_fn(fns[name], warmup=0, reps=1)["median_ms"])
+            samples[name].append(time_fn(fns[name], warmup=0, reps=1, device=device)["median_ms"])
     return {name: _summary(v) for name, v in samples.items()}
 
 
-def measure(case: Case, layer=None) -> dict[str, object]:
+def measure(case: Case, layer=None, device: str = "cpu") -> dict[str, object]:
     """Times every provider (and the layer) on one case; returns one summary row."""
-    keep, row_map, tensors = make_inputs(case)
+    keep, row_map, tensors = make_inputs(case, device=device)
     check_agreement(keep, row_map, tensors)
     row: dict[str, object] = {
         "case": str(case),
@@ -209,7 +215,7 @@ def measure(case: Case, layer=None) -> dict[str, object]:
     }
     with torch.inference_mode():
         fns = {name: (lambda fn=PROVIDERS[name]: fn(keep, row_map, tensors)) for name in available_providers()}
-        for name, t in interleaved_time(fns, budget_s=2.0, min_reps=7, max_reps=300).items():
+        for name, t in interleaved_time(fns, budget_s=2.0, min_reps=7, max_reps=300, device=device).items():
             row[f"{name}_ms"] = t["median_ms"]
             row[f"{name}_p20_ms"] = t["p20_ms"]
             row[f"{name}_p80_ms"] = t["p80_ms"]
@@ -225,7 +231,7 @@ def measure(case: Case, layer=None) -> dict[str, object]:
                         hidden, attention_mask=attn_mask, position_ids=position_ids, position_embeddings=(cos, sin)
                     )
 
-                t = interleaved_time({"layer": run_layer}, budget_s=2.0, min_reps=3, max_reps=30)["layer"]
+                t = interleaved_time({"layer": run_layer}, 2.0, min_reps=3, max_reps=30, device=device)["layer"]
                 row["layer_ms"] = t["median_ms"]
                 row["layer_p20_ms"] = t["p20_ms"]
                 row["layer_p80_ms"] = t["p80_ms"]
@@ -262,18 +268,21 @@ def format_table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def run_report(cases: list[Case], with_layer: bool = True, record: bool = True) -> list[dict[str, object]]:
+def run_report(
+    cases: list[Case], with_layer: bool = True, record: bool = True, device: str = "cpu"
+) -> list[dict[str, object]]:
     """Times every case, prints the table (ms, medians) and appends the rows to the CSV record."""
-    layer = build_layer() if with_layer else None
+    layer = build_layer().to(device) if with_layer else None
     rows, skipped = [], []
     for case in cases:
         if case.peak_bytes() > MEMORY_CAP_BYTES:
             skipped.append(f"{case} (~{case.peak_bytes() / 2**30:.1f} GB)")
             continue
-        rows.append(measure(case, layer))
+        rows.append(measure(case, layer, device))
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
-    print(f"compaction event, median ms, {torch.get_num_threads()} CPU threads; 'x bool' = bool_index / native")
+    where = f"{torch.get_num_threads()} CPU threads" if device == "cpu" else torch.cuda.get_device_name(device)
+    print(f"compaction event, median ms, {where}; 'x bool' = bool_index / native")
     print(format_table(rows))
     if skipped:
         print(f"skipped (over the {MEMORY_CAP_BYTES / 2**30:.0f} GB memory cap): " + ", ".join(skipped))
@@ -300,6 +309,10 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def selected_device() -> str:
+    return os.environ.get("ADAINFER_BENCH_DEVICE", "cpu")
+
+
 def selected_cases() -> list[Case]:
     return FULL_CASES if os.environ.get("ADAINFER_BENCH_FULL", "0") == "1" else DEFAULT_CASES
 
@@ -312,7 +325,7 @@ def selected_cases() -> list[Case]:
 def test_compaction(benchmark, provider, case):
     if provider not in available_providers():
         pytest.skip(f"adainfer_kernels._C has no compaction ops: {_native.error()}")
-    keep, row_map, tensors = make_inputs(case)
+    keep, row_map, tensors = make_inputs(case, device=selected_device())
     benchmark.group = str(case)
     benchmark.extra_info.update(bundle_mb=round(case.bundle_bytes() / 2**20, 1), threads=torch.get_num_threads())
     with torch.inference_mode():
@@ -323,7 +336,7 @@ def test_compaction_report(capsys):
     """The side-by-side table with the decoder layer, recorded to CSV (the issue's closing table)."""
     set_threads(int(os.environ.get("ADAINFER_BENCH_THREADS", "0")))
     with capsys.disabled():
-        rows = run_report(selected_cases())
+        rows = run_report(selected_cases(), device=selected_device())
     assert rows
 
 
@@ -334,6 +347,12 @@ if __name__ == "__main__":
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/results")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("ADAINFER_BENCH_THREADS", "0")),
                         help="torch CPU threads (default: torch's choice)")  # fmt: skip
+    parser.add_argument("--device", default=selected_device(), help="cpu or cuda (ADAINFER_BENCH_DEVICE)")
     args = parser.parse_args()
     set_threads(args.threads)
-    run_report(FULL_CASES if args.full else selected_cases(), with_layer=not args.no_layer, record=not args.no_record)
+    run_report(
+        FULL_CASES if args.full else selected_cases(),
+        with_layer=not args.no_layer,
+        record=not args.no_record,
+        device=args.device,
+    )

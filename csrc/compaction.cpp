@@ -12,37 +12,8 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 namespace adainfer {
 namespace {
-
-// Outputs at least this large come from a fresh mmap on every call (glibc never serves requests
-// above its 32 MiB maximum mmap threshold from the heap), so every 4 KiB page faults on first
-// touch.
-constexpr size_t kHugePageMinBytes = size_t{32} << 20;
-constexpr uintptr_t kHugePageBytes = uintptr_t{2} << 20;
-
-// Asks for transparent huge pages on a fresh, untouched CPU output before the copy writes it.
-// With THP in "madvise" mode (a common default) torch's allocator does not ask (unless
-// THP_MEM_ALLOC_ENABLE=1), and first-touch faults then cost more than the copy itself: measured
-// here, a 64 MiB gather took 48 ms with 4 KiB pages and 14 ms with huge pages. Advisory only.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const size_t bytes = t.nbytes();
-  if (!t.is_cpu() || bytes < kHugePageMinBytes) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (begin + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
-  const uintptr_t last = (begin + bytes) & ~(kHugePageBytes - 1);
-  if (last > first) {
-    (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#else
-  (void)t;
-#endif
-}
 
 // Elements of one row: the product of the trailing sizes (1 for a 1-D tensor).
 int64_t row_numel(const at::Tensor& t) {
@@ -186,9 +157,7 @@ bool rows_are_contiguous(const at::Tensor& t) {
 at::Tensor empty_rows_like(const at::Tensor& t, int64_t rows) {
   std::vector<int64_t> sizes = t.sizes().vec();
   sizes[0] = rows;
-  at::Tensor out = at::empty(sizes, t.options().memory_format(at::MemoryFormat::Contiguous));
-  advise_huge_pages(out);
-  return out;
+  return at::empty(sizes, t.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
 // ---- CPU kernels ----

@@ -53,8 +53,7 @@ void check_merge_args(const at::Tensor& active_values, const at::Tensor& active_
 // Size-1 dims are ignored, as in at::Tensor::is_contiguous.
 bool rows_are_contiguous(const at::Tensor& t);
 
-// A new contiguous tensor of shape [rows, t.sizes()[1:]] with t's dtype and device (large CPU
-// outputs are advised to use transparent huge pages; see compaction.cpp).
+// A new contiguous tensor of shape [rows, t.sizes()[1:]] with t's dtype and device.
 at::Tensor empty_rows_like(const at::Tensor& t, int64_t rows);
 
 // ---- CPU kernels ----

@@ -9,6 +9,7 @@ the still-active set or among the finished rows, in order.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from unittest import mock
 
 import pytest
@@ -452,3 +453,123 @@ def test_native_ops_under_inference_mode():
         c = compaction.compact_rows(K, R, [X])
         merged = compaction.merge_rows(c.tensors[0], c.kept, X[c.finished], c.finished, 3)
     assert_same(merged, X, "inference_mode merge")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels: run only with a CUDA torch, a GPU and _C built with CUDA (the lent-GPU check:
+# `pip install --no-build-isolation -e .` there, then `pytest tests/csrc/test_compaction.py -k cuda`).
+# ---------------------------------------------------------------------------------------------
+
+CUDA_NATIVE = NATIVE and torch.cuda.is_available() and bool((_native.build_info() or {}).get("with_cuda"))
+needs_cuda = pytest.mark.skipif(not CUDA_NATIVE, reason="needs a GPU and _C built against a CUDA torch")
+
+
+@needs_cuda
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    active=st.sampled_from([0, 1, 2, 7, 1023, 1024, 1025, 3000]),  # 1024 = one scan chunk
+    mask_kind=st.sampled_from(["all", "none", "alternating", "random"]),
+    dtype=st.sampled_from(DTYPES),
+    trailing=st.sampled_from([(), (3,), (5, 7), (1, 3, 3)]),  # odd row bytes: narrow vector widths
+    layout=st.sampled_from(["contiguous", "transposed", "sliced", "expanded", "offset"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cuda_compact_rows_matches_reference(active, mask_kind, dtype, trailing, layout, seed):
+    gen = torch.Generator().manual_seed(seed)
+    keep = make_mask(mask_kind, active, gen)
+    row_map = torch.randperm(active + 5, generator=gen)[:active]
+    base = random_tensor((active, *trailing), dtype, gen)
+    if layout == "offset":  # a view starting one element in: misaligned rows (byte-wise copies)
+        t = torch.cat([base.flatten(), base.flatten()[:1]])[1:].view(base.shape) if base.numel() else base
+    else:
+        t = make_layout(base, layout)
+    want, want_rows, want_finished = reference.compact_rows_ref(keep, row_map, [t])
+    out, rows, kept, finished, finished_rows = ops.compact_rows(keep.cuda(), row_map.cuda(), [t.cuda()])
+    assert_same(out[0].cpu(), want[0], f"cuda compacted ({layout})")
+    assert_same(rows.cpu(), want_rows, "cuda row_map")
+    assert_same(finished_rows.cpu(), want_finished, "cuda finished_rows")
+    assert_same(kept.cpu(), torch.nonzero(keep).squeeze(1), "cuda kept")
+    assert_same(finished.cpu(), torch.nonzero(~keep).squeeze(1), "cuda finished")
+
+
+@needs_cuda
+def test_cuda_compact_rows_large_rows_and_many_rows():
+    # Rows longer than one launch's blocks (grid-stride over a row) and more rows than grid.y.
+    big = torch.randn(6, 1 << 20, device="cuda")
+    many = torch.arange(70000, dtype=torch.int32, device="cuda")[:, None]
+    for t in (big, many):
+        keep = torch.rand(t.shape[0], device="cuda") > 0.3
+        got = ops.compact_rows(keep, torch.arange(t.shape[0], device="cuda"), [t])[0][0]
+        assert_same(got, t[keep], f"cuda rows of shape {tuple(t.shape)}")
+
+
+@needs_cuda
+def test_cuda_compact_rows_syncs_once_per_event():
+    keep, row_map, tensors = (torch.rand(64, device="cuda") > 0.5), torch.arange(64, device="cuda"), [
+        torch.randn(64, 16, 32, device="cuda"), torch.ones(64, 1, 16, 16, dtype=torch.bool, device="cuda"),
+        torch.arange(16, device="cuda").expand(64, 16), torch.randn(64, 16, 8, device="cuda"),
+    ]  # fmt: skip
+    torch.cuda.synchronize()
+
+    def syncs(fn) -> int:
+        """Host syncs of fn, counted by torch's sync debug mode (one warning per sync)."""
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as record:
+                warnings.simplefilter("always")
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        return sum("synchroniz" in str(w.message) for w in record)
+
+    assert syncs(lambda: ops.compact_rows(keep, row_map, tensors)) == 1
+    assert syncs(lambda: compaction.compact_rows(keep, row_map, tensors)) == 1
+    assert syncs(lambda: ops.compact_rows(keep[:0], row_map[:0], [t[:0] for t in tensors])) == 0
+    assert syncs(lambda: [t[keep] for t in tensors]) >= len(tensors)  # the baseline syncs per tensor
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_merge_and_scatter_match_reference(dtype):
+    gen = torch.Generator().manual_seed(1)
+    for batch, trailing in [(0, (3,)), (1, ()), (9, (3, 5)), (40, (2, 64, 33))]:
+        perm = torch.randperm(batch, generator=gen)
+        n = batch // 3
+        av = random_tensor((n, *trailing), dtype, gen)
+        fv = random_tensor((batch - n, *trailing), dtype, gen)
+        want = reference.merge_rows_ref(av, perm[:n], fv, perm[n:], batch)
+        got = ops.merge_rows(av.cuda(), perm[:n].cuda(), make_layout(fv, "transposed").cuda(), perm[n:].cuda(), batch)
+        assert_same(got.cpu(), want, f"cuda merge B{batch}")
+        out = torch.zeros_like(want).cuda()
+        ops.scatter_rows(out, perm[:n].cuda(), av.cuda())
+        assert_same(out[perm[:n].cuda()].cpu(), av, f"cuda scatter B{batch}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", ["row_out_of_range", "row_negative", "row_repeated"])
+def test_cuda_bad_rows_raise_and_leave_the_device_usable(case):
+    _, make_args = MERGE_ERRORS[case]
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in make_args()]
+    with pytest.raises(IndexError):
+        ops.merge_rows(*args)
+    out = torch.zeros(3, 4, device="cuda")
+    with pytest.raises(IndexError):
+        ops.scatter_rows(out, args[1], args[0])
+    assert_same(out.cpu(), torch.zeros(3, 4), "a refused scatter wrote nothing")
+    torch.cuda.synchronize()  # no device-side assert: the context still works
+    assert float(torch.ones(1, device="cuda").sum()) == 1.0
+
+
+@needs_cuda
+def test_cuda_opcheck():
+    for keep, row_map, tensors in _compact_samples():
+        torch.library.opcheck(ops.compact_rows.default, (keep.cuda(), row_map.cuda(), [t.cuda() for t in tensors]))
+    torch.library.opcheck(
+        ops.merge_rows.default,
+        (torch.randn(2, 3, device="cuda"), torch.tensor([0, 2], device="cuda"), torch.randn(1, 3, device="cuda"),
+         torch.tensor([1], device="cuda"), 3),
+    )  # fmt: skip
+    torch.library.opcheck(
+        ops.scatter_rows.default,
+        (torch.zeros(5, 3, device="cuda"), torch.tensor([4, 0], device="cuda"), torch.randn(2, 3, device="cuda")),
+    )
