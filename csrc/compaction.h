@@ -11,6 +11,8 @@
 // numel/rows * itemsize bytes, which is dtype-agnostic (bool, int64, fp16, bf16, fp32 ...). Other
 // layouts (transposed K/V views, expanded masks) go through ATen's strided index_select /
 // index_copy_ instead of being made contiguous first, which would copy every row, kept or not.
+// So do new outputs of 32 MiB or more, whose copies are bound by first-touch page faults (see
+// kFreshOutputBytes in compaction.cpp).
 //
 // The argument checks are shared by the CPU and CUDA kernels and use metadata only (no device
 // sync). They raise c10 errors that Python sees as TypeError (dtype), ValueError (shape, device),

@@ -135,6 +135,22 @@ ADAINFER_TEST(compact_rows_cpu_keeps_order_and_accounts_for_every_row) {
   }
 }
 
+ADAINFER_TEST(large_outputs_take_the_aten_path_with_the_same_result) {
+  // >= 32 MiB of output: written by ATen's index_select / index_copy_ instead of memcpy jobs.
+  const at::Tensor big = at::randn({10, 1 << 20});  // 4 MiB rows
+  const at::Tensor small = at::arange(10).view({10, 1});
+  const at::Tensor keep = mask_of({true, true, false, true, true, true, true, true, true, true});
+  auto result = adainfer::compact_rows_cpu(keep, at::arange(10), {big, small});
+  ADAINFER_EXPECT(std::get<0>(result)[0].nbytes() >= (size_t{32} << 20));
+  ADAINFER_EXPECT(at::equal(std::get<0>(result)[0], big.index({keep})));
+  ADAINFER_EXPECT(at::equal(std::get<0>(result)[1], small.index({keep})));
+  const at::Tensor merged = adainfer::merge_rows_cpu(big.slice(0, 0, 6), longs({9, 0, 8, 1, 7, 2}),
+                                                     big.slice(0, 6, 10), longs({3, 6, 4, 5}), 10);
+  const at::Tensor order =
+      longs({1, 3, 5, 6, 8, 9, 7, 4, 2, 0});  // row r of merged = big[order[r]]
+  ADAINFER_EXPECT(at::equal(merged, big.index_select(0, order)));
+}
+
 ADAINFER_TEST(compact_rows_cpu_handles_no_rows_all_kept_and_none_kept) {
   const at::Tensor none = at::empty({0}, at::kBool);
   auto empty = adainfer::compact_rows_cpu(none, at::empty({0}, at::kLong), {at::empty({0, 3})});
