@@ -9,6 +9,7 @@ pure-Python package (every op then uses its torch fallback).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -34,13 +35,19 @@ def extension_modules() -> tuple[list, dict]:
         sources = [s for s in sources if not s.endswith(".cu")]
     # Release build: optimised, no debug info, stripped at link (the .so shrinks ~50x).
     cxx_flags = ["-O3", "-g0", "-std=c++17", "-fvisibility=hidden"]
+    link_flags = ["-s"]
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is header code: without -fopenmp it silently runs serially. Linking
+        # libgomp.so.1 resolves, by soname, to the copy torch has already loaded (one runtime).
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     define_macros = [("ADAINFER_WITH_CUDA", "1")] if with_cuda else []
     common = dict(
         name="adainfer_kernels._C",
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
         define_macros=define_macros,
-        extra_link_args=["-s"],
+        extra_link_args=link_flags,
     )
     if with_cuda:
         ext = CUDAExtension(

@@ -115,3 +115,24 @@ def compact_rows_ref(
         else:
             out.append(t[keep])
     return out, row_map[keep], row_map[~keep]
+
+
+def scatter_rows_ref(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Reference scatter: ``out[rows] = values`` in place (rows distinct); returns out."""
+    out[rows] = values
+    return out
+
+
+def merge_rows_ref(
+    active_values: torch.Tensor,
+    active_rows: torch.Tensor,
+    fill_values: torch.Tensor,
+    fill_rows: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
+    """Reference merge: a (batch_size, ...) tensor with ``out[active_rows] = active_values`` and
+    ``out[fill_rows] = fill_values`` (the rows together a permutation of range(batch_size))."""
+    out = active_values.new_empty((batch_size, *active_values.shape[1:]))
+    out[active_rows] = active_values
+    out[fill_rows] = fill_values
+    return out

@@ -90,10 +90,16 @@ def append_rows(name: str, rows: list[dict[str, object]]) -> Path:
     path = out_dir / f"{name}.csv"
     env = environment()
     full = [{**env, **row} for row in rows]
-    fields = list(full[0].keys()) if full else list(env)
     new = not path.exists()
+    if new:
+        # Columns: every key of every row, in first-seen order (rows may differ, e.g. optional fields).
+        fields = list(dict.fromkeys(key for row in full for key in row)) if full else list(env)
+    else:
+        # Appending: keep the file's header, or later rows would land under the wrong columns.
+        with path.open(newline="") as f:
+            fields = next(csv.reader(f), None) or list(env)
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", restval="")
         if new:
             writer.writeheader()
         writer.writerows(full)
