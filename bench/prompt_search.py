@@ -30,7 +30,7 @@ from adainfer.tasks import tweet_sentiment
 from sklearn.metrics import roc_auc_score
 
 CONFIGS = [
-    # (id, template, label words, k_shot, min_confidence)
+    # (id, template, label words, k_shot, min_confidence[, demo_seed])
     ("plain-4", "plain", (" negative", " positive"), 4, 0.0),
     ("instruct-0", "instruct", (" negative", " positive"), 0, 0.0),
     ("instruct-2", "instruct", (" negative", " positive"), 2, 0.0),
@@ -42,13 +42,20 @@ CONFIGS = [
     ("instruct-4-happysad", "instruct", (" sad", " happy"), 4, 0.0),
     ("instruct-4-conf1", "instruct", (" negative", " positive"), 4, 1.0),
     ("instruct-8-conf1", "instruct", (" negative", " positive"), 8, 1.0),
+    # round 2: the best data filter, plain vs instruct, shots, and other demonstration draws
+    ("plain-4-conf1", "plain", (" negative", " positive"), 4, 1.0),
+    ("plain-8-conf1", "plain", (" negative", " positive"), 8, 1.0),
+    ("plain-4-conf1-demos1", "plain", (" negative", " positive"), 4, 1.0, 1),
+    ("plain-4-conf1-demos2", "plain", (" negative", " positive"), 4, 1.0, 2),
+    ("instruct-4-conf1-demos1", "instruct", (" negative", " positive"), 4, 1.0, 1),
+    ("instruct-4-conf1-demos2", "instruct", (" negative", " positive"), 4, 1.0, 2),
 ]
 
 HEADER = (
-    "| config | template | words | shots | min conf | prompt tokens | raw acc | acc content-free | "
+    "| config | template | words | shots | min conf | demo seed | prompt tokens | raw acc | acc content-free | "
     "acc mean (x-fit) | acc balanced (x-fit) | final margin AUC | AUC L15 | AUC L21 | AUC L23 | "
     "oracle ratio (mean) | s |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
 )
 
 
@@ -83,9 +90,10 @@ def main() -> None:
             f"Command: `.venv/bin/python bench/prompt_search.py --n {args.n}`. Same seed (0) and "
             f"{args.n} balanced examples (the calibration split) per row, fp32, CPU.\n\n" + HEADER
         )
-    for cid, template, words, k, conf in CONFIGS:
+    for cid, template, words, k, conf, *rest in CONFIGS:
         if args.only and cid not in args.only:
             continue
+        demo_seed = rest[0] if rest else None
         t0 = time.time()
         task = tweet_sentiment(
             k_shot=k,
@@ -93,6 +101,7 @@ def main() -> None:
             label_words=words,
             sizes={"calibration": args.n, "heldout": 0, "test": 0},
             min_confidence=conf,
+            demo_seed=demo_seed,
         )
         rendered = task.render(tok)
         feats = collect_task_features(model, rendered, "calibration", full_vocab=False, desc=cid)
@@ -107,6 +116,7 @@ def main() -> None:
         tokens = float(np.mean(feats.prompt_lengths))
         row = (
             f"| {cid} | {template} | {'/'.join(w.strip() for w in rendered.label_forms)} | {k} | {conf:g} | "
+            f"{0 if demo_seed is None else demo_seed} | "
             f"{tokens:.0f} | {np.mean(raw_pred[:, -1] == feats.labels):.3f} | "
             f"{np.mean(cf_pred[:, -1] == feats.labels):.3f} | {_crossfit_acc(feats, 'mean'):.3f} | "
             f"{_crossfit_acc(feats, 'balanced'):.3f} | {_auc(feats, n_layers):.3f} | {_auc(feats, 15):.3f} | "

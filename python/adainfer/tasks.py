@@ -243,8 +243,9 @@ def resolve_label_words(
 ) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """The form of each label word that the model produces as exactly one token after a query.
 
-    For each word, the forms tried are the word as given, then with its leading space toggled;
-    a form passes when ``ids(stub + form) == ids(stub) + [t]`` for a stub ending like a prompt
+    For each word (surrounding spaces ignored) the forms tried are the natural one first, " word"
+    after a plain query ("Sentiment: positive") or "word" at the start of a chat assistant turn,
+    then the other; a form passes when ``ids(stub + form) == ids(stub) + [t]`` for a stub ending like a prompt
     (after ``template``'s query, or the assistant turn of a chat prompt).
 
     Returns:
@@ -265,9 +266,11 @@ def resolve_label_words(
     for word in words:
         if not word.strip():
             raise ValueError(f"label word {word!r} is empty")
-        toggled = word[1:] if word.startswith(" ") else " " + word
+        bare = word.strip()
+        # the natural form first: " word" after "Sentiment:", "word" at the start of a chat turn
+        natural, other = (bare, " " + bare) if template.chat else (" " + bare, bare)
         tried = []
-        for form in (word, toggled):
+        for form in (natural, other):
             full = _ids(tokenizer, stub + form)
             extra = full[len(base) :]
             tried.append((form, [tokenizer.decode([t]) for t in extra]))
@@ -414,6 +417,7 @@ def tweet_sentiment(
     seed: int = 0,
     max_chars: int = 200,
     n_demo_pool: int = 32,
+    demo_seed: int | None = None,
 ) -> ClassificationTask:
     """The bundled tweet sentiment task: positive vs negative (neutral dropped), balanced splits.
 
@@ -431,6 +435,8 @@ def tweet_sentiment(
         seed: the seed of every draw.
         max_chars: longest text kept (characters).
         n_demo_pool: demonstration candidates per class, disjoint from the splits.
+        demo_seed: seed of the demonstration draw only (default: ``seed``), to compare
+            demonstration sets on the same evaluated examples.
     """
     sizes = dict(sizes or {"calibration": 300, "heldout": 300, "test": 300})
     ds = _load_dataset(tweet_csv_path(), "csv", encoding="latin-1")
@@ -445,7 +451,7 @@ def tweet_sentiment(
         label_names=names,
         label_words=tuple(label_words),
         template=get_template(template),
-        demonstrations=draw_demonstrations(pools, k_shot, seed),
+        demonstrations=draw_demonstrations(pools, k_shot, seed if demo_seed is None else demo_seed),
         splits=splits,
         seed=seed,
     )
@@ -509,8 +515,13 @@ def load_user_task(
         raise ValueError(f"unsupported task file {path.name!r}: use .csv, .tsv, .jsonl or .json")
     try:
         ds = _load_dataset(path, kinds[suffix], encoding)
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path.name} is not valid {encoding or 'UTF-8'}: pass --encoding (e.g. latin-1)") from exc
+    except Exception as exc:  # datasets wraps parser errors in its own exception types
+        cause = exc
+        while cause is not None and not isinstance(cause, UnicodeDecodeError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise ValueError(f"{path.name} is not valid {encoding or 'UTF-8'}: pass --encoding (e.g. latin-1)") from exc
+        raise ValueError(f"could not read {path.name} as {kinds[suffix].upper()}: {exc}") from exc
     columns = list(ds.column_names)
     for what, col in (("text", text_column), ("label", label_column)):
         if col not in columns:
