@@ -27,7 +27,7 @@ import numpy as np
 
 from adainfer.classifier import METHODS, TARGETS, ModelIdentity, StopClassifier, fit_linear
 from adainfer.features import LayerFeatures, label_signals
-from adainfer.labelbias import estimate_label_bias
+from adainfer.labelbias import estimate_label_bias, resolve_bias_method
 from adainfer.metrics import clopper_pearson_upper
 
 
@@ -199,7 +199,7 @@ def calibrate(
     target: str = "consistency",
     budget: float = 0.01,
     confidence: float | None = None,
-    bias_method: str = "mean",
+    bias_method: str = "auto",
     content_free: LayerFeatures | None = None,
     vocab_mode: str = "labels",
     use_layer: bool = True,
@@ -215,8 +215,8 @@ def calibrate(
         target: ``consistency`` | ``gold``.
         budget: the largest disagreement rate with the full model allowed on ``heldout``.
         confidence: optional Clopper-Pearson level for the budget (e.g. 0.95).
-        bias_method: label-bias estimator (``none``, ``content-free``, ``mean``, ``balanced``);
-            label mode only.
+        bias_method: label-bias estimator (``auto``, ``none``, ``content-free``, ``mean``,
+            ``balanced``); label mode only.
         content_free: features of the content-free prompts (for ``content-free``).
         vocab_mode: ``labels`` | ``full``.
         use_layer: include the layer index as a feature (folded into each layer's bias).
@@ -224,6 +224,7 @@ def calibrate(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (methods: {', '.join(METHODS)})")
+    bias_method = resolve_bias_method(bias_method, calibration.n_labels)
     if vocab_mode == "full" and bias_method != "none":
         raise ValueError("the label-bias correction applies to label mode only: use bias_method='none'")
     if identity_of(calibration) != identity_of(heldout):

@@ -18,7 +18,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-DEMO_SIZES = {"calibration": 100, "heldout": 200, "test": 200}
+DEMO_SIZES = {"calibration": 100, "heldout": 400, "test": 300}
+BIAS_CHOICES = ["auto", "none", "content-free", "mean", "balanced"]
+BIAS_HELP = "per-layer label-bias estimator (auto: balanced for 2 labels, else mean)"
 QUICK_SIZES = {"calibration": 16, "heldout": 16, "test": 16}
 
 
@@ -104,6 +106,7 @@ def _demo(args: argparse.Namespace) -> int:
         confidence=args.confidence,
         bias_method=args.bias,
         batch_size=args.batch_size,
+        min_confidence=args.min_confidence,
     )
     if args.n_test:
         settings.sizes["test"] = args.n_test
@@ -148,7 +151,7 @@ def _load_task(args: argparse.Namespace, sizes: dict[str, int], stored: dict | N
     if words:
         kwargs["label_words"] = words
     if args.task == "tweet-sentiment":
-        kwargs["min_confidence"] = pick("min_confidence", 0.0)
+        kwargs["min_confidence"] = pick("min_confidence", 1.0)
     else:
         kwargs.update(
             text_column=pick("text_column", "text"),
@@ -304,10 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--out", default="adainfer-results", help="output folder (results.json, PNGs)")
     p_demo.add_argument("--budget", type=float, default=0.01, help="disagreement budget with the full model")
     p_demo.add_argument("--confidence", type=float, help="hold the budget at this Clopper-Pearson confidence")
-    p_demo.add_argument("--bias", default="mean", choices=["none", "content-free", "mean", "balanced"])
-    p_demo.add_argument("--template", default="plain")
+    p_demo.add_argument("--bias", default="auto", choices=BIAS_CHOICES, help=BIAS_HELP)
+    p_demo.add_argument("--min-confidence", type=float, default=1.0, help="keep tweets with this annotator agreement")
+    p_demo.add_argument("--template", default="plain", help="prompt template (see bench/results/prompt_search.md)")
     p_demo.add_argument("--k-shot", type=int, default=4)
-    p_demo.add_argument("--n-test", type=int, help="test examples (default 200)")
+    p_demo.add_argument("--n-test", type=int, help="test examples (default 300)")
     p_demo.add_argument("--batch-size", type=int, default=16)
     p_demo.add_argument("--no-plots", action="store_true")
     p_demo.add_argument("-v", "--verbose", action="store_true", help="print the whole module tree")
@@ -319,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_cal.add_argument("--confidence", type=float, help="hold the budget at this Clopper-Pearson confidence")
     p_cal.add_argument("--target", default="consistency", choices=["consistency", "gold"])
     p_cal.add_argument("--method", default="svm", choices=["svm", "logreg", "gap"])
-    p_cal.add_argument("--bias", default="mean", choices=["none", "content-free", "mean", "balanced"])
+    p_cal.add_argument("--bias", default="auto", choices=BIAS_CHOICES, help=BIAS_HELP)
     p_cal.add_argument("--vocab", default="labels", choices=["labels", "full"], help="exit head over labels or all")
     p_cal.add_argument("--no-layer-feature", action="store_true", help="features top_prob and gap only")
     p_cal.add_argument("--n-calibration", type=int, default=300)

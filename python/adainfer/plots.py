@@ -82,6 +82,7 @@ def tradeoff(
     ax.set_xlabel("layer pruning ratio (1 - mean layers run / L)")
     ax.set_ylabel("accuracy")
     ax.set_xlim(-0.01, max(0.5, oracle_ratio + 0.05))
+    ax.set_ylim(max(0.0, full_accuracy - 0.2), min(1.0, full_accuracy + 0.05))
     ax.set_title(title or "accuracy vs layers saved (dots: budgeted threshold)")
     ax.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)

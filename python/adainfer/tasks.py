@@ -104,7 +104,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
         name="user", instruction="Classify each text as one of: {labels}.", query="Text: {text}\nLabel:"
     ),
 }
-DEFAULT_TEMPLATE = "instruct"
+DEFAULT_TEMPLATE = "plain"
 
 
 def get_template(template: str | PromptTemplate) -> PromptTemplate:
@@ -332,7 +332,7 @@ def balanced_splits(
         if have <= n_demo_pool or min(per_class.values()) < 1:
             raise ValueError(
                 f"the smallest class has only {have} examples: too few for {n_demo_pool} demonstration "
-                f"candidates and {len(sizes)} splits"
+                f"candidates and splits of {sizes} examples (use smaller --n-calibration / --n-heldout / --n-test)"
             )
         warnings.warn(f"the smallest class has {have} examples: splits shrunk to {per_class} per class", stacklevel=2)
     pools: list[list[str]] = []
@@ -413,7 +413,7 @@ def tweet_sentiment(
     template: str | PromptTemplate = DEFAULT_TEMPLATE,
     label_words: Sequence[str] = (" negative", " positive"),
     sizes: dict[str, int] | None = None,
-    min_confidence: float = 0.0,
+    min_confidence: float = 1.0,
     seed: int = 0,
     max_chars: int = 200,
     n_demo_pool: int = 32,
@@ -430,8 +430,9 @@ def tweet_sentiment(
         template: a name from ``TEMPLATES`` or a ``PromptTemplate``.
         label_words: answer words for (negative, positive).
         sizes: total examples per split; default 300 each for calibration / heldout / test.
-        min_confidence: keep rows whose annotator confidence is at least this (1.0 keeps only the
-            rows every annotator agreed on; 0 keeps all).
+        min_confidence: keep rows whose annotator confidence is at least this. The default 1.0
+            keeps only the tweets every annotator agreed on (the crowd labels of the rest are
+            noisy; bench/results/prompt_search.md); 0 keeps all.
         seed: the seed of every draw.
         max_chars: longest text kept (characters).
         n_demo_pool: demonstration candidates per class, disjoint from the splits.

@@ -29,7 +29,7 @@ def test_demo_pipeline_on_the_bundled_model_produces_a_complete_table(bundled, t
     table = payload["table"]
     assert table["columns"] == [h for h, _ in TABLE_COLUMNS]
     assert [r[0] for r in table["rows"]] == [r["variant"]["name"] for r in payload["rows"]]
-    assert len(table["rows"]) == 7
+    assert len(table["rows"]) == 8
     for cells in table["rows"]:
         assert len(cells) == len(TABLE_COLUMNS) and all(c for c in cells)
         assert cells[-1] == NOT_MEASURED  # never faked before the runtime lands
@@ -47,7 +47,7 @@ def test_demo_pipeline_on_the_bundled_model_produces_a_complete_table(bundled, t
         info = row["classifier"]["info"]
         assert info["heldout_disagreement"] <= 0.05  # the budget holds where it was chosen
     main_row = payload["rows"][0]
-    assert main_row["variant"]["main"] and main_row["classifier"]["bias_method"] == "mean"
+    assert main_row["variant"]["main"] and main_row["classifier"]["bias_method"] == "balanced"
     # the correction is applied to the full model's answer alike: raw and corrected rows differ there
     assert {r["variant"]["name"] for r in payload["rows"]} >= {"svm + bias", "svm, raw", "gap + bias"}
 
@@ -76,9 +76,10 @@ def test_calibrate_then_eval_on_a_user_csv(tmp_path, capsys):
     data = tmp_path / "reviews.csv"
     _write_reviews(data)
     clf_path = tmp_path / "clf.json"
+    sizes = ["--n-calibration", "12", "--n-heldout", "12", "--n-test", "8"]  # 24 per class: 8 demo candidates
     common = ["--model", "bundled", "--task", str(data), "--text-column", "review", "--label-column", "stars"]
     common += ["--label-words", "neg=bad", "pos=good", "--k-shot", "2", "--batch-size", "16"]
-    rc = main(["calibrate", *common, "--out", str(clf_path), "--budget", "0.1", "--n-calibration", "12"])
+    rc = main(["calibrate", *common, "--out", str(clf_path), "--budget", "0.1", *sizes])
     rc = rc or 0
     out = capsys.readouterr()
     assert rc == 0, out.err
