@@ -246,3 +246,23 @@ def test_constructor_refuses_nan_weights():
         _clf(w_gap=float("nan"))
     with pytest.raises(ClassifierFileError, match="threshold is not finite"):
         _clf(threshold=float("inf"))
+
+
+def test_exit_head_for_a_layer_carries_the_label_subset_and_bias():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2)
+    model = LlamaForCausalLM(cfg).eval()
+    clf = _clf(
+        identity=ModelIdentity.from_model(model),
+        min_layer=1,
+        label_token_ids=(7, 42),
+        label_bias=((0.1, -0.1), (0.2, -0.2), (0.3, -0.3)),
+    )
+    clf.check_compatible(model)
+    head = clf.exit_head(model, 2)
+    assert head.vocab_subset.tolist() == [7, 42] and head.norm == "rms"
+    np.testing.assert_allclose(head.subset_bias.numpy(), [0.2, -0.2], rtol=1e-6)
+    with torch.inference_mode():
+        sig = exit_head_ref(torch.randn(3, 16), head, clf.linear_score(2))
+    assert set(sig.argmax.tolist()) <= {7, 42} and sig.score.shape == (3,)
