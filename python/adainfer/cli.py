@@ -291,7 +291,7 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encoding", help="encoding of a CSV task file (e.g. latin-1)")
     g.add_argument("--min-confidence", type=float, help="tweet-sentiment: keep rows with annotator confidence >= this")
     p.add_argument("--model", default="bundled", help="'bundled' or a Hugging Face model directory or .gguf file")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--template", default="plain", help="prompt template (see bench/results/prompt_search.md)")
     p_demo.add_argument("--k-shot", type=int, default=4)
     p_demo.add_argument("--n-test", type=int, help="test examples (default 300)")
-    p_demo.add_argument("--batch-size", type=int, default=16)
+    p_demo.add_argument("--batch-size", type=int, default=32)
     p_demo.add_argument("--no-plots", action="store_true")
     p_demo.add_argument("-v", "--verbose", action="store_true", help="print the whole module tree")
 

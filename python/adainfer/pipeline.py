@@ -80,7 +80,7 @@ class RunSettings:
     budget: float = 0.01
     confidence: float | None = None
     bias_method: str = "auto"
-    batch_size: int = 16
+    batch_size: int = 32
     full_vocab: bool = True
 
 
