@@ -1,5 +1,6 @@
-"""`adainfer demo` on the bundled real model (offline)."""
+"""`adainfer demo --quick` on the bundled real model (offline): the whole main job, small splits."""
 
+import json
 import subprocess
 import sys
 
@@ -7,7 +8,20 @@ import pytest
 
 
 @pytest.mark.slow
-def test_demo_loads_the_bundled_model():
-    out = subprocess.run([sys.executable, "-m", "adainfer.cli", "demo"], capture_output=True, text=True, timeout=1200)
+def test_demo_quick_prints_the_table_and_writes_results(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "adainfer.cli", "demo", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "LlamaForCausalLM: 30 layers, hidden 576, vocab 49152" in out.stdout
+    for header in ("full acc", "AdaInfer acc", "agree", "pruning", "oracle", "FLOPs saved", "wall clock"):
+        assert header in out.stdout, out.stdout
+    assert "svm + bias" in out.stdout and "gap, raw" in out.stdout
+    assert "not measured" in out.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["rows"][0]["variant"]["name"] == "svm + bias"
+    for png in ("exit_layers.png", "accuracy_vs_savings.png", "per_layer.png"):
+        assert (tmp_path / png).stat().st_size > 10_000

@@ -1,0 +1,440 @@
+"""The stop classifier: a linear decision function over logit-lens features, kernel-ready.
+
+After layer k, with the exit head's top-1 probability p1 and gap g = p1 - p2 of the last token,
+
+    d_k = w_top_prob * p1 + w_gap * g + w_layer * k + intercept        (the fitted function)
+    stop  iff  d_k - threshold > 0                                        (the budgeted threshold)
+
+so each checked layer gets a ``LinearScore(w_top_prob, w_gap, bias_k)`` with
+``bias_k = intercept + w_layer * k - threshold``: the kernel's ``score > 0`` is the decision.
+Layers before ``min_layer`` are not checked; layer L always stops. In label mode the exit head
+decodes onto the task's label tokens with the per-layer label bias ``subset_bias(k)`` (K,) added
+to their logits, so p1 and g are the *corrected* label probabilities the classifier was fitted on.
+
+Fitting (scikit-learn): ``svm`` = ``LinearSVC(class_weight="balanced")`` as in the paper,
+``logreg`` = ``LogisticRegression(class_weight="balanced")``, both on standardised features with
+the standardisation folded back into raw-feature weights; ``gap`` = the plain baseline d = g.
+
+Saved as JSON (never pickle) with a format version and the model's identity; loading validates
+every field and ``check_compatible(model)`` refuses another model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adainfer_kernels.head import LinearScore
+
+FORMAT = "adainfer.StopClassifier"
+FORMAT_VERSION = 1
+METHODS = ("svm", "logreg", "gap")
+TARGETS = ("consistency", "gold")
+VOCAB_MODES = ("labels", "full")
+_NEVER = LinearScore(w_top_prob=0.0, w_gap=0.0, bias=-1.0)  # score -1 (or NaN): never stops
+_ALWAYS = LinearScore(w_top_prob=0.0, w_gap=0.0, bias=1.0)
+
+
+class ClassifierFileError(ValueError):
+    """A classifier file that is corrupt, hand-edited into inconsistency, or of another format."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a classifier was fitted for: it is valid only on a model with the same values."""
+
+    model_type: str
+    num_hidden_layers: int
+    vocab_size: int
+    hidden_size: int
+
+    @classmethod
+    def from_config(cls, config) -> ModelIdentity:
+        return cls(
+            model_type=str(config.model_type),
+            num_hidden_layers=int(config.num_hidden_layers),
+            vocab_size=int(config.vocab_size),
+            hidden_size=int(config.hidden_size),
+        )
+
+    @classmethod
+    def from_model(cls, model) -> ModelIdentity:
+        return cls.from_config(model.config)
+
+    def describe(self) -> str:
+        return (
+            f"a {self.num_hidden_layers}-layer {self.model_type} model with hidden size {self.hidden_size} "
+            f"and vocab {self.vocab_size}"
+        )
+
+
+@dataclass(frozen=True)
+class StopClassifier:
+    """A fitted stop rule for one model (and, in label mode, one task's label tokens).
+
+    Attributes:
+        identity: the model it was fitted for.
+        method: ``svm`` | ``logreg`` | ``gap``.
+        target: what "settled" meant when fitting: ``consistency`` (the layer's answer equals the
+            full model's) or ``gold`` (equals the gold label).
+        vocab_mode: ``labels`` (exit head over the label tokens) or ``full`` (whole vocabulary).
+        w_top_prob, w_gap, w_layer, intercept: the raw-feature decision function d (see module).
+        threshold: stop iff d > threshold; None: never stop before layer L (no checks at all).
+        min_layer: first checked layer (1-based); layers min_layer..L-1 are checked.
+        label_token_ids: (K,) label token ids (label mode: the exit head's vocab subset).
+        label_words: the K label words as they appear in prompts.
+        label_bias: (L, K) per-layer additive label-logit bias, or None (no correction).
+        bias_method: how ``label_bias`` was estimated (``none`` when absent).
+        info: free-form facts (task, budget, held-out figures); saved, not interpreted.
+    """
+
+    identity: ModelIdentity
+    method: str
+    target: str
+    vocab_mode: str
+    w_top_prob: float
+    w_gap: float
+    w_layer: float
+    intercept: float
+    threshold: float | None
+    min_layer: int
+    label_token_ids: tuple[int, ...] | None = None
+    label_words: tuple[str, ...] | None = None
+    label_bias: tuple[tuple[float, ...], ...] | None = None
+    bias_method: str = "none"
+    info: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # ---------------------------------------------------------------- what the runtime needs
+    @property
+    def n_layers(self) -> int:
+        return self.identity.num_hidden_layers
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return ("top_prob", "gap", "layer") if self.w_layer != 0.0 else ("top_prob", "gap")
+
+    @property
+    def checked_layers(self) -> tuple[int, ...]:
+        """Layers whose exit check can stop a row (empty when the threshold is None)."""
+        if self.threshold is None:
+            return ()
+        return tuple(range(self.min_layer, self.n_layers))
+
+    def linear_score(self, layer: int) -> LinearScore:
+        """The kernel's ``LinearScore`` after ``layer`` (1-based): stop iff score > 0.
+
+        Layer L always stops; a layer that is not checked never does.
+        """
+        self._check_layer(layer)
+        if layer == self.n_layers:
+            return _ALWAYS
+        if layer not in self.checked_layers:
+            return _NEVER
+        bias = self.intercept + self.w_layer * layer - self.threshold
+        return LinearScore(w_top_prob=float(self.w_top_prob), w_gap=float(self.w_gap), bias=float(bias))
+
+    def subset_bias(self, layer: int) -> torch.Tensor | None:
+        """(K,) fp32 label-logit bias of ``layer`` for the exit head, or None."""
+        self._check_layer(layer)
+        if self.label_bias is None:
+            return None
+        return torch.tensor(self.label_bias[layer - 1], dtype=torch.float32)
+
+    @property
+    def vocab_subset(self) -> torch.Tensor | None:
+        """(K,) int64 label token ids in label mode, None in full-vocabulary mode."""
+        if self.vocab_mode != "labels":
+            return None
+        return torch.tensor(self.label_token_ids, dtype=torch.int64)
+
+    def exit_head(self, model, layer: int):
+        """The model's ``ExitHead`` for ``layer`` (label subset and that layer's bias)."""
+        from adainfer.heads import exit_head_for
+
+        return exit_head_for(model, vocab_subset=self.vocab_subset, subset_bias=self.subset_bias(layer))
+
+    def check_compatible(self, model) -> None:
+        """Raise ValueError when ``model`` is not the kind of model this classifier was fitted for."""
+        have = ModelIdentity.from_model(model)
+        if have != self.identity:
+            diffs = [
+                f"{k} {getattr(self.identity, k)!r} vs {getattr(have, k)!r}"
+                for k in ("model_type", "num_hidden_layers", "vocab_size", "hidden_size")
+                if getattr(self.identity, k) != getattr(have, k)
+            ]
+            raise ValueError(
+                f"classifier was fitted for {self.identity.describe()}; this model is {have.describe()} "
+                f"({'; '.join(diffs)}): calibrate a classifier for this model (`adainfer calibrate`)"
+            )
+
+    # ---------------------------------------------------------------- numpy evaluation
+    def decision(self, top_prob: np.ndarray, gap: np.ndarray, layer: np.ndarray | int) -> np.ndarray:
+        """d = w_top_prob p1 + w_gap g + w_layer k + intercept (before the threshold)."""
+        return (
+            self.w_top_prob * np.asarray(top_prob, dtype=np.float64)
+            + self.w_gap * np.asarray(gap, dtype=np.float64)
+            + self.w_layer * np.asarray(layer, dtype=np.float64)
+            + self.intercept
+        )
+
+    def with_threshold(self, threshold: float | None, min_layer: int | None = None, **info) -> StopClassifier:
+        """A copy with another threshold (and first checked layer)."""
+        d = self.to_dict()
+        d["threshold"] = threshold
+        if min_layer is not None:
+            d["min_layer"] = int(min_layer)
+        d["info"] = {**self.info, **info}
+        return StopClassifier.from_dict(d)
+
+    def _check_layer(self, layer: int) -> None:
+        if not 1 <= int(layer) <= self.n_layers:
+            raise ValueError(f"layer {layer} is out of range 1..{self.n_layers}")
+
+    # ---------------------------------------------------------------- JSON
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "model": asdict(self.identity),
+            "method": self.method,
+            "target": self.target,
+            "vocab_mode": self.vocab_mode,
+            "features": list(self.features),
+            "weights": {"top_prob": self.w_top_prob, "gap": self.w_gap, "layer": self.w_layer},
+            "intercept": self.intercept,
+            "threshold": self.threshold,
+            "min_layer": self.min_layer,
+            "label_token_ids": None if self.label_token_ids is None else list(self.label_token_ids),
+            "label_words": None if self.label_words is None else list(self.label_words),
+            "label_bias": None if self.label_bias is None else [list(r) for r in self.label_bias],
+            "bias_method": self.bias_method,
+            "info": self.info,
+        }
+
+    def save(self, path: str | Path) -> None:
+        # json writes floats with repr(): the weights round-trip bit-exactly.
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> StopClassifier:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(), parse_constant=_reject_constant)
+        except FileNotFoundError:
+            raise
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+            raise ClassifierFileError(f"{path}: not a valid classifier JSON file ({exc})") from exc
+        try:
+            return cls.from_dict(data)
+        except ClassifierFileError as exc:
+            raise ClassifierFileError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StopClassifier:
+        """Build from ``to_dict`` output, validating every field (ClassifierFileError otherwise)."""
+        if not isinstance(data, dict):
+            raise ClassifierFileError(f"expected a JSON object, got {type(data).__name__}")
+        if data.get("format") != FORMAT:
+            raise ClassifierFileError(f"not a stop classifier (format {data.get('format')!r}, expected {FORMAT!r})")
+        if data.get("version") != FORMAT_VERSION:
+            raise ClassifierFileError(
+                f"classifier format version {data.get('version')!r} is not supported (this version reads "
+                f"{FORMAT_VERSION}): re-run `adainfer calibrate`"
+            )
+        required = ("model", "method", "target", "vocab_mode", "weights", "intercept", "threshold", "min_layer")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ClassifierFileError(f"missing key(s): {', '.join(missing)}")
+        model = _typed(data, "model", dict)
+        for key, kind in (("model_type", str), ("num_hidden_layers", int), ("vocab_size", int), ("hidden_size", int)):
+            if key not in model:
+                raise ClassifierFileError(f"model identity lacks {key!r}")
+            _typed(model, key, kind, where="model.")
+        weights = _typed(data, "weights", dict)
+        for key in ("top_prob", "gap", "layer"):
+            if key not in weights:
+                raise ClassifierFileError(f"weights lack {key!r}")
+            _number(weights, key, where="weights.")
+        threshold = data["threshold"]
+        if threshold is not None:
+            threshold = _number(data, "threshold")
+        bias = data.get("label_bias")
+        ids = data.get("label_token_ids")
+        words = data.get("label_words")
+        return cls(
+            identity=ModelIdentity(
+                **{k: model[k] for k in ("model_type", "num_hidden_layers", "vocab_size", "hidden_size")}
+            ),
+            method=_typed(data, "method", str),
+            target=_typed(data, "target", str),
+            vocab_mode=_typed(data, "vocab_mode", str),
+            w_top_prob=_number(weights, "top_prob"),
+            w_gap=_number(weights, "gap"),
+            w_layer=_number(weights, "layer"),
+            intercept=_number(data, "intercept"),
+            threshold=threshold,
+            min_layer=_typed(data, "min_layer", int),
+            label_token_ids=None if ids is None else tuple(_int_list(ids, "label_token_ids")),
+            label_words=None if words is None else tuple(_str_list(words, "label_words")),
+            label_bias=None if bias is None else _matrix(bias),
+            bias_method=_typed(data, "bias_method", str) if "bias_method" in data else "none",
+            info=data.get("info") or {},
+        )
+
+
+def _reject_constant(name: str):
+    raise ClassifierFileError(f"{name} is not a valid number in a classifier file")
+
+
+def _typed(data: dict, key: str, kind: type, where: str = ""):
+    value = data[key]
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        raise ClassifierFileError(f"{where}{key} must be {kind.__name__}, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _number(data: dict, key: str, where: str = "") -> float:
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ClassifierFileError(f"{where}{key} must be a number, got {type(value).__name__} ({value!r})")
+    if not math.isfinite(value):
+        raise ClassifierFileError(f"{where}{key} must be finite, got {value!r}")
+    return float(value)
+
+
+def _int_list(values, name: str) -> list[int]:
+    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ClassifierFileError(f"{name} must be a list of integers, got {values!r}")
+    return values
+
+
+def _str_list(values, name: str) -> list[str]:
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ClassifierFileError(f"{name} must be a list of strings, got {values!r}")
+    return values
+
+
+def _matrix(rows) -> tuple[tuple[float, ...], ...]:
+    if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+        raise ClassifierFileError("label_bias must be a list of per-layer lists")
+    out = []
+    for k, r in enumerate(rows):
+        row = []
+        for v in r:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ClassifierFileError(f"label_bias row {k + 1} holds a non-finite or non-numeric value {v!r}")
+            row.append(float(v))
+        out.append(tuple(row))
+    return tuple(out)
+
+
+def _validate(c: StopClassifier) -> None:
+    """Consistency checks shared by the constructor and the loader (ClassifierFileError)."""
+    ident = c.identity
+    n_layers = ident.num_hidden_layers
+    if n_layers < 1 or ident.vocab_size < 1 or ident.hidden_size < 1:
+        raise ClassifierFileError(f"implausible model identity {asdict(ident)}")
+    for name, allowed in (("method", METHODS), ("target", TARGETS), ("vocab_mode", VOCAB_MODES)):
+        if getattr(c, name) not in allowed:
+            raise ClassifierFileError(f"{name} {getattr(c, name)!r} is not one of {', '.join(allowed)}")
+    for name in ("w_top_prob", "w_gap", "w_layer", "intercept"):
+        if not math.isfinite(getattr(c, name)):
+            raise ClassifierFileError(f"weight {name} is not finite ({getattr(c, name)!r})")
+    if c.threshold is not None and not math.isfinite(c.threshold):
+        raise ClassifierFileError(f"threshold is not finite ({c.threshold!r}); use null for 'never stop early'")
+    if not 1 <= c.min_layer <= n_layers:
+        raise ClassifierFileError(f"min_layer {c.min_layer} is outside 1..{n_layers}")
+    ids = c.label_token_ids
+    if c.vocab_mode == "labels" and (ids is None or len(ids) < 2):
+        raise ClassifierFileError("label mode needs at least 2 label_token_ids")
+    if ids is not None:
+        if len(set(ids)) != len(ids):
+            raise ClassifierFileError(f"label_token_ids {list(ids)} are not distinct")
+        bad = [t for t in ids if not 0 <= t < ident.vocab_size]
+        if bad:
+            raise ClassifierFileError(f"label_token_ids {bad} are outside the vocabulary of {ident.vocab_size}")
+        if c.label_words is not None and len(c.label_words) != len(ids):
+            raise ClassifierFileError(f"{len(c.label_words)} label_words for {len(ids)} label_token_ids")
+    if c.label_bias is not None:
+        if c.vocab_mode != "labels":
+            raise ClassifierFileError("label_bias is only meaningful in label mode")
+        if len(c.label_bias) != n_layers:
+            raise ClassifierFileError(f"label_bias has {len(c.label_bias)} rows; the model has {n_layers} layers")
+        widths = {len(r) for r in c.label_bias}
+        if widths != {len(ids)}:
+            raise ClassifierFileError(
+                f"label_bias rows have {sorted(widths)} entries; expected {len(ids)} (one per label)"
+            )
+        if not all(math.isfinite(v) for r in c.label_bias for v in r):
+            raise ClassifierFileError("label_bias holds a non-finite value")
+
+
+# --------------------------------------------------------------------------------------------
+# Fitting
+
+
+@dataclass(frozen=True)
+class LinearFit:
+    """Raw-feature weights (f,) and intercept of a fitted decision function d = w . x + b."""
+
+    weights: np.ndarray
+    intercept: float
+
+
+def fit_linear(
+    x: np.ndarray, y: np.ndarray, method: str, *, gap_column: int = 1, c: float = 1.0, seed: int = 0
+) -> LinearFit:
+    """Fit d(x) = w . x + b, positive for rows whose answer is settled (``y`` True).
+
+    Args:
+        x: (n, f) raw features (top_prob, gap[, layer]).
+        y: (n,) bool, True where the row's answer already equals the target.
+        method: ``svm`` (LinearSVC, balanced classes), ``logreg`` (balanced), or ``gap``
+            (d = gap, nothing fitted).
+        gap_column: the column of ``x`` holding the gap (for ``gap``).
+        c: inverse regularisation strength.
+
+    Standardisation x' = (x - mu) / sigma is folded back: w = w' / sigma, b = b' - sum(w' mu / sigma).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=bool)
+    if method == "gap":
+        w = np.zeros(x.shape[1])
+        w[gap_column] = 1.0
+        return LinearFit(weights=w, intercept=0.0)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (methods: {', '.join(METHODS)})")
+    if y.all() or not y.any():
+        raise ValueError(
+            f"every training row is {'settled' if y.all() else 'unsettled'}: nothing to separate "
+            "(use more or more varied calibration examples)"
+        )
+    keep = np.isfinite(x).all(axis=1)
+    x, y = x[keep], y[keep]
+    mu = x.mean(axis=0)
+    sigma = x.std(axis=0)
+    sigma[sigma == 0] = 1.0
+    xs = (x - mu) / sigma
+    if method == "svm":
+        from sklearn.svm import LinearSVC
+
+        model = LinearSVC(C=c, class_weight="balanced", dual="auto", max_iter=20000, random_state=seed)
+    else:
+        from sklearn.linear_model import LogisticRegression
+
+        model = LogisticRegression(C=c, class_weight="balanced", max_iter=5000, random_state=seed)
+    model.fit(xs, y)
+    w_std = model.coef_[0].astype(np.float64)
+    b_std = float(model.intercept_[0])
+    w = w_std / sigma
+    b = b_std - float(np.sum(w_std * mu / sigma))
+    return LinearFit(weights=w, intercept=b)

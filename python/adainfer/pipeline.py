@@ -1,0 +1,470 @@
+"""The end-to-end job behind ``adainfer demo`` / ``calibrate`` / ``eval``: collect the per-layer
+features of a task's splits once, fit and threshold stop classifiers, evaluate them side by side,
+and write ``results.json`` plus PNG plots.
+
+The variants of the demo table (all from the same features, so the comparison is exact):
+
+    svm + bias       the main row: LinearSVC (paper), label tokens, per-layer label-bias correction
+    svm + bias, 90% bound   the same, the budget held by a 90% Clopper-Pearson upper bound
+    svm, raw         the same without the correction (the full model's answer is raw too)
+    logreg + bias    logistic regression instead of the SVM
+    svm gold + bias  the paper's target (gold label) instead of consistency
+    gap + bias       the plain gap-threshold baseline
+    gap, raw         the same without the correction
+    svm full-vocab   exit head over the whole vocabulary (no label restriction, no correction)
+
+Every threshold is chosen on the held-out split under the same disagreement budget; every figure
+is measured on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adainfer.calibration import calibrate
+from adainfer.classifier import StopClassifier
+from adainfer.evaluate import WallclockFn, evaluate, per_layer_table, simulate, threshold_sweep
+from adainfer.features import LayerFeatures, collect_content_free, collect_task_features, label_signals
+from adainfer.labelbias import BIAS_METHODS, estimate_label_bias
+
+NOT_MEASURED = "not measured"
+SWEEP_BUDGETS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One classifier configuration of the side-by-side table."""
+
+    name: str
+    method: str = "svm"
+    bias_method: str = "auto"
+    vocab_mode: str = "labels"
+    target: str = "consistency"
+    confidence: float | None = None  # None: the run's setting
+    main: bool = False
+
+
+def demo_variants(bias_method: str, full_vocab: bool = True, bound: float = 0.9) -> list[Variant]:
+    variants = [
+        Variant("svm + bias", bias_method=bias_method, main=True),
+        Variant(f"svm + bias, {bound:.0%} bound", bias_method=bias_method, confidence=bound),
+        Variant("svm, raw", bias_method="none"),
+        Variant("logreg + bias", method="logreg", bias_method=bias_method),
+        Variant("svm gold + bias", bias_method=bias_method, target="gold"),
+        Variant("gap + bias", method="gap", bias_method=bias_method),
+        Variant("gap, raw", method="gap", bias_method="none"),
+    ]
+    if full_vocab:
+        variants.append(Variant("svm full-vocab", bias_method="none", vocab_mode="full"))
+    return variants
+
+
+@dataclass
+class RunSettings:
+    """What a job runs with; saved in results.json."""
+
+    task: str = "tweet-sentiment"
+    k_shot: int = 4
+    template: str = "plain"
+    label_words: tuple[str, ...] | None = None
+    sizes: dict[str, int] = field(default_factory=lambda: {"calibration": 100, "heldout": 400, "test": 300})
+    min_confidence: float = 1.0
+    seed: int = 0
+    budget: float = 0.01
+    confidence: float | None = None
+    bias_method: str = "auto"
+    batch_size: int = 32
+    full_vocab: bool = True
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+def collect_splits(
+    model, rendered, splits: list[str], *, batch_size: int, full_vocab: bool, progress: bool = True
+) -> dict[str, LayerFeatures]:
+    """Features of each split, plus the content-free prompts (key ``content-free``)."""
+    feats = {
+        s: collect_task_features(model, rendered, s, batch_size=batch_size, full_vocab=full_vocab, progress=progress)
+        for s in splits
+    }
+    feats["content-free"] = collect_content_free(model, rendered, batch_size=batch_size, progress=False)
+    return feats
+
+
+def run_variant(
+    variant: Variant,
+    feats: dict[str, LayerFeatures],
+    settings: RunSettings,
+    label_words: tuple[str, ...] | None,
+    info: dict,
+    *,
+    measure_wallclock: WallclockFn | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
+    prompts: list[str] | None = None,
+) -> dict:
+    """Calibrate one variant (fit on calibration, threshold on held-out) and evaluate it on test.
+
+    The wall clock, when a measure is given, is taken for the main variant only.
+    """
+    clf = calibrate(
+        feats["calibration"],
+        feats["heldout"],
+        method=variant.method,
+        target=variant.target,
+        budget=settings.budget,
+        confidence=settings.confidence if variant.confidence is None else variant.confidence,
+        bias_method=variant.bias_method,
+        content_free=feats.get("content-free"),
+        vocab_mode=variant.vocab_mode,
+        label_words=label_words,
+        info=info,
+    )
+    metrics = evaluate(
+        feats["test"],
+        clf,
+        measure_wallclock=measure_wallclock if variant.main else None,
+        model=model,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        batch_size=32,
+    )
+    return {"variant": asdict(variant), "classifier": clf, "metrics": metrics}
+
+
+def budget_sweep(feats: dict[str, LayerFeatures], variant: Variant, budgets=SWEEP_BUDGETS) -> list[dict]:
+    """What a user gets per budget: calibrate at each budget (held-out), measure on test."""
+    points = []
+    settings = RunSettings()
+    for b in budgets:
+        settings.budget = b
+        r = run_variant(variant, feats, settings, None, {})
+        m = r["metrics"]
+        points.append(
+            {
+                "budget": b,
+                "pruning_ratio": m["pruning_ratio"],
+                "flops_saved": m["flops_saved"],
+                "adainfer_accuracy": m["adainfer_accuracy"],
+                "agreement": m["agreement"],
+                "min_layer": r["classifier"].min_layer,
+            }
+        )
+    return points
+
+
+def bias_comparison(feats: dict[str, LayerFeatures]) -> dict[str, dict]:
+    """Test accuracy of each label-bias estimator (fitted on the calibration split): at layer L,
+    and averaged over the last third of the layers (where early exits happen)."""
+    test = feats["test"]
+    late = slice(2 * test.n_layers // 3, None)
+    out = {}
+    for method in BIAS_METHODS:
+        if method == "balanced" and test.n_labels != 2:
+            continue
+        bias = estimate_label_bias(method, feats["calibration"], feats.get("content-free"))
+        _, _, pred = label_signals(test, bias)
+        out[method] = {
+            "final_accuracy": float(np.mean(pred[:, -1] == test.labels)),
+            "late_layers_accuracy": float(np.mean(pred[:, late] == test.labels[:, None])),
+        }
+    return out
+
+
+def run_demo(
+    loaded,
+    settings: RunSettings,
+    out_dir: Path | None,
+    *,
+    console=None,
+    plots: bool = True,
+    progress: bool = True,
+    measure_wallclock: WallclockFn | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """The demo: bundled tweet task, features once, every variant, table, results.json and PNGs.
+
+    Returns the results payload (also written to ``out_dir/results.json`` when ``out_dir`` is set).
+    """
+    from rich.console import Console
+
+    from adainfer.tasks import tweet_sentiment
+
+    console = console or Console(width=200)
+    t0 = time.perf_counter()
+    task = tweet_sentiment(
+        k_shot=settings.k_shot,
+        template=settings.template,
+        sizes=settings.sizes,
+        seed=settings.seed,
+        min_confidence=settings.min_confidence,
+        **({"label_words": settings.label_words} if settings.label_words else {}),
+    )
+    rendered = task.render(loaded.tokenizer)
+    settings.label_words = rendered.label_forms
+    console.print(task_line(rendered, settings.sizes))
+    feats = collect_splits(
+        loaded.model,
+        rendered,
+        list(settings.sizes),
+        batch_size=settings.batch_size,
+        full_vocab=settings.full_vocab,
+        progress=progress,
+    )
+    t_features = time.perf_counter() - t0
+    info = {"task": task_info(settings.task, settings)}
+    prompts = rendered.prompts("test") if measure_wallclock is not None else None
+    rows = [
+        run_variant(
+            v,
+            feats,
+            settings,
+            rendered.label_forms,
+            info,
+            measure_wallclock=measure_wallclock,
+            model=loaded.model,
+            tokenizer=loaded.tokenizer,
+            prompts=prompts,
+        )
+        for v in demo_variants(settings.bias_method, settings.full_vocab)
+    ]
+    budget_txt = f"{settings.budget:.1%} disagreement budget" + (
+        f" at {settings.confidence:.0%} confidence" if settings.confidence else ""
+    )
+    title = f"AdaInfer on {task.name}, test split ({len(task.split('test'))} examples), {budget_txt}"
+    print_table(rows, title, console)
+    main = next(r for r in rows if r["variant"]["main"])
+    for line in target_lines(main, settings.budget):
+        console.print("  " + line)
+    comparison = bias_comparison(feats)
+    console.print(
+        "label-bias estimators (fitted on calibration), final-layer test accuracy: "
+        + ", ".join(f"{k} {v['final_accuracy']:.3f}" for k, v in comparison.items())
+    )
+    main_variant = Variant(**main["variant"])
+    payload_extra = {
+        **(extra or {}),
+        "task": task_info(settings.task, settings),
+        "bias_estimators": comparison,
+        "budget_sweep": {main_variant.name: budget_sweep(feats, main_variant)},
+        "seconds": {"features": t_features, "total": time.perf_counter() - t0},
+    }
+    if out_dir is None:
+        return {"rows": rows, **payload_extra}
+    payload = write_outputs(out_dir, rows, feats, settings, payload_extra, plots=plots)
+    console.print(
+        f"wrote {out_dir}/results.json, classifier.json"
+        + ("" if not plots else ", exit_layers.png, accuracy_vs_savings.png, per_layer.png")
+    )
+    return payload
+
+
+# --------------------------------------------------------------------------------------------
+# Presentation
+
+TABLE_COLUMNS = (
+    ("variant", "variant"),
+    ("full acc", "full_accuracy"),
+    ("AdaInfer acc", "adainfer_accuracy"),
+    ("agree", "agreement"),
+    ("exit layer", "mean_exit_layer"),
+    ("pruning", "pruning_ratio"),
+    ("oracle", "oracle_pruning_ratio"),
+    ("of oracle", "savings_vs_oracle"),
+    ("FLOPs saved", "flops_saved"),
+    ("checks", "checks_per_row"),
+    ("from", "min_layer"),
+    ("wall clock", "wallclock"),
+)
+
+
+def _fmt(key: str, value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, str):
+        return value
+    if key in ("mean_exit_layer", "checks_per_row"):
+        return f"{value:.2f}"
+    if key == "savings_vs_oracle":
+        return f"{value:.0%}"
+    return f"{value:.3f}"
+
+
+def wallclock_cell(metrics: dict) -> str:
+    if metrics.get("speedup") is None:
+        return NOT_MEASURED
+    return (
+        f"{metrics['speedup']:.2f}x ({metrics['wallclock_full_s']:.1f}/{metrics['wallclock_adainfer_s']:.1f} s, "
+        f"{metrics['speedup_vs_ideal']:.0%} of ideal)"
+    )
+
+
+def table_rows(rows: list[dict]) -> list[list[str]]:
+    """The side-by-side table as strings, one list per variant (columns: ``TABLE_COLUMNS``)."""
+    out = []
+    for r in rows:
+        clf: StopClassifier = r["classifier"]
+        values = {
+            **r["metrics"],
+            "variant": r["variant"]["name"],
+            "min_layer": str(clf.min_layer) if clf.threshold is not None else "never",
+            "wallclock": wallclock_cell(r["metrics"]),
+        }
+        out.append([_fmt(key, values[key]) for _, key in TABLE_COLUMNS])
+    return out
+
+
+def print_table(rows: list[dict], title: str, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=200)
+    table = Table(title=title)
+    for header, _ in TABLE_COLUMNS:
+        table.add_column(header, justify="left" if header == "variant" else "right", no_wrap=True)
+    for cells in table_rows(rows):
+        table.add_row(*cells)
+    console.print(table)
+
+
+def task_line(rendered, sizes) -> str:
+    task = rendered.task
+    words = "/".join(repr(w) for w in rendered.label_forms)
+    return (
+        f"task {task.name}: labels {'/'.join(task.label_names)} -> tokens {words} {list(rendered.label_token_ids)}, "
+        f"template {task.template.name!r}, {len(task.demonstrations)}-shot, splits "
+        + ", ".join(f"{s} {len(task.split(s))}" for s in sizes)
+    )
+
+
+def target_lines(main: dict, budget: float) -> list[str]:
+    """The issue's targets, stated against the measured figures (reported, never asserted)."""
+    m = main["metrics"]
+    drop = m["full_accuracy"] - m["adainfer_accuracy"]
+    lines = [
+        f"accuracy: AdaInfer {m['adainfer_accuracy']:.3f} vs full {m['full_accuracy']:.3f} "
+        f"({-drop * 100:+.1f} points; target: within 1 point -> {'met' if drop <= 0.01 else 'missed'})",
+        f"disagreement with the full model on test: {1 - m['agreement']:.3f} "
+        f"(budget {budget:.3f}, threshold chosen on held-out)",
+    ]
+    if m["savings_vs_oracle"] is not None:
+        met = "met" if m["savings_vs_oracle"] >= 0.8 else "missed"
+        lines.append(
+            f"layer savings: pruning ratio {m['pruning_ratio']:.3f} = {m['savings_vs_oracle']:.0%} of the oracle's "
+            f"{m['oracle_pruning_ratio']:.3f} (target >= 80% -> {met})"
+        )
+    if m["speedup"] is None:
+        lines.append(f"wall clock: {NOT_MEASURED} (needs the early-exit runtime, issue 5)")
+    else:
+        met = "met" if m["speedup_vs_ideal"] >= 0.9 else "missed"
+        lines.append(
+            f"wall clock: {m['speedup']:.2f}x vs ideal {m['ideal_speedup']:.2f}x "
+            f"({m['speedup_vs_ideal']:.0%}; target >= 90% -> {met})"
+        )
+    return lines
+
+
+def task_info(spec: str, settings: RunSettings) -> dict:
+    """The task settings a classifier was calibrated with (``eval`` rebuilds the same splits)."""
+    return {
+        "task": spec,
+        "k_shot": settings.k_shot,
+        "template": settings.template,
+        "seed": settings.seed,
+        "sizes": dict(settings.sizes),
+        "label_words": list(settings.label_words) if settings.label_words else None,
+        "min_confidence": settings.min_confidence,
+    }
+
+
+def write_outputs(
+    out_dir: Path,
+    rows: list[dict],
+    feats: dict[str, LayerFeatures],
+    settings: RunSettings,
+    extra: dict,
+    plots: bool = True,
+) -> dict:
+    """results.json, classifier.json (the main row's) and the PNGs. Returns the JSON payload."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    test = feats["test"]
+    main = next((r for r in rows if r["variant"]["main"]), rows[0])
+    main_clf: StopClassifier = main["classifier"]
+    has_gold = bool((test.labels >= 0).all())
+    bias = None if main_clf.label_bias is None else np.asarray(main_clf.label_bias)
+    layers = per_layer_table(test, bias)
+    label_rows = [r for r in rows if r["variant"]["vocab_mode"] == "labels"]
+    sweeps = {r["variant"]["name"]: threshold_sweep(test, r["classifier"]) for r in label_rows}
+    # the plot compares like with like: rows with the main row's correction (raw rows are in the table)
+    plotted = [r for r in label_rows if r["classifier"].bias_method == main_clf.bias_method]
+    payload = {
+        "settings": asdict(settings),
+        **extra,
+        "table": {
+            "columns": [h for h, _ in TABLE_COLUMNS],
+            "rows": table_rows(rows),
+        },
+        "rows": [
+            {"variant": r["variant"], "metrics": r["metrics"], "classifier": r["classifier"].to_dict()} for r in rows
+        ],
+        "per_layer": layers,
+        "threshold_sweeps": sweeps,
+        "environment": _environment(),
+    }
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+    main_clf.save(out_dir / "classifier.json")
+    if plots and has_gold:
+        from adainfer import plots as P
+
+        sim = simulate(test, main_clf)
+        m = main["metrics"]
+        name = main["variant"]["name"]
+        P.exit_histogram(
+            sim["exit_layers"],
+            sim["oracle_exit_layers"],
+            main_clf.n_layers,
+            out_dir / "exit_layers.png",
+            title=f"exit layers on the test split ({name}, budget {settings.budget:.1%})",
+        )
+        P.tradeoff(
+            {r["variant"]["name"]: sweeps[r["variant"]["name"]] for r in plotted},
+            {r["variant"]["name"]: r["metrics"] for r in plotted},
+            m["full_accuracy"],
+            m["oracle_pruning_ratio"],
+            out_dir / "accuracy_vs_savings.png",
+            budget_points=(extra.get("budget_sweep") or {}).get(name),
+            title=f"test split: accuracy vs layers saved (dots: {settings.budget:.1%} budget)",
+        )
+        P.per_layer(layers, out_dir / "per_layer.png")
+    return payload
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _environment() -> dict:
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

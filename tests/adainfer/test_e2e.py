@@ -1,0 +1,133 @@
+"""End to end on the bundled real model, small splits: the demo pipeline produces a complete table,
+results.json and PNGs; ``calibrate`` then ``eval`` on a user CSV; clear CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from adainfer.classifier import StopClassifier
+from adainfer.cli import main
+from adainfer.evaluate import METRIC_KEYS
+from adainfer.pipeline import NOT_MEASURED, TABLE_COLUMNS, RunSettings, run_demo
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_demo_pipeline_on_the_bundled_model_produces_a_complete_table(bundled, tmp_path):
+    from rich.console import Console
+
+    settings = RunSettings(k_shot=1, sizes={"calibration": 24, "heldout": 16, "test": 24}, budget=0.05, batch_size=24)
+    console = Console(width=220, record=True)
+    payload = run_demo(bundled, settings, tmp_path, console=console, progress=False)
+    text = console.export_text()
+    for header, _ in TABLE_COLUMNS:
+        assert header in text
+    assert NOT_MEASURED in text and "wall clock: not measured" in text
+
+    table = payload["table"]
+    assert table["columns"] == [h for h, _ in TABLE_COLUMNS]
+    assert [r[0] for r in table["rows"]] == [r["variant"]["name"] for r in payload["rows"]]
+    assert len(table["rows"]) == 8
+    for cells in table["rows"]:
+        assert len(cells) == len(TABLE_COLUMNS) and all(c for c in cells)
+        assert cells[-1] == NOT_MEASURED  # never faked before the runtime lands
+        # every algorithmic column has a value ("of oracle" is n/a only when the oracle saves nothing)
+        of_oracle = [h for h, _ in TABLE_COLUMNS].index("of oracle")
+        assert all(c != "n/a" for i, c in enumerate(cells[1:-1], start=1) if i != of_oracle)
+    for row in payload["rows"]:
+        m = row["metrics"]
+        assert set(m) == set(METRIC_KEYS)
+        assert 0.0 <= m["full_accuracy"] <= 1.0 and 0.0 <= m["adainfer_accuracy"] <= 1.0
+        assert 1.0 <= m["mean_exit_layer"] <= 30.0 and m["pruning_ratio"] == pytest.approx(
+            1 - m["mean_exit_layer"] / 30
+        )
+        assert m["wallclock_full_s"] is None and m["speedup"] is None
+        info = row["classifier"]["info"]
+        assert info["heldout_disagreement"] <= 0.05  # the budget holds where it was chosen
+    main_row = payload["rows"][0]
+    assert main_row["variant"]["main"] and main_row["classifier"]["bias_method"] == "balanced"
+    # the correction is applied to the full model's answer alike: raw and corrected rows differ there
+    assert {r["variant"]["name"] for r in payload["rows"]} >= {"svm + bias", "svm, raw", "gap + bias"}
+
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"][0]["metrics"] == main_row["metrics"]
+    assert len(saved["per_layer"]) == 30 and saved["budget_sweep"]
+    clf = StopClassifier.load(tmp_path / "classifier.json")
+    clf.check_compatible(bundled.model)
+    assert clf.label_token_ids == (3524, 2731)
+    for png in ("exit_layers.png", "accuracy_vs_savings.png", "per_layer.png"):
+        data = (tmp_path / png).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000
+
+
+def _write_reviews(path):
+    good = ["I love it", "great value", "works perfectly", "amazing quality", "very happy with it", "superb"]
+    bad = ["it broke", "waste of money", "terrible support", "awful smell", "very disappointed", "useless"]
+    lines = ["review,stars"]
+    for i in range(4):
+        lines += [f'"{t} (#{i})",pos' for t in good] + [f'"{t} (#{i})",neg' for t in bad]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.slow
+def test_calibrate_then_eval_on_a_user_csv(tmp_path, capsys):
+    data = tmp_path / "reviews.csv"
+    _write_reviews(data)
+    clf_path = tmp_path / "clf.json"
+    sizes = ["--n-calibration", "12", "--n-heldout", "12", "--n-test", "8"]  # 24 per class: 8 demo candidates
+    common = ["--model", "bundled", "--task", str(data), "--text-column", "review", "--label-column", "stars"]
+    common += ["--label-words", "neg=bad", "pos=good", "--k-shot", "2", "--batch-size", "16"]
+    rc = main(["calibrate", *common, "--out", str(clf_path), "--budget", "0.1", *sizes])
+    rc = rc or 0
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "labels neg/pos -> tokens ' bad'/' good'" in out.out
+    clf = StopClassifier.load(clf_path)
+    assert clf.label_words == (" bad", " good") and clf.info["task"]["sizes"]["calibration"] == 12
+    rc = main(["eval", *common, "--classifier", str(clf_path), "--out-dir", str(tmp_path / "out"), "--no-plots"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "AdaInfer acc" in out.out and NOT_MEASURED in out.out
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["rows"][0]["metrics"]["n"] > 0
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    rc = main(["calibrate", "--task", "no-such-task", "--out", str(tmp_path / "c.json")])
+    assert rc == 2 and "unknown task 'no-such-task'" in capsys.readouterr().err
+    data = tmp_path / "d.csv"
+    data.write_text("body,label\nhello,a\nworld,b\n")
+    rc = main(["calibrate", "--task", str(data), "--out", str(tmp_path / "c.json")])
+    assert rc == 2 and "no text column 'text' (columns: body, label)" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "adainfer.StopClassifier", "version": 1}')
+    rc = main(["eval", "--task", "tweet-sentiment", "--classifier", str(bad)])
+    assert rc == 2 and "missing key(s): model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_refuses_a_classifier_of_another_model(tmp_path, capsys):
+    clf = StopClassifier.from_dict(
+        {
+            "format": "adainfer.StopClassifier",
+            "version": 1,
+            "model": {"model_type": "llama", "num_hidden_layers": 32, "vocab_size": 32000, "hidden_size": 4096},
+            "method": "svm",
+            "target": "consistency",
+            "vocab_mode": "labels",
+            "weights": {"top_prob": 1.0, "gap": 1.0, "layer": 0.0},
+            "intercept": 0.0,
+            "threshold": 0.5,
+            "min_layer": 20,
+            "label_token_ids": [1, 2],
+        }
+    )
+    path = tmp_path / "other.json"
+    clf.save(path)
+    rc = main(["eval", "--task", "tweet-sentiment", "--classifier", str(path), "--n-test", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "classifier was fitted for a 32-layer llama model with hidden size 4096 and vocab 32000" in err
+    assert "this model is a 30-layer llama model" in err
