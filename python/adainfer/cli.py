@@ -24,14 +24,14 @@ BIAS_HELP = "per-layer label-bias estimator (auto: balanced for 2 labels, else m
 QUICK_SIZES = {"calibration": 16, "heldout": 16, "test": 16}
 
 
-def wallclock_measure():
-    """The wall-clock measurement of the early-exit runtime (issue 5), or None.
+def wallclock_measure(max_prompts: int | None):
+    """The wall-clock measurement of the early-exit runtime (an ``adainfer.evaluate.WallclockFn``)
+    over the first ``max_prompts`` test prompts (None: all; 0: not measured)."""
+    if max_prompts == 0:
+        return None
+    from adainfer.wallclock import RuntimeWallclock
 
-    It must follow :class:`adainfer.evaluate.WallclockFn`:
-    ``measure(model, tokenizer, prompts, classifier, batch_size) -> {"full_s", "adainfer_s",
-    "exit_layers"}``. Until the runtime lands there is none, and every table says "not measured".
-    """
-    return None
+    return RuntimeWallclock(max_prompts=max_prompts)
 
 
 def _print_info(as_json: bool) -> int:
@@ -121,7 +121,7 @@ def _demo(args: argparse.Namespace) -> int:
         Path(args.out),
         console=console,
         plots=not args.no_plots,
-        measure_wallclock=wallclock_measure(),
+        measure_wallclock=wallclock_measure(args.wallclock_prompts),
         extra={"model": _model_line(loaded)},
     )
     console.print(f"demo finished in {time.perf_counter() - t0:.0f} s")
@@ -249,7 +249,7 @@ def _eval(args: argparse.Namespace) -> int:
     test = collect_task_features(
         loaded.model, rendered, "test", batch_size=args.batch_size, full_vocab=clf.vocab_mode == "full"
     )
-    measure = wallclock_measure()
+    measure = wallclock_measure(args.wallclock_prompts)
     metrics = evaluate(
         test,
         clf,
@@ -313,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--k-shot", type=int, default=4)
     p_demo.add_argument("--n-test", type=int, help="test examples (default 300)")
     p_demo.add_argument("--batch-size", type=int, default=32)
+    p_demo.add_argument(
+        "--wallclock-prompts",
+        type=int,
+        default=96,
+        help="time the runtime (full vs AdaInfer) on this many test prompts (0: skip; default 96)",
+    )
     p_demo.add_argument("--no-plots", action="store_true")
     p_demo.add_argument("-v", "--verbose", action="store_true", help="print the whole module tree")
 
@@ -334,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_args(p_eval)
     p_eval.add_argument("--classifier", required=True, help="classifier JSON from `adainfer calibrate`")
     p_eval.add_argument("--n-test", type=int, help="test examples (default: as calibrated)")
+    p_eval.add_argument(
+        "--wallclock-prompts", type=int, help="time the runtime on this many test prompts (0: skip; default: all)"
+    )
     p_eval.add_argument("--out-dir", default="adainfer-results", help="output folder (results.json, PNGs)")
     p_eval.add_argument("--no-plots", action="store_true")
     return parser

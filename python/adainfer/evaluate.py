@@ -16,7 +16,10 @@ Metrics (one dict, keys in ``METRIC_KEYS``):
     checks_per_row         exit checks run per row (checked layers up to the exit layer)
     flops_saved            1 - FLOPs(AdaInfer) / FLOPs(full), counting every check's own cost
     wallclock_*            measured by a ``WallclockFn`` when one is given, else None
-                           ("not measured"; never estimated)
+                           ("not measured"; never estimated); ``ideal_speedup`` is then
+                           L / (mean layers the runtime ran on the timed prompts), and
+                           ``runtime_exit_match`` the share of timed prompts that stopped where
+                           the simulation from the features says
 
 The wall clock needs the early-exit runtime (issue 5); it plugs in through ``WallclockFn``.
 """
@@ -60,6 +63,7 @@ METRIC_KEYS = (
     "ideal_speedup",
     "speedup_vs_ideal",
     "runtime_exit_match",
+    "wallclock_prompts",
 )
 
 
@@ -69,7 +73,8 @@ class WallclockFn(Protocol):
     ``measure(model, tokenizer, prompts, classifier, batch_size) -> dict`` with
         full_s:       seconds for the unpatched model over ``prompts`` (batches of ``batch_size``),
         adainfer_s:   seconds for the patched model with ``classifier``'s exits,
-        exit_layers:  (len(prompts),) exit layer of each prompt in the patched run (1..L),
+        exit_layers:  exit layer of each timed prompt in the patched run (1..L),
+        rows:         (optional) indices of the timed prompts when not all were timed,
     both timed the same way (warm-up excluded, device synchronised).
     """
 
@@ -178,6 +183,7 @@ def evaluate(
         "ideal_speedup": float(1.0 / (1.0 - ratio)),
         "speedup_vs_ideal": None,
         "runtime_exit_match": None,
+        "wallclock_prompts": None,
     }
     if measure_wallclock is not None:
         if model is None or tokenizer is None or prompts is None:
@@ -188,10 +194,16 @@ def evaluate(
         full_s, ada_s = float(wc["full_s"]), float(wc["adainfer_s"])
         out["wallclock_full_s"], out["wallclock_adainfer_s"] = full_s, ada_s
         out["speedup"] = full_s / ada_s
-        out["speedup_vs_ideal"] = out["speedup"] / out["ideal_speedup"]
         if wc.get("exit_layers") is not None:
-            # how often the real runtime stopped where the simulation says (numerics near the threshold)
-            out["runtime_exit_match"] = float(np.mean(np.asarray(wc["exit_layers"]) == exits))
+            # how often the real runtime stopped where the simulation says (numerics near the threshold);
+            # ``rows`` names the prompts that were timed when not all of them were
+            run_exits = np.asarray(wc["exit_layers"])
+            rows = np.asarray(wc["rows"]) if wc.get("rows") is not None else np.arange(len(exits))
+            out["runtime_exit_match"] = float(np.mean(run_exits == exits[rows]))
+            out["wallclock_prompts"] = len(rows)
+            # The ideal for the timed prompts, from the layers the runtime really ran on them.
+            out["ideal_speedup"] = float(n_layers / np.mean(run_exits))
+        out["speedup_vs_ideal"] = out["speedup"] / out["ideal_speedup"]
     return out
 
 

@@ -161,7 +161,7 @@ def _as_policy(classifier_or_policy, config: AdaInferConfig) -> ExitPolicy:
     if hasattr(classifier_or_policy, "linear_score"):
         return ClassifierPolicy(classifier_or_policy)
     raise TypeError(
-        "expected a StopClassifier (with linear_score/subset_bias/label_token_ids) or an exit policy "
+        "expected a StopClassifier (with linear_score/subset_bias/vocab_subset) or an exit policy "
         f"(ForcedExits, NeverExit, ...), got {type(classifier_or_policy).__name__}"
     )
 

@@ -31,8 +31,9 @@ class ClassifierPolicy:
 
     ``classifier`` is duck-typed (``adainfer.classifier.StopClassifier`` fits it): it provides
     ``linear_score(layer) -> LinearScore`` with the threshold and any layer term folded into the
-    bias, ``subset_bias(layer) -> Tensor | None`` (per-layer label bias), ``label_token_ids``
-    (None for the full vocabulary) and ``checked_layers(num_layers)``.
+    bias, ``subset_bias(layer) -> Tensor | None`` (per-layer label bias), ``vocab_subset``
+    ((K,) token ids, or None for the full vocabulary) and ``checked_layers`` (the layers whose
+    check can stop a row).
     """
 
     def __init__(self, classifier, layers: frozenset[int] | None = None) -> None:
@@ -43,11 +44,11 @@ class ClassifierPolicy:
     def layers_to_check(self, num_layers: int) -> frozenset[int]:
         if self._layers is not None:
             return self._layers
-        return frozenset(self.classifier.checked_layers(num_layers))
+        return frozenset(int(k) for k in self.classifier.checked_layers)
 
     def head_and_score(self, layer: int, base: ExitHead) -> tuple[ExitHead, LinearScore | None]:
         if layer not in self._cache:
-            ids = self.classifier.label_token_ids
+            ids = self.classifier.vocab_subset
             bias = self.classifier.subset_bias(layer)
             device = base.weight.device
             head = dataclasses.replace(
@@ -68,17 +69,14 @@ class _FixedClassifier:
     """The classifier protocol for one fixed score at every layer."""
 
     score: LinearScore
-    layers: frozenset[int]
-    label_token_ids: object = None
+    checked_layers: frozenset[int]
+    vocab_subset: object = None
 
     def linear_score(self, layer: int) -> LinearScore:
         return self.score
 
     def subset_bias(self, layer: int) -> None:
         return None
-
-    def checked_layers(self, num_layers: int) -> frozenset[int]:
-        return self.layers
 
 
 class LinearScorePolicy(ClassifierPolicy):

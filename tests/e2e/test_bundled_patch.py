@@ -1,10 +1,9 @@
 """The patch on the bundled real model (SmolLM2-135M, 30 layers): bit-identity without exits and
 the logit-lens semantics of forced exits."""
 
+import adainfer
 import pytest
 import torch
-
-import adainfer
 from adainfer import AdaInferConfig, ForcedExits, NeverExit
 
 PROMPTS = [
