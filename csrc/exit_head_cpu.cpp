@@ -1,0 +1,305 @@
+// The exit head's CPU path: per-row softmax statistics of x @ W^T without the (rows, V) logits.
+//
+//   exit_head_cpu_pack(weight [n, d]) -> packed        once per head (cached by the Python side)
+//   exit_head_cpu_stats(x [R, d], packed, n, bias?)    every exit check
+//       -> (max [R] f32, sumexp [R] f32, pos [R] i64, second [R] f32)
+//
+// max = max_c z_rc, sumexp = sum_c exp(z_rc - max), pos = lowest c with z_rc == max, second = the
+// second largest z_rc (a tie counts twice), over the n candidates, z = x @ W^T (+ bias). The
+// Python side turns them into top_prob = 1 / sumexp and gap = (1 - exp(second - max)) / sumexp.
+//
+// Layout: W^T cut into blocks of 64 candidates, each a contiguous (K, 64) panel: fp32 panels as
+// they are, bf16 panels in the VNNI layout of oneDNN's batch-reduce GEMM (cpublas::pack, K padded
+// to even). The candidates are split into tasks of a few blocks; each task multiplies its panels
+// with brgemm (AMX for bf16, AVX-512 for fp32; fp32 accumulation, fp32 logits) into a small
+// buffer that stays in L2 (rows x <= 2048 columns) and reduces it at once: max, position, second
+// and sum-exp per row. Tasks run in parallel (at::parallel_for) and their partials are merged in
+// task order, so the result does not depend on the number of threads. W is streamed once.
+//
+// brgemm needs oneDNN's ukernel support on this CPU (AVX-512 or AMX): exit_head_cpu_supported
+// probes it once per dtype, and the Python side falls back to chunked torch GEMMs without it.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#if defined(CPUBLAS_BRGEMM_F32F32F32) && defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#define ADAINFER_HAS_BRGEMM 1
+#else
+#define ADAINFER_HAS_BRGEMM 0
+#endif
+
+namespace adainfer {
+namespace {
+
+constexpr int64_t kBlockN = 64;        // candidates per packed panel (oneDNN packs at most 64 columns)
+constexpr int64_t kBufferBytes = 1 << 17;  // logits buffer per task: rows x columns x 4 B <= 128 KiB
+constexpr int64_t kMaxBlocksPerTask = 32;  // <= 2048 columns per task
+constexpr int64_t kRowTile = 32;       // brgemm rows per call
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+bool dtype_supported(at::ScalarType dt) { return dt == at::kFloat || dt == at::kBFloat16; }
+
+// bf16 panels pair up consecutive k (VNNI), so K is padded to even.
+int64_t padded_k(int64_t d, at::ScalarType dt) { return dt == at::kBFloat16 ? (d + 1) / 2 * 2 : d; }
+
+#if ADAINFER_HAS_BRGEMM
+void gemm_panel(int64_t m, int64_t k, int64_t ldc, const float* a, const float* b, float* c) {
+  at::native::cpublas::brgemm(m, kBlockN, k, k, kBlockN, ldc, false, a, b, c, false);
+}
+void gemm_panel(int64_t m, int64_t k, int64_t ldc, const at::BFloat16* a, const at::BFloat16* b, float* c) {
+  at::native::cpublas::brgemm(m, kBlockN, k, k, kBlockN, ldc, false, a, b, c, true);
+}
+void release(at::ScalarType dt) { at::native::cpublas::brgemm_release(dt == at::kBFloat16); }
+#endif
+
+bool probe(at::ScalarType dt) {
+#if ADAINFER_HAS_BRGEMM
+  try {
+    const int64_t m = 2, k = 4;
+    std::vector<float> c(m * kBlockN, 0.f);
+    if (dt == at::kFloat) {
+      std::vector<float> a(m * k, 1.f), b(k * kBlockN, 1.f);
+      gemm_panel(m, k, kBlockN, a.data(), b.data(), c.data());
+    } else {
+      std::vector<at::BFloat16> a(m * k, at::BFloat16(1.f)), b(k * kBlockN, at::BFloat16(1.f)), p(k * kBlockN);
+      at::native::cpublas::pack(k, kBlockN, kBlockN, kBlockN, dt, dt, b.data(), p.data());
+      gemm_panel(m, k, kBlockN, a.data(), p.data(), c.data());
+    }
+    release(dt);
+    return std::all_of(c.begin(), c.end(), [&](float v) { return v == static_cast<float>(k); });
+  } catch (const std::exception&) {
+    return false;
+  }
+#else
+  (void)dt;
+  return false;
+#endif
+}
+
+bool exit_head_cpu_supported(at::ScalarType dtype) {
+  if (!dtype_supported(dtype)) return false;
+  static std::once_flag once[2];
+  static bool ok[2] = {false, false};
+  const int slot = dtype == at::kFloat ? 0 : 1;
+  std::call_once(once[slot], [&] { ok[slot] = probe(dtype); });
+  return ok[slot];
+}
+
+struct Stats {
+  float max = kNegInf;
+  float sum = 0.f;
+  int64_t pos = 0;
+  float second = kNegInf;
+};
+
+// ---- row statistics of a buffer of fp32 logits, one copy per instruction set ----
+#define ADAINFER_RS_NS rs_base
+#define ADAINFER_RS_BYTES 16
+#define ADAINFER_RS_TARGET
+#include "exit_head_cpu_rowstats.h"
+#undef ADAINFER_RS_NS
+#undef ADAINFER_RS_BYTES
+#undef ADAINFER_RS_TARGET
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define ADAINFER_RS_NS rs_avx2
+#define ADAINFER_RS_BYTES 32
+#define ADAINFER_RS_TARGET __attribute__((target("avx2,fma")))
+#include "exit_head_cpu_rowstats.h"
+#undef ADAINFER_RS_NS
+#undef ADAINFER_RS_BYTES
+#undef ADAINFER_RS_TARGET
+#define ADAINFER_RS_NS rs_avx512
+#define ADAINFER_RS_BYTES 64
+#define ADAINFER_RS_TARGET __attribute__((target("avx512f")))
+#include "exit_head_cpu_rowstats.h"
+#undef ADAINFER_RS_NS
+#undef ADAINFER_RS_BYTES
+#undef ADAINFER_RS_TARGET
+#endif
+
+using RowStatsFn = Stats (*)(const float*, int64_t);
+
+// The widest copy this CPU runs (picked once).
+RowStatsFn row_stats_fn() {
+  static const RowStatsFn fn = [] {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (__builtin_cpu_supports("avx512f")) return &rs_avx512::row_stats;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &rs_avx2::row_stats;
+#endif
+    return &rs_base::row_stats;
+  }();
+  return fn;
+}
+
+// Merge b (later candidates) into a: on equal maxima a's lower position stays, second = max (gap 0).
+void merge_into(Stats& a, const Stats& b) {
+  if (b.max > a.max) {
+    a.sum = (a.max == kNegInf ? 0.f : a.sum * std::exp(a.max - b.max)) + b.sum;
+    a.second = std::max(a.max, b.second);
+    a.max = b.max;
+    a.pos = b.pos;
+  } else {
+    if (b.max != kNegInf) a.sum += b.sum * std::exp(b.max - a.max);
+    a.second = std::max(a.second, b.max);
+  }
+}
+
+at::Tensor exit_head_cpu_pack(const at::Tensor& weight) {
+  TORCH_CHECK(weight.device().is_cpu(), "exit_head_cpu_pack: weight must be a CPU tensor, got ", weight.device());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) > 0 && weight.size(1) > 0,
+              "exit_head_cpu_pack: weight must be a non-empty 2-D (n, d) tensor, got shape ", weight.sizes());
+  const auto dt = weight.scalar_type();
+  TORCH_CHECK(dtype_supported(dt), "exit_head_cpu_pack: weight must be fp32 or bf16, got ", dt);
+  TORCH_CHECK(exit_head_cpu_supported(dt), "exit_head_cpu_pack: this CPU/torch build has no brgemm for ", dt);
+  const at::Tensor w = weight.contiguous();
+  const int64_t n = w.size(0), d = w.size(1), kp = padded_k(d, dt);
+  const int64_t n_blocks = (n + kBlockN - 1) / kBlockN;
+  at::Tensor out = at::empty({n_blocks, kp * kBlockN}, w.options());
+  auto fill_panel = [&](auto* src, auto* panel, int64_t blk) {
+    // panel[k][j] = W[blk * 64 + j][k], zero beyond n and d.
+    using T = std::remove_pointer_t<decltype(panel)>;
+    std::fill(panel, panel + kp * kBlockN, T(0.f));
+    const int64_t rows = std::min(kBlockN, n - blk * kBlockN);
+    for (int64_t j = 0; j < rows; ++j) {
+      const auto* wr = src + (blk * kBlockN + j) * d;
+      for (int64_t k = 0; k < d; ++k) panel[k * kBlockN + j] = wr[k];
+    }
+  };
+  if (dt == at::kFloat) {
+    const float* src = w.const_data_ptr<float>();
+    float* dst = out.mutable_data_ptr<float>();
+    at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) fill_panel(src, dst + b * kp * kBlockN, b);
+    });
+  } else {
+#if ADAINFER_HAS_BRGEMM
+    const at::BFloat16* src = w.const_data_ptr<at::BFloat16>();
+    at::BFloat16* dst = out.mutable_data_ptr<at::BFloat16>();
+    at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<at::BFloat16> tmp(kp * kBlockN);
+      for (int64_t b = b0; b < b1; ++b) {
+        fill_panel(src, tmp.data(), b);
+        at::native::cpublas::pack(kp, kBlockN, kBlockN, kBlockN, dt, dt, tmp.data(), dst + b * kp * kBlockN);
+      }
+    });
+#endif
+  }
+  return out;
+}
+
+template <typename T>
+void stats_impl(const at::Tensor& x, const at::Tensor& packed, int64_t n_cand, const float* bias, Stats* out) {
+#if ADAINFER_HAS_BRGEMM
+  const int64_t rows = x.size(0), kp = packed.size(1) / kBlockN, n_blocks = packed.size(0);
+  const T* xa = x.const_data_ptr<T>();
+  const T* wp = packed.const_data_ptr<T>();
+  const int64_t per_task =
+      std::clamp<int64_t>(kBufferBytes / (static_cast<int64_t>(sizeof(float)) * kBlockN * rows), 1, kMaxBlocksPerTask);
+  const int64_t n_tasks = (n_blocks + per_task - 1) / per_task;
+  const int64_t ldc = per_task * kBlockN;
+  std::vector<Stats> partial(n_tasks * rows);
+  const RowStatsFn row_stats = row_stats_fn();
+  at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(rows * ldc);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t blk0 = task * per_task, blk1 = std::min(n_blocks, blk0 + per_task);
+      const int64_t c0 = blk0 * kBlockN, cols = std::min(n_cand, blk1 * kBlockN) - c0;
+      for (int64_t blk = blk0; blk < blk1; ++blk)
+        for (int64_t r0 = 0; r0 < rows; r0 += kRowTile)
+          gemm_panel(std::min(kRowTile, rows - r0), kp, ldc, xa + r0 * kp, wp + blk * kp * kBlockN,
+                     buf.data() + r0 * ldc + (blk - blk0) * kBlockN);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* c = buf.data() + r * ldc;
+        if (bias != nullptr)
+          for (int64_t j = 0; j < cols; ++j) c[j] += bias[c0 + j];
+        Stats st = row_stats(c, cols);
+        st.pos += c0;
+        partial[task * rows + r] = st;
+      }
+    }
+    release(x.scalar_type());
+  });
+  for (int64_t r = 0; r < rows; ++r) {
+    Stats acc = partial[r];
+    for (int64_t task = 1; task < n_tasks; ++task) merge_into(acc, partial[task * rows + r]);
+    out[r] = acc;
+  }
+#else
+  (void)x, (void)packed, (void)n_cand, (void)bias, (void)out;
+  TORCH_CHECK(false, "exit_head_cpu_stats: built without cpublas::brgemm");
+#endif
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head_cpu_stats(const at::Tensor& x,
+                                                                               const at::Tensor& packed,
+                                                                               int64_t n_cand,
+                                                                               const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "exit_head_cpu_stats: x and packed must be CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "exit_head_cpu_stats: x must be 2-D (R, d), got shape ", x.sizes());
+  const auto dt = packed.scalar_type();
+  TORCH_CHECK(x.scalar_type() == dt, "exit_head_cpu_stats: x is ", x.scalar_type(), " but packed is ", dt);
+  TORCH_CHECK(exit_head_cpu_supported(dt), "exit_head_cpu_stats: this CPU/torch build has no brgemm for ", dt);
+  TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.size(1) % kBlockN == 0,
+              "exit_head_cpu_stats: packed must come from exit_head_cpu_pack, got shape ", packed.sizes());
+  const int64_t kp = packed.size(1) / kBlockN, n_blocks = packed.size(0);
+  TORCH_CHECK(kp == padded_k(x.size(1), dt), "exit_head_cpu_stats: x has d=", x.size(1),
+              " but packed was made for d=", kp, dt == at::kBFloat16 ? " (padded to even)" : "");
+  TORCH_CHECK(n_cand > (n_blocks - 1) * kBlockN && n_cand <= n_blocks * kBlockN,
+              "exit_head_cpu_stats: n_cand=", n_cand, " does not match packed with ", n_blocks, " panels");
+  const float* bias_ptr = nullptr;
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.device().is_cpu() && b.scalar_type() == at::kFloat && b.dim() == 1 && b.size(0) == n_cand,
+                "exit_head_cpu_stats: bias must be a CPU fp32 tensor of shape (", n_cand, ",), got ",
+                b.scalar_type(), " ", b.sizes());
+    bias_ptr = b.const_data_ptr<float>();
+  }
+  const int64_t rows = x.size(0);
+  at::Tensor xc = x.contiguous();
+  if (kp != x.size(1)) xc = at::constant_pad_nd(xc, {0, kp - x.size(1)});
+  std::vector<Stats> st(rows);
+  if (rows > 0) {
+    if (dt == at::kFloat)
+      stats_impl<float>(xc, packed, n_cand, bias_ptr, st.data());
+    else
+      stats_impl<at::BFloat16>(xc, packed, n_cand, bias_ptr, st.data());
+  }
+  auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor mx = at::empty({rows}, f32), sm = at::empty({rows}, f32), sec = at::empty({rows}, f32);
+  at::Tensor pos = at::empty({rows}, x.options().dtype(at::kLong));
+  for (int64_t r = 0; r < rows; ++r) {
+    mx.mutable_data_ptr<float>()[r] = st[r].max;
+    sm.mutable_data_ptr<float>()[r] = st[r].sum;
+    pos.mutable_data_ptr<int64_t>()[r] = st[r].pos;
+    sec.mutable_data_ptr<float>()[r] = st[r].second;
+  }
+  return {mx, sm, pos, sec};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(adainfer, m) {
+  m.def("exit_head_cpu_supported(ScalarType dtype) -> bool", &exit_head_cpu_supported);
+  m.def("exit_head_cpu_pack(Tensor weight) -> Tensor");
+  m.def("exit_head_cpu_stats(Tensor x, Tensor packed, int n_cand, Tensor? bias) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(adainfer, CPU, m) {
+  m.impl("exit_head_cpu_pack", &exit_head_cpu_pack);
+  m.impl("exit_head_cpu_stats", &exit_head_cpu_stats);
+}
+
+}  // namespace adainfer
