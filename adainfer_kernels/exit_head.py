@@ -10,7 +10,8 @@ the (rows, V) logits (DESIGN.md §3). Backends (``backend.exit_head_backend``):
   packed 64-column panels, per-task batch-reduce GEMMs (oneDNN brgemm: AMX for bf16, AVX-512 for
   fp32) into an L2-sized fp32 buffer reduced on the spot (top-2 + sum-exp), tasks in parallel.
   Without the op (no ``_C``, or a CPU/torch build without brgemm) a torch fallback walks the
-  vocabulary in chunks with ``torch.mm`` and merges the same statistics: also O(R x chunk) memory.
+  vocabulary in chunks with ``torch.mm`` on a cached fp32 W^T and merges the same statistics:
+  also O(R x chunk) working memory.
 - ``ADAINFER_BACKEND=reference``: ``reference.exit_head_ref`` (materialises the logits; debugging).
 
 Dtype policy (every backend): the model's dtype in, fp32 statistics out. The norm follows Hugging
@@ -26,7 +27,9 @@ far outside the fp32 tolerance (<= 2x PyTorch's own fp32 error + 1e-5).
 Cached prepared weight (CPU): the first call for a head packs W (or W[subset]) into the panel
 layout (~50-100 ms for V=49152, d=576) and keeps it while the weight tensor lives (an entry dies
 with its tensor; ``clear_cache()`` drops all). Extra memory: one copy of the (subset) LM head in the
-compute dtype (fp32 for fp16 heads, so 2x there), e.g. 113 MB for SmolLM2's fp32 head.
+compute dtype (fp32 for fp16 heads, so 2x there), e.g. 113 MB for SmolLM2's fp32 head. The torch
+fallback keeps an fp32 W^T instead (2x for bf16/fp16 heads): converting W on every call made it
+slower than the unfused reference.
 
 ``project_out`` (OPT-350m) is applied before the vocabulary pass, on (R, d) rows, with Hugging
 Face's ops: folding it into W would make the streamed matrix (V, d) instead of (V, d_out) (2x the
@@ -52,8 +55,10 @@ __all__ = ["clear_cache", "decode_rows", "exit_head"]
 
 CPU_IMPLS = ("auto", "native", "torch")
 
-# Packed LM-head weights of the CPU path, keyed by (weight, vocab_subset) identity and version.
+# Prepared LM-head weights of the CPU path, keyed by (weight, vocab_subset) identity and version:
+# the native op's packed panels, and the torch fallback's transposed fp32 copy.
 _PACKED = IdentityCache(max_entries=4)
+_TRANSPOSED = IdentityCache(max_entries=4)
 
 
 def exit_head(hidden: torch.Tensor, head: ExitHead, classifier: LinearScore | None = None) -> ExitSignals:
@@ -91,8 +96,9 @@ def exit_head(hidden: torch.Tensor, head: ExitHead, classifier: LinearScore | No
 
 
 def clear_cache() -> None:
-    """Drop the CPU path's packed LM-head weights (they are also dropped with their tensors)."""
+    """Drop the CPU path's prepared LM-head weights (they are also dropped with their tensors)."""
     _PACKED.clear()
+    _TRANSPOSED.clear()
 
 
 # ---- CPU path ----
@@ -144,7 +150,8 @@ def _exit_head_cpu(
         packed = _PACKED.get((head.weight, head.vocab_subset), lambda: _pack(head, cdt))
         stats = torch.ops.adainfer.exit_head_cpu_stats(x, packed, head.n_candidates, bias)
     else:
-        stats = _stats_torch(x, head.weight, head.vocab_subset, bias)
+        wt = _TRANSPOSED.get((head.weight, head.vocab_subset), lambda: _transposed_fp32(head))
+        stats = _stats_torch(x, wt, bias)
     return _finish(*stats, hidden, head, classifier)
 
 
@@ -159,16 +166,19 @@ def _chunk(n_rows: int) -> int:
     return max(1024, min(16384, (1 << 18) // max(1, n_rows)))
 
 
-def _stats_torch(
-    x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor | None, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, ...]:
-    """The torch fallback: (max, sumexp, pos, second) per row, the candidates in chunks.
+def _transposed_fp32(head: ExitHead) -> torch.Tensor:
+    w = head.weight if head.vocab_subset is None else head.weight.index_select(0, head.vocab_subset)
+    return w.float().t().contiguous()
 
-    Same statistics and tie rule as the native op: within a chunk ``max`` returns the first
-    position of the maximum; across chunks a later chunk wins only with a strictly larger max.
+
+def _stats_torch(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The torch fallback: (max, sumexp, pos, second) per row over the candidates in chunks.
+
+    ``wt`` is the (d, K) fp32 transposed (subset) head. Same statistics and tie rule as the native
+    op: within a chunk ``max`` returns the first position of the maximum; across chunks a later
+    chunk wins only with a strictly larger max.
     """
-    n_rows = x.shape[0]
-    n_cand = weight.shape[0] if ids is None else ids.shape[0]
+    n_rows, n_cand = x.shape[0], wt.shape[1]
     xf = x.float()
     big_m = torch.full((n_rows,), float("-inf"))
     big_s = torch.zeros(n_rows)
@@ -177,8 +187,7 @@ def _stats_torch(
     step = _chunk(n_rows)
     for c0 in range(0, n_cand, step):
         c1 = min(n_cand, c0 + step)
-        w = weight[c0:c1] if ids is None else weight.index_select(0, ids[c0:c1])
-        z = xf @ w.float().t()  # fp32 products of the model-dtype values, fp32 logits
+        z = xf @ wt[:, c0:c1]  # fp32 products of the model-dtype values, fp32 logits
         if bias is not None:
             z += bias[c0:c1]
         c_max, c_pos = z.max(dim=1)
