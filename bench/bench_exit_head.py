@@ -12,7 +12,7 @@ so that load on a shared machine hits all alike):
 
 Reported: median ms (p20, p80), GB/s of W streamed (W's bytes / time), ratios vs reference and vs
 the faster GEMM, peak extra memory (tensor allocations seen by the profiler on CPU, by the caching
-allocator on CUDA; the native op's per-thread scratch of <= 128 KiB is not a tensor and not
+allocator on CUDA; the native op's per-thread scratch of <= 1 MiB is not a tensor and not
 counted), and on CUDA the fraction of the HBM roofline (``--hbm-gbs``, 4300 for an H200). On CUDA
 times are GPU times from ``triton.testing.do_bench`` (L2 flushed between runs) plus the wall time
 per call from Python, launches included.

@@ -13,7 +13,7 @@
 // to even). The candidates are split into tasks of a few blocks; each task multiplies its panels
 // with brgemm (AMX for bf16, AVX-512 for fp32; fp32 accumulation, fp32 logits), or with up to 4 rows
 // with a streaming panel product of our own (brgemm wastes its tiles on so few rows), into a small
-// buffer that stays in L2 (rows x <= 2048 columns) and reduces it at once: max, position, second
+// buffer that stays in L2 (<= 1 MiB, <= 2048 columns) and reduces it at once: max, position, second
 // and sum-exp per row. Tasks run in parallel (at::parallel_for) and their partials are merged in
 // task order, so the result does not depend on the number of threads. W is streamed once.
 //
@@ -45,9 +45,9 @@ namespace adainfer {
 namespace {
 
 constexpr int64_t kBlockN = 64;        // candidates per packed panel (oneDNN packs at most 64 columns)
-constexpr int64_t kBufferBytes = 1 << 17;  // logits buffer per task: rows x columns x 4 B <= 128 KiB
+constexpr int64_t kBufferBytes = 1 << 20;  // logits buffer per task: rows x columns x 4 B <= 1 MiB (L2)
 constexpr int64_t kMaxBlocksPerTask = 32;  // <= 2048 columns per task
-constexpr int64_t kRowTile = 32;       // brgemm rows per call
+constexpr int64_t kRowTile = 64;       // brgemm rows per call
 constexpr int64_t kGemvRows = 4;       // up to this many rows: the few-rows kernel (AVX-512)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
