@@ -6,9 +6,10 @@ minus top-2 probability gap, the top-1 id and the stop classifier's score, witho
 the (rows, V) logits (DESIGN.md §3). Backends (``backend.exit_head_backend``):
 
 - CUDA tensors: the Triton kernels of ``exit_head_triton`` (split-V + merge; row-tiled ``tl.dot``).
-- CPU tensors: ``adainfer::exit_head_cpu_stats`` from ``_C`` (csrc/exit_head_cpu.cpp): W^T in
-  packed 64-column panels, per-task batch-reduce GEMMs (oneDNN brgemm: AMX for bf16, AVX-512 for
-  fp32) into an L2-sized fp32 buffer reduced on the spot (top-2 + sum-exp), tasks in parallel.
+- CPU tensors: ``adainfer::exit_head_cpu`` from ``_C`` (csrc/exit_head_cpu.cpp): the norm in
+  C++, W^T in packed 64-column panels, per-task batch-reduce GEMMs (oneDNN brgemm: AMX for bf16,
+  AVX-512 for fp32; a streaming panel product for <= 4 rows) into an L2-sized fp32 buffer reduced
+  on the spot (top-2 + sum-exp), tasks in parallel, merged in order.
   Without the op (no ``_C``, or a CPU/torch build without brgemm) a torch fallback walks the
   vocabulary in chunks with ``torch.mm`` on a cached fp32 W^T and merges the same statistics:
   also O(R x chunk) working memory.
@@ -54,6 +55,7 @@ from adainfer_kernels.reference import exit_head_ref
 __all__ = ["clear_cache", "decode_rows", "exit_head"]
 
 CPU_IMPLS = ("auto", "native", "torch")
+NORM_CODES = {"none": 0, "rms": 1, "layer": 2}  # the kernels' encoding of ExitHead.norm
 
 # Prepared LM-head weights of the CPU path, keyed by (weight, vocab_subset) identity and version:
 # the native op's packed panels, and the torch fallback's transposed fp32 copy.
@@ -106,7 +108,7 @@ def clear_cache() -> None:
 
 def cpu_impl() -> str:
     """``"native"`` when ``_C`` provides the fused CPU op for this machine, else ``"torch"``."""
-    return "native" if _native.has_op("exit_head_cpu_stats") else "torch"
+    return "native" if _native.has_op("exit_head_cpu") else "torch"
 
 
 def _native_supports(dtype: torch.dtype) -> bool:
@@ -144,15 +146,27 @@ def _exit_head_cpu(
         impl = "native" if _native_supports(cdt) else "torch"
     elif impl == "native" and not _native_supports(cdt):
         raise RuntimeError(f"the native CPU exit head is unavailable for {cdt} here ({_native.error() or 'no brgemm'})")
-    x = decode_rows(hidden, head).to(cdt)
-    bias = head.subset_bias
-    if impl == "native":
-        packed = _PACKED.get((head.weight, head.vocab_subset), lambda: _pack(head, cdt))
-        stats = torch.ops.adainfer.exit_head_cpu_stats(x, packed, head.n_candidates, bias)
-    else:
+    if impl == "torch":
+        x = decode_rows(hidden, head).to(cdt)
         wt = _TRANSPOSED.get((head.weight, head.vocab_subset), lambda: _transposed_fp32(head))
-        stats = _stats_torch(x, wt, bias)
-    return _finish(*stats, hidden, head, classifier)
+        return _finish(*_stats_torch(x, wt, head.subset_bias), hidden, head, classifier)
+
+    packed = _PACKED.get((head.weight, head.vocab_subset), lambda: _pack(head, cdt))
+    if head.project_out is None:  # the op applies the norm itself (HF's numerics)
+        rows, norm, nw, nb = hidden, NORM_CODES[head.norm], head.norm_weight, head.norm_bias
+    else:
+        rows, norm, nw, nb = decode_rows(hidden, head), 0, None, None
+    top, gap, pos = torch.ops.adainfer.exit_head_cpu(
+        rows, packed, head.n_candidates, norm, nw, nb, float(head.eps), head.subset_bias
+    )
+    if head.project_out is not None:  # non-finite rows of the caller's hidden states, not of the projection
+        bad = ~torch.isfinite(hidden).all(dim=1)
+        top = torch.where(bad, float("nan"), top)
+        gap = torch.where(bad, float("nan"), gap)
+        pos = torch.where(bad, -1, pos)
+    argmax = pos if head.vocab_subset is None else torch.where(pos < 0, pos, head.vocab_subset[pos.clamp(min=0)])
+    score = classifier(top, gap) if classifier is not None else None
+    return ExitSignals(top_prob=top, gap=gap, argmax=argmax.to(torch.int64), score=score)
 
 
 def _pack(head: ExitHead, cdt: torch.dtype) -> torch.Tensor:
@@ -242,7 +256,7 @@ def _empty_signals(device: torch.device, classifier: LinearScore | None) -> Exit
 
 def _register_fakes() -> None:
     """Shape-only (fake) kernels of the CPU ops, for torch.compile tracing and opcheck."""
-    if not _native.has_op("exit_head_cpu_stats") or getattr(_register_fakes, "done", False):
+    if not _native.has_op("exit_head_cpu") or getattr(_register_fakes, "done", False):
         return
     _register_fakes.done = True
 
@@ -252,13 +266,20 @@ def _register_fakes() -> None:
         kp = (d + 1) // 2 * 2 if weight.dtype == torch.bfloat16 else d
         return weight.new_empty(((n + 63) // 64, kp * 64))
 
-    @torch.library.register_fake("adainfer::exit_head_cpu_stats")
-    def _stats_fake(
-        x: torch.Tensor, packed: torch.Tensor, n_cand: int, bias: torch.Tensor | None
+    @torch.library.register_fake("adainfer::exit_head_cpu")
+    def _cpu_fake(
+        hidden: torch.Tensor,
+        packed: torch.Tensor,
+        n_cand: int,
+        norm: int,
+        norm_weight: torch.Tensor | None,
+        norm_bias: torch.Tensor | None,
+        eps: float,
+        bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, ...]:
-        r = x.shape[0]
-        f = x.new_empty((r,), dtype=torch.float32)
-        return f, f.clone(), x.new_empty((r,), dtype=torch.int64), f.clone()
+        r = hidden.shape[0]
+        f = hidden.new_empty((r,), dtype=torch.float32)
+        return f, f.clone(), hidden.new_empty((r,), dtype=torch.int64)
 
 
 _register_fakes()

@@ -59,10 +59,9 @@ import torch
 import triton
 import triton.language as tl
 
-from adainfer_kernels.exit_head import _empty_signals, decode_rows
+from adainfer_kernels.exit_head import NORM_CODES, _empty_signals, decode_rows
 from adainfer_kernels.head import ExitHead, ExitSignals, LinearScore, check_exit_head_inputs
 
-NORM_CODES = {"none": 0, "rms": 1, "layer": 2}
 VARIANTS = ("splitv", "rowtile")
 _INT32_MAX = tl.constexpr(2**31 - 1)
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)

@@ -8,7 +8,8 @@ so that load on a shared machine hits all alike):
     gemm        the bare LM-head GEMM x @ W^T of the model ((R, d) x (d, V)), the floor of any
                 decode that reads W; ``gemm_t`` the same with W^T stored contiguous
     fused       ``exit_head`` (CPU: the native op; CUDA: the Triton kernels)
-    fused_torch CPU only: the chunked torch fallback used when ``_C`` lacks the op
+    fused_torch CPU only: the chunked torch fallback used when ``_C`` lacks the op (first shape
+                only unless ``--fallback all``: it keeps an fp32 W^T, 2 GB for (4096, 128256))
 
 Reported: median ms (p20, p80), GB/s of W streamed (W's bytes / time), ratios vs reference and vs
 the faster GEMM, peak extra memory (tensor allocations seen by the profiler on CPU, by the caching
@@ -54,7 +55,7 @@ def make_case(d: int, n_vocab: int, dtype: torch.dtype, device: str) -> ExitHead
     return ExitHead(weight=w.to(device), norm="rms", norm_weight=torch.ones(d, dtype=dtype, device=device), eps=1e-5)
 
 
-def providers(head: ExitHead, hidden: torch.Tensor) -> dict[str, Callable[[], object]]:
+def providers(head: ExitHead, hidden: torch.Tensor, fallback: bool = True) -> dict[str, Callable[[], object]]:
     w = head.weight
     x = hidden
     out: dict[str, Callable[[], object]] = {
@@ -65,7 +66,8 @@ def providers(head: ExitHead, hidden: torch.Tensor) -> dict[str, Callable[[], ob
         wt = w.t().contiguous()
         out["gemm_t"] = lambda: x @ wt
         out["fused"] = lambda: exit_head(hidden, head, CLS)
-        out["fused_torch"] = lambda: _exit_head_cpu(hidden, head, CLS, impl="torch")
+        if fallback:
+            out["fused_torch"] = lambda: _exit_head_cpu(hidden, head, CLS, impl="torch")
     else:
         out["fused"] = lambda: exit_head(hidden, head, CLS)
     return out
@@ -127,12 +129,14 @@ def _quantiles(ts: list[float]) -> tuple[float, float, float]:
     return statistics.median(ts), q[0], q[3]
 
 
-def bench_case(d: int, n_vocab: int, dt: str, n_rows: int, device: str, reps: int, hbm_gbs: float) -> list[dict]:
+def bench_case(
+    d: int, n_vocab: int, dt: str, n_rows: int, device: str, reps: int, hbm_gbs: float, fallback: bool
+) -> list[dict]:
     dtype = DTYPES[dt]
     head = _HEADS.setdefault((d, n_vocab, dt, device), make_case(d, n_vocab, dtype, device))
     g = torch.Generator(device="cpu").manual_seed(1)
     hidden = torch.randn(n_rows, d, generator=g).to(dtype).to(device)
-    fns = providers(head, hidden)
+    fns = providers(head, hidden, fallback)
     rows = []
     w_bytes = head.weight.numel() * head.weight.element_size()
     with torch.inference_mode():
@@ -215,6 +219,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--hbm-gbs", type=float, default=4300.0, help="HBM bandwidth ceiling (H200 ~4300 GB/s)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument(
+        "--fallback",
+        choices=("first", "all", "none"),
+        default="first",
+        help="time the CPU torch fallback on the first shape (default), every shape, or none",
+    )
     p.add_argument("--no-record", action="store_true", help="do not append to bench/results/")
     args = p.parse_args(argv)
     if args.threads:
@@ -227,7 +237,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows_list = [1, 8, 64] if quick else ROWS
     if args.rows:
         rows_list = [int(r) for r in args.rows.split(",")]
-    reps = args.reps or (5 if quick else 9)
+    reps = args.reps or (5 if quick else 7)
     out: list[dict] = []
     for d, n_vocab in shapes:
         # fp32 is the bundled model's CPU dtype; bf16 is the usual model dtype (and AMX on this CPU).
@@ -235,7 +245,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         dts = args.dtypes.split(",") if args.dtypes else default
         for dt in dts:
             for n_rows in rows_list:
-                out += bench_case(d, n_vocab, dt, n_rows, args.device, reps, args.hbm_gbs)
+                fallback = args.fallback == "all" or (args.fallback == "first" and (d, n_vocab) == shapes[0])
+                out += bench_case(d, n_vocab, dt, n_rows, args.device, reps, args.hbm_gbs, fallback)
             _HEADS.clear()
             print_table([r for r in out if r["d"] == d and r["V"] == n_vocab and r["dtype"] == dt])
             print(flush=True)

@@ -1,12 +1,15 @@
 // The exit head's CPU path: per-row softmax statistics of x @ W^T without the (rows, V) logits.
 //
-//   exit_head_cpu_pack(weight [n, d]) -> packed        once per head (cached by the Python side)
-//   exit_head_cpu_stats(x [R, d], packed, n, bias?)    every exit check
-//       -> (max [R] f32, sumexp [R] f32, pos [R] i64, second [R] f32)
+//   exit_head_cpu_pack(weight [n, d]) -> packed          once per head (cached by the Python side)
+//   exit_head_cpu(hidden [R, d], packed, n, norm, norm_weight?, norm_bias?, eps, bias?)
+//       -> (top_prob [R] f32, gap [R] f32, pos [R] i64)  every exit check
 //
-// max = max_c z_rc, sumexp = sum_c exp(z_rc - max), pos = lowest c with z_rc == max, second = the
-// second largest z_rc (a tie counts twice), over the n candidates, z = x @ W^T (+ bias). The
-// Python side turns them into top_prob = 1 / sumexp and gap = (1 - exp(second - max)) / sumexp.
+// x = norm(hidden) as Hugging Face rounds it, z = x @ W^T (+ bias) over the n candidates, then per
+// row M = max z, S = sum exp(z - M), T = second largest z (a tie counts twice), pos = lowest
+// position of M: top_prob = 1 / S, gap = (1 - exp(T - M)) / S. Rows holding inf/NaN: NaN and
+// pos -1. The norm and the finishing run here, not as torch ops: a handful of tiny ATen ops per
+// exit check each open an OpenMP region, and on a loaded machine each region waits for a core
+// (measured: 50-80 ms per check at R=64 on this 2-core machine, more than the GEMM).
 //
 // Layout: W^T cut into blocks of 64 candidates, each a contiguous (K, 64) panel: fp32 panels as
 // they are, bf16 panels in the VNNI layout of oneDNN's batch-reduce GEMM (cpublas::pack, K padded
@@ -213,11 +216,65 @@ at::Tensor exit_head_cpu_pack(const at::Tensor& weight) {
   return out;
 }
 
+// The LM head's input rows, as Hugging Face computes them, in the compute dtype CT and padded to kp:
+// RMSNorm (norm 1): fp32 statistics, cast to the model dtype MT, times the weight, cast to MT;
+// LayerNorm (norm 2): fp32 (x - mean) * rstd * weight + bias, cast to MT; none (0): x. Statistics
+// are accumulated in double (HF: fp32 reductions; both are within an fp32 rounding of the exact
+// value). bad[r] = the row holds inf or NaN.
+template <typename MT, typename CT>
+void prepare_rows(const at::Tensor& h, int64_t norm, const MT* g, const MT* b, double eps, int64_t kp, CT* out,
+                  uint8_t* bad) {
+  const int64_t rows = h.size(0), d = h.size(1);
+  const MT* hp = h.const_data_ptr<MT>();
+  const float epsf = static_cast<float>(eps);
+  // Sequential: (R, d) is small next to the (d, V) weight, and a parallel region costs more than it
+  // saves when the machine is loaded.
+  {
+    for (int64_t r = 0; r < rows; ++r) {
+      const MT* x = hp + r * d;
+      CT* y = out + r * kp;
+      bool finite = true;
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t k = 0; k < d; ++k) {
+        const float v = static_cast<float>(x[k]);
+        finite = finite && std::isfinite(v);
+        s1 += v;
+        s2 += static_cast<double>(v) * v;
+      }
+      bad[r] = finite ? 0 : 1;
+      if (norm == 1) {
+        const float rstd = 1.f / std::sqrt(static_cast<float>(s2 / d) + epsf);
+        for (int64_t k = 0; k < d; ++k) {
+          const MT normed = static_cast<MT>(static_cast<float>(x[k]) * rstd);
+          y[k] = static_cast<CT>(static_cast<float>(static_cast<MT>(static_cast<float>(g[k]) * static_cast<float>(normed))));
+        }
+      } else if (norm == 2) {
+        const double mean = s1 / d;
+        double sv = 0.0;
+        for (int64_t k = 0; k < d; ++k) {
+          const double c = static_cast<double>(static_cast<float>(x[k])) - mean;
+          sv += c * c;
+        }
+        const float rstd = 1.f / std::sqrt(static_cast<float>(sv / d) + epsf);
+        const float meanf = static_cast<float>(mean);
+        for (int64_t k = 0; k < d; ++k) {
+          float v = (static_cast<float>(x[k]) - meanf) * rstd * static_cast<float>(g[k]);
+          if (b != nullptr) v += static_cast<float>(b[k]);
+          y[k] = static_cast<CT>(static_cast<float>(static_cast<MT>(v)));
+        }
+      } else {
+        for (int64_t k = 0; k < d; ++k) y[k] = static_cast<CT>(static_cast<float>(x[k]));
+      }
+      for (int64_t k = d; k < kp; ++k) y[k] = static_cast<CT>(0.f);
+    }
+  }
+}
+
+// Per-row statistics of x (R, kp) against the packed panels, merged over the tasks.
 template <typename T>
-void stats_impl(const at::Tensor& x, const at::Tensor& packed, int64_t n_cand, const float* bias, Stats* out) {
+void stats_impl(const T* xa, int64_t rows, const at::Tensor& packed, int64_t n_cand, const float* bias, Stats* out) {
 #if ADAINFER_HAS_BRGEMM
-  const int64_t rows = x.size(0), kp = packed.size(1) / kBlockN, n_blocks = packed.size(0);
-  const T* xa = x.const_data_ptr<T>();
+  const int64_t kp = packed.size(1) / kBlockN, n_blocks = packed.size(0);
   const T* wp = packed.const_data_ptr<T>();
   const int64_t per_task =
       std::clamp<int64_t>(kBufferBytes / (static_cast<int64_t>(sizeof(float)) * kBlockN * rows), 1, kMaxBlocksPerTask);
@@ -237,13 +294,13 @@ void stats_impl(const at::Tensor& x, const at::Tensor& packed, int64_t n_cand, c
       const int64_t blk0 = task * per_task, blk1 = std::min(n_blocks, blk0 + per_task);
       const int64_t c0 = blk0 * kBlockN, cols = std::min(n_cand, blk1 * kBlockN) - c0;
       for (int64_t blk = blk0; blk < blk1; ++blk) {
-        float* out = buf.data() + (blk - blk0) * kBlockN;
+        float* c = buf.data() + (blk - blk0) * kBlockN;
         if (gemv != nullptr) {
-          gemv(xf.data(), rows, kp, wp + blk * kp * kBlockN, std::is_same_v<T, at::BFloat16>, out, ldc);
+          gemv(xf.data(), rows, kp, wp + blk * kp * kBlockN, std::is_same_v<T, at::BFloat16>, c, ldc);
           continue;
         }
         for (int64_t r0 = 0; r0 < rows; r0 += kRowTile)
-          gemm_panel(std::min(kRowTile, rows - r0), kp, ldc, xa + r0 * kp, wp + blk * kp * kBlockN, out + r0 * ldc);
+          gemm_panel(std::min(kRowTile, rows - r0), kp, ldc, xa + r0 * kp, wp + blk * kp * kBlockN, c + r0 * ldc);
       }
       for (int64_t r = 0; r < rows; ++r) {
         float* c = buf.data() + r * ldc;
@@ -254,7 +311,7 @@ void stats_impl(const at::Tensor& x, const at::Tensor& packed, int64_t n_cand, c
         partial[task * rows + r] = st;
       }
     }
-    release(x.scalar_type());
+    release(packed.scalar_type());
   });
   for (int64_t r = 0; r < rows; ++r) {
     Stats acc = partial[r];
@@ -262,56 +319,91 @@ void stats_impl(const at::Tensor& x, const at::Tensor& packed, int64_t n_cand, c
     out[r] = acc;
   }
 #else
-  (void)x, (void)packed, (void)n_cand, (void)bias, (void)out;
-  TORCH_CHECK(false, "exit_head_cpu_stats: built without cpublas::brgemm");
+  (void)xa, (void)rows, (void)packed, (void)n_cand, (void)bias, (void)out;
+  TORCH_CHECK(false, "exit_head_cpu: built without cpublas::brgemm");
 #endif
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head_cpu_stats(const at::Tensor& x,
-                                                                               const at::Tensor& packed,
-                                                                               int64_t n_cand,
-                                                                               const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "exit_head_cpu_stats: x and packed must be CPU tensors");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "exit_head_cpu_stats: x must be 2-D (R, d), got shape ", x.sizes());
-  const auto dt = packed.scalar_type();
-  TORCH_CHECK(x.scalar_type() == dt, "exit_head_cpu_stats: x is ", x.scalar_type(), " but packed is ", dt);
-  TORCH_CHECK(exit_head_cpu_supported(dt), "exit_head_cpu_stats: this CPU/torch build has no brgemm for ", dt);
+at::ScalarType compute_dtype(at::ScalarType model) { return model == at::kBFloat16 ? at::kBFloat16 : at::kFloat; }
+
+// hidden (R, d) -> top_prob (R,) f32, gap (R,) f32, pos (R,) i64: the candidate position of the top-1
+// (-1 for rows holding inf/NaN, whose top_prob and gap are NaN; NaN too when every logit is -inf).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& hidden, const at::Tensor& packed,
+                                                             int64_t n_cand, int64_t norm,
+                                                             const std::optional<at::Tensor>& norm_weight,
+                                                             const std::optional<at::Tensor>& norm_bias, double eps,
+                                                             const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(hidden.device().is_cpu() && packed.device().is_cpu(), "exit_head_cpu: hidden and packed must be CPU tensors");
+  TORCH_CHECK(hidden.dim() == 2 && hidden.size(1) > 0, "exit_head_cpu: hidden must be 2-D (R, d), got shape ",
+              hidden.sizes());
+  const auto mt = hidden.scalar_type();
+  TORCH_CHECK(mt == at::kFloat || mt == at::kBFloat16 || mt == at::kHalf, "exit_head_cpu: hidden must be fp32, bf16 or fp16, got ", mt);
+  const auto ct = compute_dtype(mt);
+  TORCH_CHECK(packed.scalar_type() == ct, "exit_head_cpu: packed must be ", ct, " for ", mt, " hidden states, got ",
+              packed.scalar_type());
+  TORCH_CHECK(exit_head_cpu_supported(ct), "exit_head_cpu: this CPU/torch build has no brgemm for ", ct);
   TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.size(1) % kBlockN == 0,
-              "exit_head_cpu_stats: packed must come from exit_head_cpu_pack, got shape ", packed.sizes());
-  const int64_t kp = packed.size(1) / kBlockN, n_blocks = packed.size(0);
-  TORCH_CHECK(kp == padded_k(x.size(1), dt), "exit_head_cpu_stats: x has d=", x.size(1),
-              " but packed was made for d=", kp, dt == at::kBFloat16 ? " (padded to even)" : "");
-  TORCH_CHECK(n_cand > (n_blocks - 1) * kBlockN && n_cand <= n_blocks * kBlockN,
-              "exit_head_cpu_stats: n_cand=", n_cand, " does not match packed with ", n_blocks, " panels");
+              "exit_head_cpu: packed must come from exit_head_cpu_pack, got shape ", packed.sizes());
+  const int64_t d = hidden.size(1), kp = packed.size(1) / kBlockN, n_blocks = packed.size(0);
+  TORCH_CHECK(kp == padded_k(d, ct), "exit_head_cpu: hidden has d=", d, " but packed was made for d=", kp,
+              ct == at::kBFloat16 ? " (padded to even)" : "");
+  TORCH_CHECK(n_cand > (n_blocks - 1) * kBlockN && n_cand <= n_blocks * kBlockN, "exit_head_cpu: n_cand=", n_cand,
+              " does not match packed with ", n_blocks, " panels");
+  TORCH_CHECK(norm >= 0 && norm <= 2, "exit_head_cpu: norm must be 0 (none), 1 (rms) or 2 (layer), got ", norm);
+  auto check_vec = [&](const std::optional<at::Tensor>& t, const char* name) -> at::Tensor {
+    if (!t.has_value()) return {};
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == mt && t->dim() == 1 && t->size(0) == d, "exit_head_cpu: ",
+                name, " must be a CPU ", mt, " tensor of shape (", d, ",), got ", t->scalar_type(), " ", t->sizes());
+    return t->contiguous();
+  };
+  const at::Tensor g = check_vec(norm_weight, "norm_weight"), nb = check_vec(norm_bias, "norm_bias");
+  TORCH_CHECK(norm == 0 || g.defined(), "exit_head_cpu: norm ", norm, " needs norm_weight");
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, "exit_head_cpu: eps must be finite and >= 0, got ", eps);
   const float* bias_ptr = nullptr;
-  at::Tensor b;
+  at::Tensor bc;
   if (bias.has_value()) {
-    b = bias->contiguous();
-    TORCH_CHECK(b.device().is_cpu() && b.scalar_type() == at::kFloat && b.dim() == 1 && b.size(0) == n_cand,
-                "exit_head_cpu_stats: bias must be a CPU fp32 tensor of shape (", n_cand, ",), got ",
-                b.scalar_type(), " ", b.sizes());
-    bias_ptr = b.const_data_ptr<float>();
+    bc = bias->contiguous();
+    TORCH_CHECK(bc.device().is_cpu() && bc.scalar_type() == at::kFloat && bc.dim() == 1 && bc.size(0) == n_cand,
+                "exit_head_cpu: bias must be a CPU fp32 tensor of shape (", n_cand, ",), got ", bc.scalar_type(), " ",
+                bc.sizes());
+    bias_ptr = bc.const_data_ptr<float>();
   }
-  const int64_t rows = x.size(0);
-  at::Tensor xc = x.contiguous();
-  if (kp != x.size(1)) xc = at::constant_pad_nd(xc, {0, kp - x.size(1)});
+
+  const int64_t rows = hidden.size(0);
+  const at::Tensor h = hidden.contiguous();
+  at::Tensor x = at::empty({rows, kp}, hidden.options().dtype(ct));
+  std::vector<uint8_t> bad(rows, 0);
   std::vector<Stats> st(rows);
   if (rows > 0) {
-    if (dt == at::kFloat)
-      stats_impl<float>(xc, packed, n_cand, bias_ptr, st.data());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mt, "exit_head_cpu", [&] {
+      const scalar_t* gp = g.defined() ? g.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* bp = nb.defined() ? nb.const_data_ptr<scalar_t>() : nullptr;
+      if (ct == at::kBFloat16)
+        prepare_rows<scalar_t, at::BFloat16>(h, norm, gp, bp, eps, kp, x.mutable_data_ptr<at::BFloat16>(), bad.data());
+      else
+        prepare_rows<scalar_t, float>(h, norm, gp, bp, eps, kp, x.mutable_data_ptr<float>(), bad.data());
+    });
+    if (ct == at::kFloat)
+      stats_impl<float>(x.const_data_ptr<float>(), rows, packed, n_cand, bias_ptr, st.data());
     else
-      stats_impl<at::BFloat16>(xc, packed, n_cand, bias_ptr, st.data());
+      stats_impl<at::BFloat16>(x.const_data_ptr<at::BFloat16>(), rows, packed, n_cand, bias_ptr, st.data());
   }
-  auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor mx = at::empty({rows}, f32), sm = at::empty({rows}, f32), sec = at::empty({rows}, f32);
-  at::Tensor pos = at::empty({rows}, x.options().dtype(at::kLong));
+  auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor top = at::empty({rows}, f32), gap = at::empty({rows}, f32);
+  at::Tensor pos = at::empty({rows}, hidden.options().dtype(at::kLong));
+  float* tp = top.mutable_data_ptr<float>();
+  float* gp = gap.mutable_data_ptr<float>();
+  int64_t* pp = pos.mutable_data_ptr<int64_t>();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
   for (int64_t r = 0; r < rows; ++r) {
-    mx.mutable_data_ptr<float>()[r] = st[r].max;
-    sm.mutable_data_ptr<float>()[r] = st[r].sum;
-    pos.mutable_data_ptr<int64_t>()[r] = st[r].pos;
-    sec.mutable_data_ptr<float>()[r] = st[r].second;
+    // top_prob = exp(M - M) / S; the second probability exp(T - M) / S (0 when T = -inf).
+    const Stats& s = st[r];
+    const bool undefined = bad[r] != 0 || s.max == kNegInf;
+    tp[r] = undefined ? nan : 1.f / s.sum;
+    gp[r] = undefined ? nan : 1.f / s.sum - std::exp(s.second - s.max) / s.sum;
+    pp[r] = bad[r] != 0 ? -1 : s.pos;
   }
-  return {mx, sm, pos, sec};
+  return {top, gap, pos};
 }
 
 }  // namespace
@@ -319,12 +411,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head_cpu_stats(c
 TORCH_LIBRARY_FRAGMENT(adainfer, m) {
   m.def("exit_head_cpu_supported(ScalarType dtype) -> bool", &exit_head_cpu_supported);
   m.def("exit_head_cpu_pack(Tensor weight) -> Tensor");
-  m.def("exit_head_cpu_stats(Tensor x, Tensor packed, int n_cand, Tensor? bias) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "exit_head_cpu(Tensor hidden, Tensor packed, int n_cand, int norm, Tensor? norm_weight, Tensor? norm_bias, "
+      "float eps, Tensor? bias) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(adainfer, CPU, m) {
   m.impl("exit_head_cpu_pack", &exit_head_cpu_pack);
-  m.impl("exit_head_cpu_stats", &exit_head_cpu_stats);
+  m.impl("exit_head_cpu", &exit_head_cpu);
 }
 
 }  // namespace adainfer

@@ -182,15 +182,19 @@ def test_native_cpu_op_registration():
     w = torch.randn(130, 64)
     packed = ops.exit_head_cpu_pack(w)
     assert packed.shape == (3, 64 * 64)
-    x = torch.randn(5, 64)
+    h, g, b = torch.randn(5, 64), torch.rand(64) + 0.5, torch.randn(64)
     torch.library.opcheck(ops.exit_head_cpu_pack.default, (w,))
-    torch.library.opcheck(ops.exit_head_cpu_stats.default, (x, packed, 130, torch.randn(130)))
+    torch.library.opcheck(ops.exit_head_cpu.default, (h, packed, 130, 2, g, b, 1e-5, torch.randn(130)))
     with pytest.raises(RuntimeError, match="packed was made for d=64"):
-        ops.exit_head_cpu_stats(torch.randn(5, 65), packed, 130, None)
+        ops.exit_head_cpu(torch.randn(5, 65), packed, 130, 0, None, None, 1e-5, None)
     with pytest.raises(RuntimeError, match="n_cand=300"):
-        ops.exit_head_cpu_stats(x, packed, 300, None)
+        ops.exit_head_cpu(h, packed, 300, 0, None, None, 1e-5, None)
     with pytest.raises(RuntimeError, match="bias must be"):
-        ops.exit_head_cpu_stats(x, packed, 130, torch.randn(7))
+        ops.exit_head_cpu(h, packed, 130, 0, None, None, 1e-5, torch.randn(7))
+    with pytest.raises(RuntimeError, match="needs norm_weight"):
+        ops.exit_head_cpu(h, packed, 130, 1, None, None, 1e-5, None)
+    with pytest.raises(RuntimeError, match="packed must be BFloat16"):
+        ops.exit_head_cpu(h.bfloat16(), packed, 130, 0, None, None, 1e-5, None)
 
 
 def test_cpu_prepared_weight_cache_reuses_invalidates_and_dies_with_the_weight():
