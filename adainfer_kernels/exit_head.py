@@ -8,8 +8,8 @@ the (rows, V) logits (DESIGN.md §3). Backends (``backend.exit_head_backend``):
 - CUDA tensors: the Triton kernels of ``exit_head_triton`` (split-V + merge; row-tiled ``tl.dot``).
 - CPU tensors: ``adainfer::exit_head_cpu`` from ``_C`` (csrc/exit_head_cpu.cpp): the norm in
   C++, W^T in packed 64-column panels, per-task batch-reduce GEMMs (oneDNN brgemm: AMX for bf16,
-  AVX-512 for fp32; a streaming panel product for <= 4 rows) into an L2-sized fp32 buffer reduced
-  on the spot (top-2 + sum-exp), tasks in parallel, merged in order.
+  AVX-512 for fp32) into an L2-sized fp32 buffer reduced on the spot (top-2 + sum-exp), tasks in
+  parallel, merged in order.
   Without the op (no ``_C``, or a CPU/torch build without brgemm) a torch fallback walks the
   vocabulary in chunks with ``torch.mm`` on a cached fp32 W^T and merges the same statistics:
   also O(R x chunk) working memory.

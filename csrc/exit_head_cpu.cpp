@@ -14,8 +14,7 @@
 // Layout: W^T cut into blocks of 64 candidates, each a contiguous (K, 64) panel: fp32 panels as
 // they are, bf16 panels in the VNNI layout of oneDNN's batch-reduce GEMM (cpublas::pack, K padded
 // to even). The candidates are split into tasks of a few blocks; each task multiplies its panels
-// with brgemm (AMX for bf16, AVX-512 for fp32; fp32 accumulation, fp32 logits), or with up to 4 rows
-// with a streaming panel product of our own (brgemm wastes its tiles on so few rows), into a small
+// with brgemm (AMX for bf16, AVX-512 for fp32; fp32 accumulation, fp32 logits) into a small
 // buffer that stays in L2 (<= 1 MiB, <= 2048 columns) and reduces it at once: max, position, second
 // and sum-exp per row. Tasks run in parallel (at::parallel_for) and their partials are merged in
 // task order, so the result does not depend on the number of threads. W is streamed once.
@@ -51,7 +50,6 @@ constexpr int64_t kBlockN = 64;        // candidates per packed panel (oneDNN pa
 constexpr int64_t kBufferBytes = 1 << 20;  // logits buffer per task: rows x columns x 4 B <= 1 MiB (L2)
 constexpr int64_t kMaxBlocksPerTask = 32;  // <= 2048 columns per task
 constexpr int64_t kRowTile = 64;       // brgemm rows per call
-constexpr int64_t kGemvRows = 4;       // up to this many rows: the few-rows kernel (AVX-512)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 bool dtype_supported(at::ScalarType dt) { return dt == at::kFloat || dt == at::kBFloat16; }
@@ -135,18 +133,6 @@ struct Stats {
 #endif
 
 using RowStatsFn = Stats (*)(const float*, int64_t);
-using GemvFn = void (*)(const float*, int64_t, int64_t, const void*, bool, float*, int64_t);
-
-// The few-rows panel product (AVX-512 only; nullptr elsewhere: brgemm then does all row counts).
-GemvFn gemv_fn() {
-  static const GemvFn fn = []() -> GemvFn {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    if (__builtin_cpu_supports("avx512f")) return &rs_avx512::gemv_panel;
-#endif
-    return nullptr;
-  }();
-  return fn;
-}
 
 // The widest copy this CPU runs (picked once).
 RowStatsFn row_stats_fn() {
@@ -282,12 +268,6 @@ void stats_impl(const T* xa, int64_t rows, const at::Tensor& packed, int64_t n_c
   const int64_t ldc = per_task * kBlockN;
   std::vector<Stats> partial(n_tasks * rows);
   const RowStatsFn row_stats = row_stats_fn();
-  const GemvFn gemv = rows <= kGemvRows ? gemv_fn() : nullptr;
-  std::vector<float> xf;
-  if (gemv != nullptr) {  // the few-rows kernel reads x as fp32 (exact for bf16)
-    xf.resize(rows * kp);
-    for (int64_t i = 0; i < rows * kp; ++i) xf[i] = static_cast<float>(xa[i]);
-  }
   at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> buf(rows * ldc);
     for (int64_t task = t0; task < t1; ++task) {
@@ -295,10 +275,6 @@ void stats_impl(const T* xa, int64_t rows, const at::Tensor& packed, int64_t n_c
       const int64_t c0 = blk0 * kBlockN, cols = std::min(n_cand, blk1 * kBlockN) - c0;
       for (int64_t blk = blk0; blk < blk1; ++blk) {
         float* c = buf.data() + (blk - blk0) * kBlockN;
-        if (gemv != nullptr) {
-          gemv(xf.data(), rows, kp, wp + blk * kp * kBlockN, std::is_same_v<T, at::BFloat16>, c, ldc);
-          continue;
-        }
         for (int64_t r0 = 0; r0 < rows; r0 += kRowTile)
           gemm_panel(std::min(kRowTile, rows - r0), kp, ldc, xa + r0 * kp, wp + blk * kp * kBlockN, c + r0 * ldc);
       }

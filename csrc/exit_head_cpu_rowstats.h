@@ -1,5 +1,5 @@
-// The CPU exit head's vector code: row statistics of fp32 logits (every instruction set) and the
-// few-rows panel product (AVX-512). Included once per instruction set by exit_head_cpu.cpp, with
+// Row statistics of a buffer of fp32 logits for the CPU exit head. Included once per instruction set
+// by exit_head_cpu.cpp, with
 //   ADAINFER_RS_NS      namespace of this copy
 //   ADAINFER_RS_BYTES   vector width in bytes (16: SSE2, 32: AVX2, 64: AVX-512)
 //   ADAINFER_RS_TARGET  function attribute selecting the instruction set (empty for the baseline)
@@ -111,81 +111,3 @@ ADAINFER_RS_TARGET Stats row_stats(const float* c, int64_t n) {
 }
 
 }  // namespace ADAINFER_RS_NS
-
-#if ADAINFER_RS_BYTES == 64
-// ---- few rows (decode): the panel product without brgemm ----
-// brgemm is built for many rows; with 1-4 rows it wastes its tiles and runs well below the memory
-// stream. Here each panel row is loaded once and multiplied into up to 4 rows (4 x 4 accumulators of
-// 16 floats): bound by reading W. out[r * ldc + j] = sum_k x[r][k] * W^T[k][j] for j < 64.
-namespace ADAINFER_RS_NS {
-
-template <int NR>
-ADAINFER_RS_TARGET inline void gemv_f32_rows(const float* x, int64_t kp, const float* panel, float* out, int64_t ldc) {
-  vf acc[NR][4];
-  for (int r = 0; r < NR; ++r)
-    for (int v = 0; v < 4; ++v) acc[r][v] = splat(0.f);
-  for (int64_t k = 0; k < kp; ++k) {
-    const float* p = panel + k * 64;
-    const vf w0 = load(p), w1 = load(p + 16), w2 = load(p + 32), w3 = load(p + 48);
-    for (int r = 0; r < NR; ++r) {
-      const float a = x[r * kp + k];
-      acc[r][0] += w0 * a;
-      acc[r][1] += w1 * a;
-      acc[r][2] += w2 * a;
-      acc[r][3] += w3 * a;
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int v = 0; v < 4; ++v) std::memcpy(out + r * ldc + v * 16, &acc[r][v], sizeof(vf));
-}
-
-// bf16 panel in the VNNI layout of cpublas::pack: pair-row kk holds (W^T[2kk][j], W^T[2kk+1][j]) for
-// j < 64 as one 32-bit word per column; x is given as fp32 (exact for bf16 values), kp even.
-template <int NR>
-ADAINFER_RS_TARGET inline void gemv_bf16_rows(const float* x, int64_t kp, const uint32_t* panel, float* out,
-                                              int64_t ldc) {
-  vf acc[NR][4];
-  for (int r = 0; r < NR; ++r)
-    for (int v = 0; v < 4; ++v) acc[r][v] = splat(0.f);
-  const vi hi_mask = vi{} + static_cast<int32_t>(0xFFFF0000u);
-  for (int64_t kk = 0; kk < kp / 2; ++kk) {
-    const uint32_t* p = panel + kk * 64;
-    vf we[4], wo[4];
-    for (int v = 0; v < 4; ++v) {
-      vi u;
-      std::memcpy(&u, p + v * 16, sizeof(vi));
-      we[v] = (vf)(u << 16);      // bf16 -> fp32 is a 16-bit shift
-      wo[v] = (vf)(u & hi_mask);
-    }
-    for (int r = 0; r < NR; ++r) {
-      const float ae = x[r * kp + 2 * kk], ao = x[r * kp + 2 * kk + 1];
-      for (int v = 0; v < 4; ++v) acc[r][v] += we[v] * ae + wo[v] * ao;
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int v = 0; v < 4; ++v) std::memcpy(out + r * ldc + v * 16, &acc[r][v], sizeof(vf));
-}
-
-// rows in [1, 4] (the caller's kGemvRows).
-ADAINFER_RS_TARGET void gemv_panel(const float* x, int64_t rows, int64_t kp, const void* panel, bool bf16, float* out,
-                                   int64_t ldc) {
-  switch (rows) {
-#define ADAINFER_GEMV_CASE(NR)                                                                     \
-  case NR:                                                                                         \
-    if (bf16)                                                                                      \
-      gemv_bf16_rows<NR>(x, kp, static_cast<const uint32_t*>(panel), out, ldc);                    \
-    else                                                                                           \
-      gemv_f32_rows<NR>(x, kp, static_cast<const float*>(panel), out, ldc);                        \
-    break;
-    ADAINFER_GEMV_CASE(1)
-    ADAINFER_GEMV_CASE(2)
-    ADAINFER_GEMV_CASE(3)
-    ADAINFER_GEMV_CASE(4)
-#undef ADAINFER_GEMV_CASE
-    default:
-      break;
-  }
-}
-
-}  // namespace ADAINFER_RS_NS
-#endif
