@@ -22,8 +22,10 @@ to the AMX/tensor-core path as they are; fp16 and fp32 weights are multiplied in
 is exact). The logits are never rounded to the model dtype (Hugging Face's own bf16 LM head rounds
 them to 8 bits of mantissa), so the fused head is closer to the fp32 reference than the model's own
 low-precision decode. Weights are never converted to a narrower dtype: a bf16 copy of an fp32 LM
-head would run ~4x faster on AMX but moves top_prob by ~1e-3 (measured in the benchmark notes),
-far outside the fp32 tolerance (<= 2x PyTorch's own fp32 error + 1e-5).
+head would run up to ~4x faster on AMX (FACTS.md) but, measured on (576, 49152) with logits of
+standard deviation 4-8, moves top_prob by up to 5e-3-1e-2 and the gap by up to 2e-2 (and flipped 1
+argmax in 64 rows), against 1e-6-5e-6 for PyTorch's own fp32 path: far outside the fp32 tolerance
+(<= 2x PyTorch's own fp32 error + 1e-5), and enough to move a classifier's decisions.
 
 Cached prepared weight (CPU): the first call for a head packs W (or W[subset]) into the panel
 layout (~50-100 ms for V=49152, d=576) and keeps it while the weight tensor lives (an entry dies
