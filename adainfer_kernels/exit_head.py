@@ -15,24 +15,26 @@ the (rows, V) logits (DESIGN.md §3). Backends (``backend.exit_head_backend``):
   also O(R x chunk) working memory.
 - ``ADAINFER_BACKEND=reference``: ``reference.exit_head_ref`` (materialises the logits; debugging).
 
-Dtype policy (every backend): the model's dtype in, fp32 statistics out. The norm follows Hugging
-Face exactly (Llama: fp32 statistics, cast to the input dtype, then the weight; OPT: F.layer_norm),
-then x @ W^T is accumulated in fp32 from exact products of the model-dtype values: bf16 weights go
-to the AMX/tensor-core path as they are; fp16 and fp32 weights are multiplied in fp32 (fp16 -> fp32
-is exact). The logits are never rounded to the model dtype (Hugging Face's own bf16 LM head rounds
-them to 8 bits of mantissa), so the fused head is closer to the fp32 reference than the model's own
-low-precision decode. Weights are never converted to a narrower dtype: a bf16 copy of an fp32 LM
-head would run up to ~4x faster on AMX (FACTS.md) but, measured on (576, 49152) with logits of
-standard deviation 4-8, moves top_prob by up to 5e-3-1e-2 and the gap by up to 2e-2 (and flipped 1
-argmax in 64 rows), against 1e-6-5e-6 for PyTorch's own fp32 path: far outside the fp32 tolerance
-(<= 2x PyTorch's own fp32 error + 1e-5), and enough to move a classifier's decisions.
+Dtype policy (every backend): the model's dtype in, fp32 statistics out. The norm rounds where
+Hugging Face rounds (Llama: fp32 statistics, cast to the input dtype, then the weight, cast; OPT:
+LayerNorm in fp32, cast once); its statistics are fp32 (Triton) or double (CPU) sums, so an element
+can differ from HF's in its last bit where a statistic does (tests bound the effect). Then x @ W^T
+is accumulated in fp32 from exact products of the model-dtype values: bf16 weights go to the
+AMX/tensor-core path as they are; fp16 and fp32 weights are multiplied in fp32 (fp16 -> fp32 is
+exact). The logits are never rounded to the model dtype (Hugging Face's own bf16 LM head rounds
+them to 8 bits of mantissa), so the fused head is closer to the fp32 reference than the model's
+own low-precision decode. Weights are never converted to a narrower dtype: a bf16 copy of an fp32
+LM head would run up to ~4x faster on AMX (FACTS.md) but, measured on (576, 49152) with logits of
+standard deviation 4-8, moves top_prob by up to 5e-3-1e-2 and the gap by up to 2e-2 (and flipped
+1 argmax in 64 rows), against 1e-6-5e-6 for PyTorch's own fp32 path: far outside the fp32
+tolerance (<= 2x PyTorch's own fp32 error + 1e-5), and enough to move a classifier's decisions.
 
 Cached prepared weight (CPU): the first call for a head packs W (or W[subset]) into the panel
-layout (~50-100 ms for V=49152, d=576) and keeps it while the weight tensor lives (an entry dies
-with its tensor; ``clear_cache()`` drops all). Extra memory: one copy of the (subset) LM head in the
-compute dtype (fp32 for fp16 heads, so 2x there), e.g. 113 MB for SmolLM2's fp32 head. The torch
-fallback keeps an fp32 W^T instead (2x for bf16/fp16 heads): converting W on every call made it
-slower than the unfused reference.
+layout (measured here: 0.1 s for (49152, 576), 0.4-0.7 s for (32000, 4096)) and keeps it while
+the weight tensor lives (an entry dies with its tensor; ``clear_cache()`` drops all). Extra
+memory: one copy of the (subset) LM head in the compute dtype (fp32 for fp16 heads, so 2x there),
+e.g. 113 MB for SmolLM2's fp32 head. The torch fallback keeps an fp32 W^T instead (2x for
+bf16/fp16 heads): converting W on every call made it slower than the unfused reference.
 
 ``project_out`` (OPT-350m) is applied before the vocabulary pass, on (R, d) rows, with Hugging
 Face's ops: folding it into W would make the streamed matrix (V, d) instead of (V, d_out) (2x the

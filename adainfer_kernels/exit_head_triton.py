@@ -26,9 +26,11 @@ Two inner products, chosen by the launcher from the number of rows:
 Both split the vocabulary so that (row blocks x splits) ~ 4 programs per SM keep every SM streaming.
 
 Memory traffic (the argument for the design): W is read exactly once per row block. With R <= 64
-there is one row block, so the kernel reads V*d*s bytes of W (s = 2 for bf16), R*d*s bytes of h per
-program (from L2) and writes 16 bytes per (split, row) of partials; the unfused path reads W once but
-also writes and re-reads the (R, V) fp32 logits 2-3 times (softmax, topk). At R = 8 on (4096, 32000)
+there is one row block, so the kernel reads V*d*s bytes of W from HBM (s = 2 for bf16) and writes
+16 bytes per (split, row) of partials; the (R, d) hidden states are re-read from L2 with every
+V-tile (R/BLOCK_V of the W tile's bytes: 1/128 at R = 1, 1/8 at R = 16), and the merge pass reads
+the partials once. The unfused path reads W once but also writes and re-reads the (R, V) fp32
+logits 2-3 times (softmax, topk) and launches ~10 kernels. At R = 8 on (4096, 32000)
 bf16 that is 262 MB of W against 1 MB of logits, so the fused kernel's floor is the W stream:
 262 MB / 4.3 TB/s = 61 us on an H200. At R = 256 the unfused path writes and reads 33 MB of logits
 several times and the matmul itself becomes tensor-core bound; the fused kernel reads W four times
@@ -51,6 +53,7 @@ linear cross-entropy (online softmax over vocabulary tiles), the Triton matmul t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -446,6 +449,41 @@ def exit_head_triton(
         per_split = triton.cdiv(n_tiles, max(1, min(n_splits, n_tiles)))
         splits = triton.cdiv(n_tiles, per_split)
 
+    # 1-D parameters are read with unit stride.
+    nw = head.norm_weight.contiguous() if norm_code else None
+    nb = head.norm_bias.contiguous() if (norm_code == 2 and head.norm_bias is not None) else None
+    ids = ids.contiguous() if ids is not None else None
+    sb = head.subset_bias.contiguous() if head.subset_bias is not None else None
+    # Triton launches on the current CUDA device: make it the tensors' device.
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        return _launch(x, w, nw, nb, ids, sb, chk, classifier, norm_code, cfg, n_rb, splits, per_split, float(head.eps))
+
+
+MERGE_BLOCK_R = 16
+MERGE_BLOCK_S = 128
+
+
+def _launch(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    nw: torch.Tensor | None,
+    nb: torch.Tensor | None,
+    ids: torch.Tensor | None,
+    sb: torch.Tensor | None,
+    chk: torch.Tensor,
+    classifier: LinearScore | None,
+    norm_code: int,
+    cfg: TritonConfig,
+    n_rb: int,
+    splits: int,
+    per_split: int,
+    eps: float,
+) -> ExitSignals:
+    """Allocate the partials and outputs and launch both kernels (inputs already prepared):
+    x (R, d) rows fed to the LM head, w (V, d), chk (R, d_in) the caller's rows (inf/NaN check)."""
+    n_rows, d = x.shape
+    n_cand = ids.shape[0] if ids is not None else w.shape[0]
+    dev = x.device
     part_m = torch.empty((splits, n_rows), dtype=torch.float32, device=dev)
     part_s = torch.empty_like(part_m)
     part_t = torch.empty_like(part_m)
@@ -454,10 +492,10 @@ def exit_head_triton(
     _exit_head_kernel[(n_rb * splits,)](
         x,
         w,
-        head.norm_weight if norm_code else dummy,
-        head.norm_bias if (norm_code == 2 and head.norm_bias is not None) else dummy,
+        nw if nw is not None else dummy,
+        nb if nb is not None else dummy,
         ids if ids is not None else dummy,
-        head.subset_bias if head.subset_bias is not None else dummy,
+        sb if sb is not None else dummy,
         part_m,
         part_s,
         part_i,
@@ -468,11 +506,11 @@ def exit_head_triton(
         per_split,
         x.stride(0),
         w.stride(0),
-        float(head.eps),
+        eps,
         NORM=norm_code,
-        HAS_NB=norm_code == 2 and head.norm_bias is not None,
+        HAS_NB=nb is not None,
         HAS_SUBSET=ids is not None,
-        HAS_BIAS=head.subset_bias is not None,
+        HAS_BIAS=sb is not None,
         USE_DOT=cfg.variant == "rowtile",
         DOT_FP32=_interpreting(),
         BLOCK_R=cfg.block_r,
@@ -486,8 +524,7 @@ def exit_head_triton(
     gap = torch.empty_like(top)
     arg = torch.empty(n_rows, dtype=torch.int64, device=dev)
     score = torch.empty_like(top) if classifier is not None else None
-    merge_rows = 16
-    _exit_head_merge_kernel[(triton.cdiv(n_rows, merge_rows),)](
+    _exit_head_merge_kernel[(triton.cdiv(n_rows, MERGE_BLOCK_R),)](
         part_m,
         part_s,
         part_i,
@@ -507,8 +544,8 @@ def exit_head_triton(
         float(classifier.bias) if classifier is not None else 0.0,
         HAS_SUBSET=ids is not None,
         HAS_CLS=classifier is not None,
-        BLOCK_R=merge_rows,
-        BLOCK_S=min(128, triton.next_power_of_2(splits)),
+        BLOCK_R=MERGE_BLOCK_R,
+        BLOCK_S=MERGE_BLOCK_S,
         BLOCK_D=128,
         num_warps=4,
     )
@@ -647,15 +684,21 @@ def aot_specs() -> list:
     }
     for name in ("HAS_SUBSET", "HAS_CLS", "BLOCK_R", "BLOCK_S", "BLOCK_D"):
         merge_sig[name] = "constexpr"
-    for block_s in (1, 128):
+    for t in _TRITON_DTYPES.values():
         specs.append(
             KernelSpec(
                 module=__name__,
                 kernel="_exit_head_merge_kernel",
-                signature=merge_sig,
-                constexprs={"HAS_SUBSET": True, "HAS_CLS": True, "BLOCK_R": 16, "BLOCK_S": block_s, "BLOCK_D": 128},
+                signature={**merge_sig, "chk_ptr": f"*{t}"},
+                constexprs={
+                    "HAS_SUBSET": True,
+                    "HAS_CLS": True,
+                    "BLOCK_R": MERGE_BLOCK_R,
+                    "BLOCK_S": MERGE_BLOCK_S,
+                    "BLOCK_D": 128,
+                },
                 num_warps=4,
-                label=f"exit_head_merge[S{block_s}]",
+                label=f"exit_head_merge[{t}]",
             )
         )
     return specs

@@ -136,8 +136,8 @@ def check_exit_head_inputs(hidden: torch.Tensor, head: ExitHead, classifier: Lin
     not fp32; a classifier that is not a ``LinearScore`` or has non-finite coefficients; inputs that
     require grad while autograd is recording (the exit head has no backward).
 
-    The subset-id range and duplicate checks read the ids (a host sync on CUDA); ``exit_head``
-    caches their result per subset tensor.
+    The subset-id range and duplicate checks read the ids (a host sync on CUDA): their result is
+    cached per subset tensor (identity and version), so a head built once costs one sync.
     """
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
