@@ -37,10 +37,13 @@ def make_head(
     seed: int = 0,
     device: str = "cpu",
 ) -> ExitHead:
-    """A random head whose logits have standard deviation ~logit_scale (like a real LM's)."""
+    """A random head whose logits have standard deviation ~logit_scale (like a real LM's).
+
+    The weight is drawn on ``device`` (a (128256, 4096) head takes seconds to draw on a CPU)."""
     g = torch.Generator().manual_seed(seed)
     d_norm = d if d_in is None else d_in
-    w = torch.randn(n_vocab, d, generator=g) * (logit_scale / math.sqrt(d))
+    gw = g if torch.device(device).type == "cpu" else torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(n_vocab, d, generator=gw, device=device) * (logit_scale / math.sqrt(d))
     nw = nb = None
     if norm != "none":
         nw = torch.rand(d_norm, generator=g) + 0.5

@@ -34,12 +34,19 @@ def _head(d: int, n_vocab: int, dt: str, norm: str = "rms", **kw) -> ExitHead:
     return _HEADS[key]
 
 
-@pytest.mark.parametrize("dt", ["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("d,n_vocab", SHAPES)
-@pytest.mark.parametrize("n_rows", [1, 3, 8, 64, 256])
+# Ordered by head so that each big head is drawn once (fp32 (4096, 128256) adds a 2 GB head for no
+# new code path and is left out).
+REAL_CASES = [
+    (d, n_vocab, dt, n_rows)
+    for d, n_vocab in SHAPES
+    for dt in ("bf16", "fp16", "fp32")
+    if not (dt == "fp32" and n_vocab == 128256)
+    for n_rows in (1, 3, 8, 64, 256)
+]
+
+
+@pytest.mark.parametrize("d,n_vocab,dt,n_rows", REAL_CASES)
 def test_real_shapes_public_entry(d, n_vocab, dt, n_rows):
-    if dt == "fp32" and n_vocab == 128256:
-        pytest.skip("fp32 (4096, 128256) adds a 2 GB head for no new code path")
     head = _head(d, n_vocab, dt)
     hidden = make_hidden(n_rows, head, DTYPES[dt])
     got = exit_head(hidden, head, CLS)
