@@ -1,3 +1,289 @@
-"""TEMPORARY (replaced by the exit-head branch at merge): exit_head dispatches to the reference."""
+"""The fused exit head: norm -> LM head -> softmax statistics -> top-2 gap -> classifier score.
 
-from adainfer_kernels.reference import exit_head_ref as exit_head  # noqa: F401
+``exit_head(hidden, head, classifier)`` decodes each row's hidden state through the model's own
+final norm and LM head (the "logit lens") and returns, per row, the top-1 probability, the top-1
+minus top-2 probability gap, the top-1 id and the stop classifier's score, without ever holding
+the (rows, V) logits (DESIGN.md §3). Backends (``backend.exit_head_backend``):
+
+- CUDA tensors: the Triton kernels of ``exit_head_triton`` (split-V + merge; row-tiled ``tl.dot``).
+- CPU tensors: ``adainfer::exit_head_cpu`` from ``_C`` (csrc/exit_head_cpu.cpp): the norm in
+  C++, W^T in packed 64-column panels, per-task batch-reduce GEMMs (oneDNN brgemm: AMX for bf16,
+  AVX-512 for fp32) into an L2-sized fp32 buffer reduced on the spot (top-2 + sum-exp), tasks in
+  parallel, merged in order.
+  Without the op (no ``_C``, or a CPU/torch build without brgemm) a torch fallback walks the
+  vocabulary in chunks with ``torch.mm`` on a cached fp32 W^T and merges the same statistics:
+  also O(R x chunk) working memory.
+- ``ADAINFER_BACKEND=reference``: ``reference.exit_head_ref`` (materialises the logits; debugging).
+
+Dtype policy (every backend): the model's dtype in, fp32 statistics out. The norm rounds where
+Hugging Face rounds (Llama: fp32 statistics, cast to the input dtype, then the weight, cast; OPT:
+LayerNorm in fp32, cast once); its statistics are fp32 (Triton) or double (CPU) sums, so an element
+can differ from HF's in its last bit where a statistic does (tests bound the effect). Then x @ W^T
+is accumulated in fp32 from exact products of the model-dtype values: bf16 weights go to the
+AMX/tensor-core path as they are; fp16 and fp32 weights are multiplied in fp32 (fp16 -> fp32 is
+exact). The logits are never rounded to the model dtype (Hugging Face's own bf16 LM head rounds
+them to 8 bits of mantissa), so the fused head is closer to the fp32 reference than the model's
+own low-precision decode. Weights are never converted to a narrower dtype: a bf16 copy of an fp32
+LM head would run up to ~4x faster on AMX (FACTS.md) but, measured on (576, 49152) with logits of
+standard deviation 4-8, moves top_prob by up to 5e-3-1e-2 and the gap by up to 2e-2 (and flipped
+1 argmax in 64 rows), against 1e-6-5e-6 for PyTorch's own fp32 path: far outside the fp32
+tolerance (<= 2x PyTorch's own fp32 error + 1e-5), and enough to move a classifier's decisions.
+
+Cached prepared weight (CPU): the first call for a head packs W (or W[subset]) into the panel
+layout (measured here: 0.1 s for (49152, 576), 0.4-0.7 s for (32000, 4096)) and keeps it while
+the weight tensor lives (an entry dies with its tensor; ``clear_cache()`` drops all). Extra
+memory: one copy of the (subset) LM head in the compute dtype (fp32 for fp16 heads, so 2x there),
+e.g. 113 MB for SmolLM2's fp32 head. The torch fallback keeps an fp32 W^T instead (2x for
+bf16/fp16 heads): converting W on every call made it slower than the unfused reference.
+
+``project_out`` (OPT-350m) is applied before the vocabulary pass, on (R, d) rows, with Hugging
+Face's ops: folding it into W would make the streamed matrix (V, d) instead of (V, d_out) (2x the
+bytes for OPT-350m) and change the rounding; projecting first reads the (d_out, d) matrix once.
+
+Ties: the lowest candidate position wins (the lower id; with a subset, the earlier subset entry)
+and the gap is 0. A single candidate gives gap == top_prob. Rows whose hidden state holds inf or
+NaN get NaN top_prob / gap / score and argmax -1; if every candidate logit is -inf (a subset bias
+of -inf everywhere) top_prob / gap / score are NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adainfer_kernels import _native
+from adainfer_kernels._cache import IdentityCache
+from adainfer_kernels.backend import exit_head_backend
+from adainfer_kernels.head import ExitHead, ExitSignals, LinearScore, check_exit_head_inputs
+from adainfer_kernels.reference import exit_head_ref
+
+__all__ = ["clear_cache", "decode_rows", "exit_head"]
+
+CPU_IMPLS = ("auto", "native", "torch")
+NORM_CODES = {"none": 0, "rms": 1, "layer": 2}  # the kernels' encoding of ExitHead.norm
+
+# Prepared LM-head weights of the CPU path, keyed by (weight, vocab_subset) identity and version:
+# the native op's packed panels, and the torch fallback's transposed fp32 copy.
+_PACKED = IdentityCache(max_entries=4)
+_TRANSPOSED = IdentityCache(max_entries=4)
+
+
+def exit_head(hidden: torch.Tensor, head: ExitHead, classifier: LinearScore | None = None) -> ExitSignals:
+    """Exit signals of each row: top-1 probability, top-1 minus top-2 gap, top-1 id, score.
+
+    Args:
+        hidden: (R, d) bf16/fp16/fp32 hidden states (the last token of each active row), on the
+            device and in the dtype of the head's tensors. R may be 0.
+        head: the model's decode path (``ExitHead``: norm, ``project_out``, LM head, subset).
+        classifier: optional ``LinearScore`` computed in the same pass.
+
+    Returns:
+        ``ExitSignals`` with (R,) fields: ``top_prob`` fp32 = max softmax probability over the
+        candidates, ``gap`` fp32 = top-1 minus top-2 probability, ``argmax`` int64 id in the full
+        vocabulary, ``score`` fp32 (None without a classifier). Computed under
+        ``torch.inference_mode()``: the outputs are inference tensors.
+
+    Raises:
+        TypeError, ValueError, IndexError, RuntimeError: bad input (see ``check_exit_head_inputs``),
+            always before any work is done.
+    """
+    # Checked in the caller's grad mode: refusing inputs that would need a backward.
+    check_exit_head_inputs(hidden, head, classifier)
+    with torch.inference_mode():
+        if hidden.shape[0] == 0:
+            return _empty_signals(hidden.device, classifier)
+        choice = exit_head_backend(hidden.device).name
+        if choice == "triton":
+            from adainfer_kernels.exit_head_triton import exit_head_triton
+
+            return exit_head_triton(hidden, head, classifier, check=False)
+        if choice == "cpu":
+            return _exit_head_cpu(hidden, head, classifier)
+        return exit_head_ref(hidden, head, classifier)
+
+
+def clear_cache() -> None:
+    """Drop the CPU path's prepared LM-head weights (they are also dropped with their tensors)."""
+    _PACKED.clear()
+    _TRANSPOSED.clear()
+
+
+# ---- CPU path ----
+
+
+def cpu_impl() -> str:
+    """``"native"`` when ``_C`` provides the fused CPU op for this machine, else ``"torch"``."""
+    return "native" if _native.has_op("exit_head_cpu") else "torch"
+
+
+def _native_supports(dtype: torch.dtype) -> bool:
+    return cpu_impl() == "native" and bool(torch.ops.adainfer.exit_head_cpu_supported(dtype))
+
+
+def _compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    # bf16 x bf16 products are exact in fp32 and AMX accumulates them in fp32; fp16 has no brgemm
+    # path on most CPUs, and fp16 -> fp32 is exact, so fp16 heads are multiplied in fp32.
+    return torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32
+
+
+def decode_rows(hidden: torch.Tensor, head: ExitHead) -> torch.Tensor:
+    """(R, d_out) input of the LM head: the norm and ``project_out`` with Hugging Face's ops, in
+    the model dtype (Llama RMSNorm: fp32 statistics, cast back, then the weight)."""
+    x = hidden
+    if head.norm == "rms":
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        x = head.norm_weight * (x.float() * torch.rsqrt(var + head.eps)).to(x.dtype)
+    elif head.norm == "layer":
+        x = torch.nn.functional.layer_norm(x, (x.shape[-1],), head.norm_weight, head.norm_bias, head.eps)
+    if head.project_out is not None:
+        x = x @ head.project_out.t()
+    return x
+
+
+def _exit_head_cpu(
+    hidden: torch.Tensor, head: ExitHead, classifier: LinearScore | None = None, impl: str = "auto"
+) -> ExitSignals:
+    """The CPU path (inputs already checked). ``impl`` forces ``"native"`` or ``"torch"`` (tests)."""
+    if impl not in CPU_IMPLS:
+        raise ValueError(f"impl {impl!r} is not one of {CPU_IMPLS}")
+    cdt = _compute_dtype(head.weight.dtype)
+    if impl == "auto":
+        impl = "native" if _native_supports(cdt) else "torch"
+    elif impl == "native" and not _native_supports(cdt):
+        raise RuntimeError(f"the native CPU exit head is unavailable for {cdt} here ({_native.error() or 'no brgemm'})")
+    if impl == "torch":
+        x = decode_rows(hidden, head).to(cdt)
+        wt = _TRANSPOSED.get((head.weight, head.vocab_subset), lambda: _transposed_fp32(head))
+        return _finish(*_stats_torch(x, wt, head.subset_bias), hidden, head, classifier)
+
+    packed = _PACKED.get((head.weight, head.vocab_subset), lambda: _pack(head, cdt))
+    if head.project_out is None:  # the op applies the norm itself (HF's numerics)
+        rows, norm, nw, nb = hidden, NORM_CODES[head.norm], head.norm_weight, head.norm_bias
+    else:
+        rows, norm, nw, nb = decode_rows(hidden, head), 0, None, None
+    top, gap, pos = torch.ops.adainfer.exit_head_cpu(
+        rows, packed, head.n_candidates, norm, nw, nb, float(head.eps), head.subset_bias
+    )
+    if head.project_out is not None:  # non-finite rows of the caller's hidden states, not of the projection
+        bad = ~torch.isfinite(hidden).all(dim=1)
+        top = torch.where(bad, float("nan"), top)
+        gap = torch.where(bad, float("nan"), gap)
+        pos = torch.where(bad, -1, pos)
+    argmax = pos if head.vocab_subset is None else torch.where(pos < 0, pos, head.vocab_subset[pos.clamp(min=0)])
+    score = classifier(top, gap) if classifier is not None else None
+    return ExitSignals(top_prob=top, gap=gap, argmax=argmax.to(torch.int64), score=score)
+
+
+def _pack(head: ExitHead, cdt: torch.dtype) -> torch.Tensor:
+    w = head.weight if head.vocab_subset is None else head.weight.index_select(0, head.vocab_subset)
+    return torch.ops.adainfer.exit_head_cpu_pack(w.to(cdt))
+
+
+def _chunk(n_rows: int) -> int:
+    # (R, chunk) fp32 logits of about 1 MiB: large enough to amortise per-op overhead, small
+    # enough for L2, and never (R, V).
+    return max(1024, min(16384, (1 << 18) // max(1, n_rows)))
+
+
+def _transposed_fp32(head: ExitHead) -> torch.Tensor:
+    w = head.weight if head.vocab_subset is None else head.weight.index_select(0, head.vocab_subset)
+    return w.float().t().contiguous()
+
+
+def _stats_torch(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The torch fallback: (max, sumexp, pos, second) per row over the candidates in chunks.
+
+    ``wt`` is the (d, K) fp32 transposed (subset) head. Same statistics and tie rule as the native
+    op: within a chunk ``max`` returns the first position of the maximum; across chunks a later
+    chunk wins only with a strictly larger max.
+    """
+    n_rows, n_cand = x.shape[0], wt.shape[1]
+    xf = x.float()
+    big_m = torch.full((n_rows,), float("-inf"))
+    big_s = torch.zeros(n_rows)
+    big_p = torch.zeros(n_rows, dtype=torch.int64)
+    big_t = torch.full((n_rows,), float("-inf"))
+    step = _chunk(n_rows)
+    for c0 in range(0, n_cand, step):
+        c1 = min(n_cand, c0 + step)
+        z = xf @ wt[:, c0:c1]  # fp32 products of the model-dtype values, fp32 logits
+        if bias is not None:
+            z += bias[c0:c1]
+        c_max, c_pos = z.max(dim=1)
+        finite = c_max > float("-inf")
+        safe = torch.where(finite, c_max, torch.zeros_like(c_max))
+        c_sum = torch.where(finite, torch.exp(z - safe[:, None]).sum(dim=1), torch.zeros_like(c_max))
+        z.scatter_(1, c_pos[:, None], float("-inf"))
+        c_sec = z.max(dim=1).values if z.shape[1] > 1 else torch.full_like(c_max, float("-inf"))
+        c_pos += c0
+        take = c_max > big_m
+        new_m = torch.maximum(big_m, c_max)
+        safe_new = torch.where(new_m > float("-inf"), new_m, torch.zeros_like(new_m))
+        big_s = big_s * torch.exp(big_m - safe_new) + c_sum * torch.exp(c_max - safe_new)
+        big_t = torch.where(take, torch.maximum(big_m, c_sec), torch.maximum(big_t, c_max))
+        big_p = torch.where(take, c_pos, big_p)
+        big_m = new_m
+    return big_m, big_s, big_p, big_t
+
+
+def _finish(
+    big_m: torch.Tensor,
+    big_s: torch.Tensor,
+    pos: torch.Tensor,
+    second: torch.Tensor,
+    hidden: torch.Tensor,
+    head: ExitHead,
+    classifier: LinearScore | None,
+) -> ExitSignals:
+    """Signals from per-row (max, sum of exp(z - max), position of the max, second largest)."""
+    top = 1.0 / big_s
+    gap = top - torch.exp(second - big_m) / big_s
+    bad = ~torch.isfinite(hidden).all(dim=1)
+    undefined = bad | (big_m == float("-inf"))
+    nan = torch.tensor(float("nan"))
+    top = torch.where(undefined, nan, top)
+    gap = torch.where(undefined, nan, gap)
+    argmax = pos if head.vocab_subset is None else head.vocab_subset.to(torch.int64)[pos]
+    argmax = torch.where(bad, torch.full_like(argmax, -1), argmax)
+    score = classifier(top, gap) if classifier is not None else None
+    return ExitSignals(top_prob=top, gap=gap, argmax=argmax, score=score)
+
+
+def _empty_signals(device: torch.device, classifier: LinearScore | None) -> ExitSignals:
+    empty = torch.empty(0, dtype=torch.float32, device=device)
+    return ExitSignals(
+        top_prob=empty,
+        gap=empty.clone(),
+        argmax=torch.empty(0, dtype=torch.int64, device=device),
+        score=empty.clone() if classifier is not None else None,
+    )
+
+
+def _register_fakes() -> None:
+    """Shape-only (fake) kernels of the CPU ops, for torch.compile tracing and opcheck."""
+    if not _native.has_op("exit_head_cpu") or getattr(_register_fakes, "done", False):
+        return
+    _register_fakes.done = True
+
+    @torch.library.register_fake("adainfer::exit_head_cpu_pack")
+    def _pack_fake(weight: torch.Tensor) -> torch.Tensor:
+        n, d = weight.shape
+        kp = (d + 1) // 2 * 2 if weight.dtype == torch.bfloat16 else d
+        return weight.new_empty(((n + 63) // 64, kp * 64))
+
+    @torch.library.register_fake("adainfer::exit_head_cpu")
+    def _cpu_fake(
+        hidden: torch.Tensor,
+        packed: torch.Tensor,
+        n_cand: int,
+        norm: int,
+        norm_weight: torch.Tensor | None,
+        norm_bias: torch.Tensor | None,
+        eps: float,
+        bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, ...]:
+        r = hidden.shape[0]
+        f = hidden.new_empty((r,), dtype=torch.float32)
+        return f, f.clone(), hidden.new_empty((r,), dtype=torch.int64)
+
+
+_register_fakes()

@@ -14,6 +14,8 @@ from typing import Literal
 
 import torch
 
+from adainfer_kernels._cache import IdentityCache
+
 NormKind = Literal["rms", "layer", "none"]
 NORM_KINDS: tuple[str, ...] = ("rms", "layer", "none")
 FEATURES: tuple[str, ...] = ("top_prob", "gap")
@@ -103,3 +105,148 @@ class ExitSignals:
 
     def __len__(self) -> int:
         return self.top_prob.shape[0]
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLT_MAX = 3.4028234663852886e38
+
+
+def _check_model_tensor(name: str, t: object, hidden: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """A head tensor that enters the decode path: right type, shape, dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but {shape} is needed")
+    if t.dtype != hidden.dtype:
+        raise TypeError(
+            f"{name} is {t.dtype} but hidden is {hidden.dtype}: the exit head computes in the model's dtype, "
+            f"so pass hidden states and head weights of one dtype (e.g. hidden.to({t.dtype}))"
+        )
+    if t.device != hidden.device:
+        raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}: move them to one device")
+
+
+def check_exit_head_inputs(hidden: torch.Tensor, head: ExitHead, classifier: LinearScore | None = None) -> None:
+    """Every input check of ``exit_head``, in one place (all backends call it).
+
+    Raises TypeError / ValueError / IndexError / RuntimeError naming the problem and the fix:
+    hidden not 2-D or not bf16/fp16/fp32; mismatched d, V, dtypes or devices; norm tensors missing,
+    misplaced or of the wrong shape; non-finite or negative eps; vocabulary subset ids not 1-D
+    integers, empty, out of range or duplicated; subset bias without a subset, of the wrong shape or
+    not fp32; a classifier that is not a ``LinearScore`` or has non-finite coefficients; inputs that
+    require grad while autograd is recording (the exit head has no backward).
+
+    The subset-id range and duplicate checks read the ids (a host sync on CUDA): their result is
+    cached per subset tensor (identity and version), so a head built once costs one sync.
+    """
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if not isinstance(head, ExitHead):
+        raise TypeError(f"head must be an ExitHead, got {type(head).__name__}")
+    if hidden.dim() != 2:
+        raise ValueError(
+            f"hidden must be 2-D (rows, d), got shape {tuple(hidden.shape)}; "
+            "pass the last token's hidden state of each row, e.g. h[:, -1]"
+        )
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be bf16, fp16 or fp32, got {hidden.dtype}")
+    if head.norm not in NORM_KINDS:
+        raise ValueError(f"norm {head.norm!r} is not supported (supported: {', '.join(NORM_KINDS)})")
+
+    w = head.weight
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(f"head.weight must be a 2-D (V, d) tensor, got {shape}")
+    n_vocab, d_out = w.shape
+    if n_vocab == 0 or d_out == 0:
+        raise ValueError(f"head.weight of shape {tuple(w.shape)} is empty")
+    _check_model_tensor("head.weight", w, hidden, (n_vocab, d_out))
+
+    d = d_out
+    if head.project_out is not None:
+        p = head.project_out
+        if not isinstance(p, torch.Tensor) or p.dim() != 2 or p.shape[0] != d_out:
+            shape = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+            raise ValueError(
+                f"head.project_out must be ({d_out}, d) to feed a weight of shape {tuple(w.shape)}, got {shape}"
+            )
+        d = p.shape[1]
+        _check_model_tensor("head.project_out", p, hidden, (d_out, d))
+    if hidden.shape[1] != d:
+        via = " (the input size of project_out)" if head.project_out is not None else ""
+        raise ValueError(f"hidden has d={hidden.shape[1]} but the head takes d={d}{via}")
+
+    if head.norm == "none":
+        if head.norm_weight is not None or head.norm_bias is not None:
+            raise ValueError("norm='none' takes no norm_weight or norm_bias; set norm='rms' or 'layer' to use them")
+    else:
+        if head.norm_weight is None:
+            raise ValueError(f"norm={head.norm!r} needs norm_weight of shape ({d},)")
+        _check_model_tensor("head.norm_weight", head.norm_weight, hidden, (d,))
+        if head.norm_bias is not None:
+            if head.norm != "layer":
+                raise ValueError("norm_bias is only used with norm='layer' (RMSNorm has no bias)")
+            _check_model_tensor("head.norm_bias", head.norm_bias, hidden, (d,))
+        eps = head.eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= float(eps) <= _FLT_MAX:
+            raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+
+    ids = head.vocab_subset
+    if ids is not None:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
+            desc = f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise TypeError(f"vocab_subset must be a 1-D int64 (or int32) tensor of row ids, got {desc}")
+        if ids.numel() == 0:
+            raise ValueError("vocab_subset is empty: pass at least one row id, or None for the full vocabulary")
+        if ids.device != hidden.device:
+            raise ValueError(f"vocab_subset is on {ids.device} but hidden is on {hidden.device}")
+    if head.subset_bias is not None:
+        b = head.subset_bias
+        if ids is None:
+            raise ValueError("subset_bias needs a vocab_subset (it is one bias per subset row)")
+        if not isinstance(b, torch.Tensor) or b.dim() != 1 or b.shape[0] != ids.shape[0]:
+            shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+            raise ValueError(f"subset_bias must have shape ({ids.shape[0]},), one per subset row, got {shape}")
+        if b.dtype != torch.float32:
+            raise TypeError(f"subset_bias must be fp32, got {b.dtype} (use subset_bias.float())")
+        if b.device != hidden.device:
+            raise ValueError(f"subset_bias is on {b.device} but hidden is on {hidden.device}")
+
+    if classifier is not None:
+        if not isinstance(classifier, LinearScore):
+            raise TypeError(f"classifier must be a LinearScore or None, got {type(classifier).__name__}")
+        for name in ("w_top_prob", "w_gap", "bias"):
+            value = getattr(classifier, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(float(value)) <= _FLT_MAX:
+                raise ValueError(f"classifier.{name} must be a finite number, got {value!r}")
+
+    if torch.is_grad_enabled():
+        tensors = {"hidden": hidden, "head.weight": w, "head.norm_weight": head.norm_weight}
+        tensors |= {"head.norm_bias": head.norm_bias, "head.project_out": head.project_out}
+        tensors["head.subset_bias"] = head.subset_bias
+        grad = [name for name, t in tensors.items() if t is not None and t.requires_grad]
+        if grad:
+            raise RuntimeError(
+                f"exit_head is inference-only (no backward) but {', '.join(grad)} require grad while autograd "
+                "is recording: call it under torch.no_grad() or torch.inference_mode(), or pass detached tensors"
+            )
+
+    if ids is not None:
+        lo, hi = _SUBSET_RANGES.get((ids,), lambda: _subset_range(ids))
+        if lo < 0 or hi >= n_vocab:
+            bad = ids[(ids < 0) | (ids >= n_vocab)][:5].tolist()
+            raise IndexError(f"vocab_subset ids must lie in [0, {n_vocab}) (rows of head.weight); got e.g. {bad}")
+
+
+# (min, max) of each subset tensor seen, after checking that its ids are distinct: reading the ids is
+# a host sync on CUDA, so it happens once per subset tensor, not on every exit check.
+_SUBSET_RANGES = IdentityCache(max_entries=64)
+
+
+def _subset_range(ids: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of the subset ids; raises when an id appears twice."""
+    sorted_ids = ids.sort().values
+    dup = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
+    if dup.numel():
+        raise ValueError(f"vocab_subset ids must be distinct; duplicated: {dup.unique()[:5].tolist()}")
+    return int(sorted_ids[0]), int(sorted_ids[-1])

@@ -1,0 +1,271 @@
+"""Exit-head microbenchmark: the fused head beside the unfused torch path and the bare LM-head GEMM.
+
+For each (d, V), dtype and row count R, side by side in one run (providers interleaved round-robin
+so that load on a shared machine hits all alike):
+
+    reference   the unfused torch path in the model's dtype: norm -> x @ W^T -> softmax -> top-2
+                (``exit_head_ref(upcast=False)``, what a naive check costs)
+    gemm        the bare LM-head GEMM x @ W^T of the model ((R, d) x (d, V)), the floor of any
+                decode that reads W; ``gemm_t`` the same with W^T stored contiguous
+    fused       ``exit_head`` (CPU: the native op; CUDA: the Triton kernels)
+    fused_torch CPU only: the chunked torch fallback used when ``_C`` lacks the op (first shape
+                only unless ``--fallback all``: it keeps an fp32 W^T, 2 GB for (4096, 128256))
+
+Reported: median ms (p20, p80, min), GB/s of W streamed (W's bytes / time), ratios vs reference
+and vs the faster GEMM from the medians and (starred) from the fastest runs, peak extra memory
+(tensor allocations seen by the profiler on CPU, by the caching allocator on CUDA; the native
+op's per-thread scratch of <= 1 MiB is not a tensor and not counted), and on CUDA the fraction
+of the HBM roofline (``--hbm-gbs``, 4300 for an H200). On CUDA times are GPU times from
+``triton.testing.do_bench`` (L2 flushed between runs) plus the wall time per call from Python,
+launches included.
+
+Targets (issue 3): CPU fused within 1.2x of the bare GEMM and >= 2x faster than the reference at
+R >= 8 on (576, 49152); GPU >= 85% of HBM roofline at R <= 64 and >= 1.5x the reference at R = 256.
+
+    python bench/bench_exit_head.py [--quick] [--reps N] [--shapes 576x49152,4096x32000] [--dtypes fp32,bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from record import append_rows
+
+from adainfer_kernels import ExitHead, LinearScore, exit_head
+from adainfer_kernels.exit_head import _exit_head_cpu, cpu_impl
+from adainfer_kernels.reference import exit_head_ref
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CLS = LinearScore(w_top_prob=1.0, w_gap=2.0, bias=-1.5)
+FULL_SHAPES = [(576, 49152), (4096, 32000), (4096, 128256)]
+ROWS = [1, 8, 64, 256]
+
+
+def make_case(d: int, n_vocab: int, dtype: torch.dtype, device: str) -> ExitHead:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    w = (torch.randn(n_vocab, d, generator=g) * (4.0 / math.sqrt(d))).to(dtype)
+    return ExitHead(weight=w.to(device), norm="rms", norm_weight=torch.ones(d, dtype=dtype, device=device), eps=1e-5)
+
+
+def providers(head: ExitHead, hidden: torch.Tensor, fallback: bool = True) -> dict[str, Callable[[], object]]:
+    w = head.weight
+    x = hidden
+    out: dict[str, Callable[[], object]] = {
+        "reference": lambda: exit_head_ref(hidden, head, CLS, upcast=False),
+        "gemm": lambda: x @ w.t(),
+    }
+    if hidden.device.type == "cpu":
+        wt = w.t().contiguous()
+        out["gemm_t"] = lambda: x @ wt
+        out["fused"] = lambda: exit_head(hidden, head, CLS)
+        if fallback:
+            out["fused_torch"] = lambda: _exit_head_cpu(hidden, head, CLS, impl="torch")
+    else:
+        out["fused"] = lambda: exit_head(hidden, head, CLS)
+    return out
+
+
+def _interleaved_cpu(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up: packs the fused path's weight, JIT, allocator
+        fn()
+        fn()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _peak_extra_cpu(fn: Callable[[], object]) -> float:
+    """Peak bytes of CPU tensor allocations during one call, from the profiler's memory events
+    (each op's own allocations at its start, frees when they happen)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    saved = os.dup(2)  # the profiler writes progress lines to stderr
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    deltas = []
+    for e in prof.events():
+        if e.name == "[memory]":
+            deltas.append((e.time_range.start, e.cpu_memory_usage))
+        elif e.self_cpu_memory_usage:
+            deltas.append((e.time_range.start, e.self_cpu_memory_usage))
+    cur = peak = 0
+    for _, delta in sorted(deltas):
+        cur += delta
+        peak = max(peak, cur)
+    return float(peak)
+
+
+def _peak_extra_cuda(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_allocated() - base)
+
+
+def _quantiles(ts: list[float]) -> tuple[float, float, float, float]:
+    ts = sorted(ts)
+    q = statistics.quantiles(ts, n=5) if len(ts) >= 5 else [ts[0]] * 4
+    return statistics.median(ts), q[0], q[3], ts[0]
+
+
+def bench_case(
+    d: int, n_vocab: int, dt: str, n_rows: int, device: str, reps: int, hbm_gbs: float, fallback: bool
+) -> list[dict]:
+    dtype = DTYPES[dt]
+    head = _HEADS.setdefault((d, n_vocab, dt, device), make_case(d, n_vocab, dtype, device))
+    g = torch.Generator(device="cpu").manual_seed(1)
+    hidden = torch.randn(n_rows, d, generator=g).to(dtype).to(device)
+    fns = providers(head, hidden, fallback)
+    rows = []
+    w_bytes = head.weight.numel() * head.weight.element_size()
+    with torch.inference_mode():
+        if device == "cpu":
+            times = _interleaved_cpu(fns, reps)
+            stats = {k: _quantiles(v) for k, v in times.items()}
+            peaks = {k: _peak_extra_cpu(fn) for k, fn in fns.items()}
+            wall = {}
+        else:
+            import triton.testing
+
+            stats, wall = {}, {}
+            for k, fn in fns.items():
+                lo, med, hi, best = triton.testing.do_bench(fn, quantiles=[0.2, 0.5, 0.8, 0.0], rep=max(20, 10 * reps))
+                stats[k] = (med, lo, hi, best)
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                torch.cuda.synchronize()
+                wall[k] = (time.perf_counter() - t0) * 1e3 / reps
+            peaks = {k: _peak_extra_cuda(fn) for k, fn in fns.items()}
+    floor = min(stats[k][0] for k in ("gemm", "gemm_t") if k in stats)
+    floor_min = min(stats[k][3] for k in ("gemm", "gemm_t") if k in stats)
+    for name, (med, p20, p80, best) in stats.items():
+        gbs = w_bytes / (med * 1e-3) / 1e9
+        row = {
+            "op": "exit_head",
+            "provider": name,
+            "impl": (cpu_impl() if device == "cpu" else "triton") if name == "fused" else name,
+            "dtype": dt,
+            "d": d,
+            "V": n_vocab,
+            "R": n_rows,
+            "median_ms": round(med, 4),
+            "p20_ms": round(p20, 4),
+            "p80_ms": round(p80, 4),
+            "min_ms": round(best, 4),
+            "wall_ms": round(wall[name], 4) if name in wall else "",
+            "w_gbs": round(gbs, 1),
+            "hbm_roofline_frac": round(gbs / hbm_gbs, 3) if device != "cpu" else "",
+            "speedup_vs_reference": round(stats["reference"][0] / med, 2),
+            "ratio_vs_gemm_floor": round(med / floor, 2),
+            # The same ratios from the fastest run of each: on a shared, loaded machine the least
+            # disturbed runs compare the code, the medians also compare the load.
+            "speedup_vs_reference_min": round(stats["reference"][3] / best, 2),
+            "ratio_vs_gemm_floor_min": round(best / floor_min, 2),
+            "peak_extra_mb": round(peaks[name] / 2**20, 2),
+        }
+        rows.append(row)
+    return rows
+
+
+_HEADS: dict = {}
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = [
+        ("dtype", 5),
+        ("d", 5),
+        ("V", 7),
+        ("R", 4),
+        ("provider", 12),
+        ("median_ms", 10),
+        ("p20_ms", 9),
+        ("p80_ms", 9),
+        ("min_ms", 9),
+        ("wall_ms", 9),
+        ("w_gbs", 7),
+        ("hbm_roofline_frac", 8),
+        ("speedup_vs_reference", 8),
+        ("ratio_vs_gemm_floor", 8),
+        ("speedup_vs_reference_min", 8),
+        ("ratio_vs_gemm_floor_min", 8),
+        ("peak_extra_mb", 9),
+    ]
+    head = ["dtype", "d", "V", "R", "provider", "ms", "p20", "p80", "min", "wall ms", "GB/s", "HBM"]
+    head += ["x ref", "/ gemm", "x ref*", "/ gemm*", "+MB"]
+    print("  ".join(h.rjust(w) for h, (_, w) in zip(head, cols, strict=True)))
+    for r in rows:
+        print("  ".join(str(r[k]).rjust(w) for k, w in cols))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="(576, 49152) only, R in {1, 8, 64}, 5 reps")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--shapes", default=None, help="comma-separated dxV, e.g. 576x49152,4096x32000")
+    p.add_argument("--dtypes", default=None, help="comma-separated: fp32, fp16, bf16")
+    p.add_argument("--rows", default=None, help="comma-separated row counts")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--hbm-gbs", type=float, default=4300.0, help="HBM bandwidth ceiling (H200 ~4300 GB/s)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument(
+        "--fallback",
+        choices=("first", "all", "none"),
+        default="first",
+        help="time the CPU torch fallback on the first shape (default), every shape, or none",
+    )
+    p.add_argument("--no-record", action="store_true", help="do not append to bench/results/")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    quick = args.quick or os.environ.get("ADAINFER_BENCH_QUICK", "0") == "1"
+    shapes = FULL_SHAPES[:1] if quick else FULL_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    rows_list = [1, 8, 64] if quick else ROWS
+    if args.rows:
+        rows_list = [int(r) for r in args.rows.split(",")]
+    reps = args.reps or (5 if quick else 7)
+    out: list[dict] = []
+    for d, n_vocab in shapes:
+        # fp32 is the bundled model's CPU dtype; bf16 is the usual model dtype (and AMX on this CPU).
+        default = ["fp32", "bf16"] if (d, n_vocab) == (576, 49152) else ["bf16"]
+        dts = args.dtypes.split(",") if args.dtypes else default
+        for dt in dts:
+            for n_rows in rows_list:
+                fallback = args.fallback == "all" or (args.fallback == "first" and (d, n_vocab) == shapes[0])
+                out += bench_case(d, n_vocab, dt, n_rows, args.device, reps, args.hbm_gbs, fallback)
+            _HEADS.clear()
+            print_table([r for r in out if r["d"] == d and r["V"] == n_vocab and r["dtype"] == dt])
+            print(flush=True)
+    if not args.no_record:
+        path = append_rows("bench_exit_head", out)
+        print(f"appended {len(out)} rows to {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+// Row statistics of a buffer of fp32 logits for the CPU exit head. Included once per instruction set
+// by exit_head_cpu.cpp, with
+//   ADAINFER_RS_NS      namespace of this copy
+//   ADAINFER_RS_BYTES   vector width in bytes (16: SSE2, 32: AVX2, 64: AVX-512)
+//   ADAINFER_RS_TARGET  function attribute selecting the instruction set (empty for the baseline)
+// GCC/clang vector extensions make the vectorisation explicit: no -ffast-math (whose no-NaN/no-inf
+// assumptions would break -inf biases), no reliance on the auto-vectoriser.
+namespace ADAINFER_RS_NS {
+
+typedef float vf __attribute__((vector_size(ADAINFER_RS_BYTES)));
+typedef int32_t vi __attribute__((vector_size(ADAINFER_RS_BYTES)));
+constexpr int kW = ADAINFER_RS_BYTES / 4;  // lanes
+constexpr int kU = 64 / ADAINFER_RS_BYTES;  // independent accumulators: 64 bytes per step
+
+ADAINFER_RS_TARGET inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+ADAINFER_RS_TARGET inline vf splat(float x) { return vf{} + x; }
+
+// exp(x) for x <= 0 (x may be -inf): Cody-Waite reduction by ln 2, Cephes' degree-6 polynomial
+// (max relative error 3e-7), 2^n by building the exponent bits. Below -87 (exp < 2^-125) the
+// result is flushed to 0: a relative change < 1e-37 of a sum whose largest term is 1.
+ADAINFER_RS_TARGET inline vf exp_nonpos(vf x) {
+  const vf lo = splat(-87.f);
+  const vf xc = x < lo ? lo : x;
+  const vf n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest integer
+  vf r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;  // n in [-126, 0]
+  const vf res = p * (vf)e;
+  return x < lo ? splat(0.f) : res;
+}
+
+// sum_j exp(c[j] - mx) for mx >= every c[j].
+ADAINFER_RS_TARGET inline float exp_sum(const float* c, int64_t n, float mx) {
+  vf s[kU];
+  for (int u = 0; u < kU; ++u) s[u] = splat(0.f);
+  int64_t j = 0;
+  for (; j + kW * kU <= n; j += kW * kU)
+    for (int u = 0; u < kU; ++u) s[u] += exp_nonpos(load(c + j + u * kW) - mx);
+  for (; j < n; j += kW) {
+    float tail[kW];
+    std::fill(tail, tail + kW, -std::numeric_limits<float>::infinity());
+    std::memcpy(tail, c + j, std::min<int64_t>(kW, n - j) * sizeof(float));
+    s[0] += exp_nonpos(load(tail) - mx);
+  }
+  float t = 0.f;
+  for (int u = 0; u < kU; ++u)
+    for (int q = 0; q < kW; ++q) t += s[u][q];
+  return t;
+}
+
+// One element per lane: largest value, its first index, second largest. A tie counts twice:
+// second = max(second, min(v, largest)) keeps an equal value as the second.
+ADAINFER_RS_TARGET inline void top2_step(vf v, vi jv, vf& m1, vf& m2, vi& ix) {
+  const vf lo = v < m1 ? v : m1;
+  m2 = lo > m2 ? lo : m2;
+  const vi gt = (vi)(v > m1);
+  m1 = v > m1 ? v : m1;
+  ix = gt ? jv : ix;
+}
+
+// Statistics of one row of n logits (positions 0..n-1): one top-2 pass, one exp-sum pass.
+ADAINFER_RS_TARGET Stats row_stats(const float* c, int64_t n) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  vf m1[kU], m2[kU];
+  vi ix[kU], lane;
+  for (int q = 0; q < kW; ++q) lane[q] = q;
+  for (int u = 0; u < kU; ++u) {
+    m1[u] = splat(neg_inf);
+    m2[u] = m1[u];
+    ix[u] = vi{} + INT32_MAX;
+  }
+  int64_t j = 0;
+  for (; j + kW * kU <= n; j += kW * kU)
+    for (int u = 0; u < kU; ++u)
+      top2_step(load(c + j + u * kW), lane + static_cast<int32_t>(j + u * kW), m1[u], m2[u], ix[u]);
+  for (; j < n; j += kW) {  // tail padded with -inf, which never becomes the largest
+    float tail[kW];
+    std::fill(tail, tail + kW, neg_inf);
+    std::memcpy(tail, c + j, std::min<int64_t>(kW, n - j) * sizeof(float));
+    top2_step(load(tail), lane + static_cast<int32_t>(j), m1[0], m2[0], ix[0]);
+  }
+  // Merge the lanes: the largest value; the lowest index holding it; the second largest is the
+  // winning lane's second or any other lane's largest (another lane with the same value: a tie).
+  Stats st;
+  int32_t pos = INT32_MAX;
+  for (int u = 0; u < kU; ++u)
+    for (int q = 0; q < kW; ++q) st.max = m1[u][q] > st.max ? m1[u][q] : st.max;
+  for (int u = 0; u < kU; ++u)
+    for (int q = 0; q < kW; ++q)
+      if (m1[u][q] == st.max && ix[u][q] < pos) pos = ix[u][q];
+  for (int u = 0; u < kU; ++u)
+    for (int q = 0; q < kW; ++q) {
+      const float other = (m1[u][q] == st.max && ix[u][q] == pos) ? m2[u][q] : m1[u][q];
+      st.second = other > st.second ? other : st.second;
+    }
+  st.pos = pos == INT32_MAX ? 0 : pos;  // every logit -inf (or NaN): position 0, as torch.argmax
+  st.sum = st.max == neg_inf ? 0.f : exp_sum(c, n, st.max);
+  return st;
+}
+
+}  // namespace ADAINFER_RS_NS

@@ -1,0 +1,462 @@
+"""The fused exit head on every backend against ``reference.exit_head_ref``.
+
+Tolerances: see exit_head_helpers.py (2x PyTorch's own same-dtype error + 1e-5; argmax exact
+off near-ties).
+
+Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py) on small awkward shapes; the CPU
+paths (native op and torch fallback) also run at real sizes.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import itertools
+import subprocess
+import sys
+
+import pytest
+import torch
+from exit_head_helpers import (
+    CLS,
+    DTYPES,
+    check_signals,
+    hf_numerics_signals,
+    make_head,
+    make_hidden,
+)
+
+from adainfer_kernels import exit_head
+from adainfer_kernels.exit_head import _PACKED, _exit_head_cpu, _native_supports, clear_cache
+from adainfer_kernels.exit_head_triton import exit_head_triton, pick_config
+from adainfer_kernels.head import ExitHead, ExitSignals, LinearScore
+from adainfer_kernels.reference import exit_head_ref
+
+exit_head_mod = sys.modules["adainfer_kernels.exit_head"]
+
+HAS_NATIVE = {dt: _native_supports(dt) for dt in (torch.float32, torch.bfloat16)}
+CPU_IMPLS = ["torch"] + (["native"] if any(HAS_NATIVE.values()) else [])
+
+
+def run_backend(backend: str, hidden: torch.Tensor, head: ExitHead, cls: LinearScore | None, **kw) -> ExitSignals:
+    if backend in ("splitv", "rowtile"):
+        return exit_head_triton(hidden, head, cls, variant=backend, **kw)
+    if backend in ("native", "torch"):
+        with torch.inference_mode():
+            return _exit_head_cpu(hidden, head, cls, impl=backend)
+    if backend == "reference":
+        return exit_head_ref(hidden, head, cls)
+    raise ValueError(backend)
+
+
+BACKENDS = ["splitv", "rowtile", *CPU_IMPLS, "reference"]
+
+
+# ---- Triton kernels under the interpreter ----
+
+_SWEEP = list(itertools.product(("splitv", "rowtile"), ("fp32", "fp16", "bf16"), ("rms", "layer", "none")))
+
+
+def _sweep_case(i: int, variant: str, dt: str, norm: str) -> tuple:
+    # Every R, d and V value meets every variant, dtype and norm; subset and classifier alternate.
+    n_rows = (1, 3, 17)[i % 3]
+    d = (64, 96)[(i // 3) % 2]
+    n_vocab = (1000, 3001)[(i // 2) % 2]
+    subset = 37 if i % 4 == 1 else None
+    return variant, dt, norm, n_rows, d, n_vocab, subset, i % 2 == 0
+
+
+@pytest.mark.parametrize(
+    "variant,dt,norm,n_rows,d,n_vocab,subset,with_cls",
+    [_sweep_case(i, *c) for i, c in enumerate(_SWEEP)],
+    ids=lambda v: str(v),
+)
+def test_triton_matches_reference(variant, dt, norm, n_rows, d, n_vocab, subset, with_cls):
+    dtype = DTYPES[dt]
+    head = make_head(d, n_vocab, dtype, norm, subset=subset, bias=subset is not None, seed=n_rows + d)
+    hidden = make_hidden(n_rows, head, dtype)
+    cls = CLS if with_cls else None
+    got = exit_head_triton(hidden, head, cls, variant=variant)
+    check_signals(got, hidden, head, cls)
+
+
+@pytest.mark.parametrize("variant", ["splitv", "rowtile"])
+@pytest.mark.parametrize("dt,norm", [("bf16", "rms"), ("fp16", "layer"), ("bf16", "layer")])
+def test_triton_reproduces_hf_rounding_exactly(variant, dt, norm):
+    """The kernel rounds the normed state like HF and keeps fp32 logits: far tighter than 2x-PyTorch.
+    (Truncating instead of rounding to nearest even would move top_prob by ~1e-3 here.)"""
+    dtype = DTYPES[dt]
+    head = make_head(96, 1000, dtype, norm, logit_scale=6.0, seed=3)
+    hidden = make_hidden(5, head, dtype, seed=4)
+    got = exit_head_triton(hidden, head, CLS, variant=variant)
+    want = hf_numerics_signals(hidden, head, CLS)
+    for name in ("top_prob", "gap", "score"):
+        err = (getattr(got, name) - getattr(want, name)).abs().max().item()
+        assert err <= 2e-5, f"{name}: max err {err:.3e} vs HF-rounded fp32-logit reference"
+    assert torch.equal(got.argmax, want.argmax)
+
+
+@pytest.mark.parametrize("variant", ["splitv", "rowtile"])
+@pytest.mark.parametrize("dt,norm", [("bf16", "layer"), ("fp32", "rms")])
+def test_triton_project_out(variant, dt, norm):
+    dtype = DTYPES[dt]
+    head = make_head(64, 1000, dtype, norm, d_in=96, seed=5)
+    assert head.hidden_size == 96
+    hidden = make_hidden(3 if variant == "splitv" else 17, head, dtype)
+    check_signals(exit_head_triton(hidden, head, CLS, variant=variant), hidden, head, CLS)
+
+
+@pytest.mark.parametrize("variant", ["splitv", "rowtile"])
+@pytest.mark.parametrize("n_splits", [1, 3, 1000])
+def test_triton_split_counts_agree(variant, n_splits):
+    """1 split, a few, and one tile per split (the most partials) all give the reference."""
+    head = make_head(64, 3001, torch.float16, "rms", subset=700, bias=True, seed=6)
+    hidden = make_hidden(3, head, torch.float16)
+    check_signals(exit_head_triton(hidden, head, CLS, variant=variant, n_splits=n_splits), hidden, head, CLS)
+
+
+def test_triton_unaligned_layout_uses_small_tiles():
+    """d = 97 (not a multiple of 16): the launcher picks the unaligned configs; results still exact."""
+    assert pick_config(3, torch.bfloat16, aligned=False).block_d == 32
+    head = make_head(97, 1000, torch.bfloat16, "rms", seed=7)
+    for n_rows, variant in ((2, "splitv"), (17, "rowtile")):
+        hidden = make_hidden(n_rows, head, torch.bfloat16)
+        check_signals(exit_head_triton(hidden, head, CLS, variant=variant), hidden, head, CLS)
+
+
+# ---- the CPU paths ----
+
+
+@functools.lru_cache(maxsize=2)
+def _real_head(d: int, n_vocab: int, dtype: torch.dtype, norm: str) -> ExitHead:
+    return make_head(d, n_vocab, dtype, norm, seed=d)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize(
+    "dt,norm,n_rows,d,n_vocab",
+    [
+        ("fp32", "rms", 1, 576, 49152),
+        ("fp32", "rms", 8, 576, 49152),
+        ("bf16", "rms", 8, 576, 49152),
+        ("bf16", "rms", 64, 576, 49152),
+        ("fp16", "layer", 8, 576, 49152),
+        ("bf16", "rms", 1, 4096, 32000),
+        ("bf16", "rms", 8, 4096, 32000),
+    ],
+)
+def test_cpu_path_real_sizes(impl, dt, norm, n_rows, d, n_vocab):
+    dtype = DTYPES[dt]
+    head = _real_head(d, n_vocab, dtype, norm)
+    hidden = make_hidden(n_rows, head, dtype)
+    check_signals(run_backend(impl, hidden, head, CLS), hidden, head, CLS)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("dt", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("norm", ["rms", "layer", "none"])
+def test_cpu_path_small_shapes(impl, dt, norm):
+    dtype = DTYPES[dt]
+    for n_rows, d, n_vocab, subset in ((1, 64, 1000, None), (3, 96, 3001, 37), (17, 97, 130, 65), (70, 64, 5000, None)):
+        head = make_head(d, n_vocab, dtype, norm, subset=subset, bias=subset is not None, seed=n_rows)
+        hidden = make_hidden(n_rows, head, dtype)
+        check_signals(run_backend(impl, hidden, head, CLS), hidden, head, CLS)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_cpu_project_out_and_hf_rounding(impl):
+    head = make_head(64, 2000, torch.bfloat16, "layer", d_in=96, seed=8)
+    hidden = make_hidden(9, head, torch.bfloat16)
+    check_signals(run_backend(impl, hidden, head, CLS), hidden, head, CLS)
+    head = make_head(96, 1000, torch.bfloat16, "rms", logit_scale=6.0, seed=3)
+    hidden = make_hidden(5, head, torch.bfloat16, seed=4)
+    got, want = run_backend(impl, hidden, head, CLS), hf_numerics_signals(hidden, head, CLS)
+    assert (got.top_prob - want.top_prob).abs().max().item() <= 2e-5
+    assert torch.equal(got.argmax, want.argmax)
+
+
+def test_native_cpu_op_registration():
+    if not HAS_NATIVE[torch.float32]:
+        pytest.skip("the native CPU exit head is unavailable here")
+    ops = torch.ops.adainfer
+    w = torch.randn(130, 64)
+    packed = ops.exit_head_cpu_pack(w)
+    assert packed.shape == (3, 64 * 64)
+    h, g, b = torch.randn(5, 64), torch.rand(64) + 0.5, torch.randn(64)
+    torch.library.opcheck(ops.exit_head_cpu_pack.default, (w,))
+    torch.library.opcheck(ops.exit_head_cpu.default, (h, packed, 130, 2, g, b, 1e-5, torch.randn(130)))
+    with pytest.raises(RuntimeError, match="packed was made for d=64"):
+        ops.exit_head_cpu(torch.randn(5, 65), packed, 130, 0, None, None, 1e-5, None)
+    with pytest.raises(RuntimeError, match="n_cand=300"):
+        ops.exit_head_cpu(h, packed, 300, 0, None, None, 1e-5, None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.exit_head_cpu(h, packed, 130, 0, None, None, 1e-5, torch.randn(7))
+    with pytest.raises(RuntimeError, match="needs norm_weight"):
+        ops.exit_head_cpu(h, packed, 130, 1, None, None, 1e-5, None)
+    with pytest.raises(RuntimeError, match="packed must be BFloat16"):
+        ops.exit_head_cpu(h.bfloat16(), packed, 130, 0, None, None, 1e-5, None)
+
+
+def test_cpu_prepared_weight_cache_reuses_invalidates_and_dies_with_the_weight():
+    if not HAS_NATIVE[torch.float32]:
+        pytest.skip("the native CPU exit head is unavailable here")
+    clear_cache()
+    head = make_head(64, 1000, torch.float32, "rms", seed=9)
+    hidden = make_hidden(4, head, torch.float32)
+    first = exit_head(hidden, head)
+    assert len(_PACKED) == 1
+    packed = _PACKED.get((head.weight, None), lambda: pytest.fail("the packed weight was not reused"))
+    exit_head(hidden, head)
+    assert _PACKED.get((head.weight, None), lambda: None) is packed
+    with torch.no_grad():
+        head.weight.mul_(-1.0)  # in place: a new version, the cache must not serve the old panels
+    second = exit_head(hidden, head)
+    check_signals(second, hidden, head, None)
+    assert not torch.equal(first.argmax, second.argmax)
+    del head, first, second, packed
+    gc.collect()
+    assert len(_PACKED) == 0
+
+
+# ---- every backend: ties, a single candidate, non-finite rows, empty input ----
+
+
+def _tie_head(dtype: torch.dtype, n_vocab: int, tied: tuple[int, ...], subset=None) -> tuple[ExitHead, torch.Tensor]:
+    """Integer weights and hidden states: every logit is an exact small integer in any dtype."""
+    g = torch.Generator().manual_seed(10)
+    d = 64
+    w = torch.randint(-1, 2, (n_vocab, d), generator=g).float()
+    w[:, 4:] = 0
+    for p in tied:
+        w[p, :4] = 3.0  # logit 3 * (1 + 2 + 3 + 1) = 21 > any other (<= 7)
+    hidden = torch.zeros(2, d)
+    hidden[:, :4] = torch.tensor([1.0, 2.0, 3.0, 1.0])
+    head = ExitHead(weight=w.to(dtype), norm="none", vocab_subset=subset)
+    return head, hidden.to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_exact_ties_pick_the_lower_position_with_gap_zero(backend, dt, monkeypatch):
+    dtype = DTYPES[dt]
+    # The torch fallback's chunks: 1024 candidates, so that ties also straddle chunks.
+    monkeypatch.setattr(exit_head_mod, "_chunk", lambda n_rows: 1024)
+    # Tied maxima in one tile (5, 6); in one split / CPU task / chunk but different tiles or panels
+    # (5, 200); in different splits / tasks / chunks (4500, 5); three-way (4999, 2048, 77).
+    for tied in ((5, 6), (200, 5), (4500, 5), (4999, 2048, 77)):
+        head, hidden = _tie_head(dtype, 5000, tied)
+        got = run_backend(backend, hidden, head, CLS)
+        assert got.argmax.tolist() == [min(tied)] * 2, f"{backend} {tied}: {got.argmax.tolist()}"
+        assert got.gap.tolist() == [0.0, 0.0], f"{backend} {tied}: gap {got.gap.tolist()}"
+        ref = exit_head_ref(hidden, head, CLS)
+        torch.testing.assert_close(got.top_prob, ref.top_prob, rtol=1e-5, atol=1e-6)
+    # With a subset the lower subset position wins (id 4500 is listed before id 5).
+    head, hidden = _tie_head(dtype, 5000, (5, 4500), subset=torch.tensor([9, 4500, 77, 5, 1000]))
+    got = run_backend(backend, hidden, head, CLS)
+    assert got.argmax.tolist() == [4500, 4500] and got.gap.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_candidate_gives_gap_equal_to_top_prob(backend):
+    head = make_head(64, 1000, torch.float32, "rms", seed=11)
+    head = ExitHead(**{**head.__dict__, "vocab_subset": torch.tensor([321]), "subset_bias": torch.tensor([0.5])})
+    hidden = make_hidden(3, head, torch.float32)
+    got = run_backend(backend, hidden, head, CLS)
+    assert got.top_prob.tolist() == [1.0] * 3 and got.gap.tolist() == [1.0] * 3
+    assert got.argmax.tolist() == [321] * 3
+    torch.testing.assert_close(got.score, torch.full((3,), 1.5 - 2.0 + 0.25))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning", "ignore:All-NaN slice:RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_rows_get_nan_signals_and_argmax_minus_one(backend):
+    head = make_head(64, 1000, torch.bfloat16, "rms", seed=12)
+    hidden = make_hidden(6, head, torch.bfloat16)
+    hidden[1, 3] = float("nan")
+    hidden[2, 0] = float("inf")
+    hidden[4, 63] = float("-inf")
+    got = run_backend(backend, hidden, head, CLS)
+    bad = [1, 2, 4]
+    assert got.argmax[bad].tolist() == [-1, -1, -1]
+    for t in (got.top_prob, got.gap, got.score):
+        assert torch.isnan(t[bad]).all() and not torch.isnan(t[[0, 3, 5]]).any()
+    good = [0, 3, 5]
+    want = exit_head_ref(hidden[good], head, CLS)
+    torch.testing.assert_close(got.top_prob[good], want.top_prob, rtol=0, atol=2e-2)
+    assert (got.argmax[good] >= 0).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_all_candidates_at_minus_inf_give_nan(backend):
+    head = make_head(64, 1000, torch.float32, "none", subset=3, seed=13)
+    head = ExitHead(**{**head.__dict__, "subset_bias": torch.full((3,), float("-inf"))})
+    got = run_backend(backend, make_hidden(2, head, torch.float32), head, CLS)
+    assert torch.isnan(got.top_prob).all() and torch.isnan(got.gap).all() and torch.isnan(got.score).all()
+
+
+@pytest.mark.parametrize("backend", ["splitv", "rowtile", "public"])
+def test_empty_rows_return_empty_signals(backend):
+    head = make_head(64, 1000, torch.float16, "layer", seed=14)
+    hidden = torch.empty(0, 64, dtype=torch.float16)
+    got = exit_head(hidden, head, CLS) if backend == "public" else run_backend(backend, hidden, head, CLS)
+    assert len(got) == 0 and got.score is not None and got.score.shape == (0,)
+    assert got.argmax.dtype == torch.int64 and got.top_prob.dtype == torch.float32
+    assert exit_head(hidden, head).score is None
+
+
+@pytest.mark.parametrize("backend", ["splitv", "rowtile", *CPU_IMPLS])
+def test_strided_hidden(backend):
+    head = make_head(64, 1000, torch.float32, "rms", seed=15)
+    g = torch.Generator().manual_seed(16)
+    h3 = torch.randn(5, 7, 64, generator=g)
+    last = h3[:, -1]  # the layer loop's view: row stride 7 * 64
+    transposed = torch.randn(64, 5, generator=g).t()  # unit stride along rows, not along d
+    for hidden in (last, transposed):
+        got = run_backend(backend, hidden, head, CLS)
+        want = run_backend(backend, hidden.contiguous(), head, CLS)
+        torch.testing.assert_close(got.top_prob, want.top_prob, rtol=0, atol=1e-6)
+        assert torch.equal(got.argmax, want.argmax)
+
+
+# ---- the public entry point ----
+
+
+def test_public_exit_head_on_cpu_uses_the_cpu_path_and_inference_mode(monkeypatch):
+    seen = {}
+    real = exit_head_mod._exit_head_cpu
+
+    def spy(hidden, head, classifier=None, impl="auto"):
+        seen["inference"] = torch.is_inference_mode_enabled()
+        return real(hidden, head, classifier, impl)
+
+    monkeypatch.setattr(exit_head_mod, "_exit_head_cpu", spy)
+    head = make_head(64, 1000, torch.float32, "rms", seed=17)
+    hidden = make_hidden(4, head, torch.float32)
+    got = exit_head(hidden, head, CLS)
+    assert seen == {"inference": True}
+    check_signals(got, hidden, head, CLS)
+
+
+def test_forced_reference_backend(monkeypatch):
+    calls = []
+    monkeypatch.setenv("ADAINFER_BACKEND", "reference")
+    monkeypatch.setattr(exit_head_mod, "exit_head_ref", lambda *a: calls.append(1) or exit_head_ref(*a))
+    head = make_head(64, 1000, torch.float32, "rms", seed=18)
+    exit_head(make_hidden(2, head, torch.float32), head)
+    assert calls == [1]
+
+
+def test_importing_the_package_does_not_import_triton():
+    code = "import sys, adainfer_kernels; from adainfer_kernels import exit_head; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_check_helper_can_fail():
+    """The tolerance rule is not vacuous: a 1e-3 error in top_prob or a wrong argmax is caught."""
+    head = make_head(64, 1000, torch.float32, "rms", seed=19)
+    hidden = make_hidden(4, head, torch.float32)
+    good = exit_head(hidden, head, CLS)
+    check_signals(good, hidden, head, CLS)
+    off = ExitSignals(good.top_prob + 1e-3, good.gap, good.argmax, good.score)
+    with pytest.raises(AssertionError, match="top_prob: max err"):
+        check_signals(off, hidden, head, CLS)
+    wrong = ExitSignals(good.top_prob, good.gap, (good.argmax + 1) % 1000, good.score)
+    with pytest.raises(AssertionError, match="argmax differs"):
+        check_signals(wrong, hidden, head, CLS)
+
+
+# ---- bad input: a clear error before any work, on every entry point ----
+
+
+def _base() -> tuple[torch.Tensor, ExitHead]:
+    head = make_head(64, 100, torch.float32, "rms", seed=20)
+    return make_hidden(3, head, torch.float32), head
+
+
+def _with(head: ExitHead, **kw) -> ExitHead:
+    return ExitHead(**{**head.__dict__, **kw})
+
+
+BAD_INPUTS = {
+    "hidden_1d": (lambda h, hd: (h[0], hd, None), ValueError, "must be 2-D"),
+    "hidden_3d": (lambda h, hd: (h[None], hd, None), ValueError, "must be 2-D"),
+    "hidden_int": (lambda h, hd: (h.long(), hd, None), TypeError, "bf16, fp16 or fp32"),
+    "hidden_not_tensor": (lambda h, hd: (h.tolist(), hd, None), TypeError, "torch.Tensor"),
+    "head_not_exithead": (lambda h, hd: (h, hd.weight, None), TypeError, "ExitHead"),
+    "d_mismatch": (lambda h, hd: (h[:, :32], hd, None), ValueError, "d=32 but the head takes d=64"),
+    "weight_dtype": (lambda h, hd: (h, _with(hd, weight=hd.weight.half()), None), TypeError, "one dtype"),
+    "norm_weight_dtype": (lambda h, hd: (h, _with(hd, norm_weight=hd.norm_weight.double()), None), TypeError, "dtype"),
+    "weight_1d": (lambda h, hd: (h, _with(hd, weight=hd.weight[0]), None), ValueError, "2-D"),
+    "weight_empty": (lambda h, hd: (h, _with(hd, weight=hd.weight[:0]), None), ValueError, "empty"),
+    "weight_device": (lambda h, hd: (h, _with(hd, weight=hd.weight.to("meta")), None), ValueError, "one device"),
+    "norm_unknown": (lambda h, hd: (h, _with(hd, norm="batch"), None), ValueError, "not supported"),
+    "norm_weight_missing": (lambda h, hd: (h, _with(hd, norm_weight=None), None), ValueError, "needs norm_weight"),
+    "norm_weight_shape": (lambda h, hd: (h, _with(hd, norm_weight=hd.norm_weight[:10]), None), ValueError, "shape"),
+    "rms_with_bias": (lambda h, hd: (h, _with(hd, norm_bias=hd.norm_weight), None), ValueError, "only used with"),
+    "none_with_weight": (lambda h, hd: (h, _with(hd, norm="none"), None), ValueError, "takes no norm_weight"),
+    "eps_negative": (lambda h, hd: (h, _with(hd, eps=-1e-5), None), ValueError, "eps"),
+    "eps_nan": (lambda h, hd: (h, _with(hd, eps=float("nan")), None), ValueError, "eps"),
+    "project_out_shape": (
+        lambda h, hd: (h, _with(hd, project_out=torch.randn(32, 64)), None),
+        ValueError,
+        "project_out must be",
+    ),
+    "subset_out_of_range": (
+        lambda h, hd: (h, _with(hd, vocab_subset=torch.tensor([3, 100])), None),
+        IndexError,
+        r"\[0, 100\)",
+    ),
+    "subset_negative": (lambda h, hd: (h, _with(hd, vocab_subset=torch.tensor([-1, 3])), None), IndexError, "lie in"),
+    "subset_duplicate": (
+        lambda h, hd: (h, _with(hd, vocab_subset=torch.tensor([3, 7, 3])), None),
+        ValueError,
+        "distinct",
+    ),
+    "subset_float": (lambda h, hd: (h, _with(hd, vocab_subset=torch.tensor([3.0])), None), TypeError, "int64"),
+    "subset_2d": (lambda h, hd: (h, _with(hd, vocab_subset=torch.tensor([[3]])), None), TypeError, "1-D"),
+    "subset_empty": (
+        lambda h, hd: (h, _with(hd, vocab_subset=torch.tensor([], dtype=torch.int64)), None),
+        ValueError,
+        "empty",
+    ),
+    "bias_without_subset": (
+        lambda h, hd: (h, _with(hd, subset_bias=torch.zeros(3)), None),
+        ValueError,
+        "needs a vocab_subset",
+    ),
+    "bias_shape": (
+        lambda h, hd: (h, _with(hd, vocab_subset=torch.tensor([1, 2]), subset_bias=torch.zeros(3)), None),
+        ValueError,
+        r"shape \(2,\)",
+    ),
+    "bias_dtype": (
+        lambda h, hd: (h, _with(hd, vocab_subset=torch.tensor([1, 2]), subset_bias=torch.zeros(2).half()), None),
+        TypeError,
+        "fp32",
+    ),
+    "classifier_type": (lambda h, hd: (h, hd, (1.0, 2.0, 0.0)), TypeError, "LinearScore"),
+    "classifier_nan": (lambda h, hd: (h, hd, LinearScore(float("nan"), 1.0, 0.0)), ValueError, "finite"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+@pytest.mark.parametrize("entry", ["public", "triton"])
+def test_bad_input_raises_a_clear_error(case, entry):
+    make_args, exc, match = BAD_INPUTS[case]
+    hidden, head = _base()
+    args = make_args(hidden, head)
+    fn = exit_head if entry == "public" else exit_head_triton
+    with pytest.raises(exc, match=match):
+        fn(*args)
+
+
+def test_inputs_requiring_grad_are_refused_only_while_autograd_records():
+    hidden, head = _base()
+    head = _with(head, weight=torch.nn.Parameter(head.weight.clone()))  # like a HF model's weight
+    with pytest.raises(RuntimeError, match=r"inference-only.*head\.weight"):
+        exit_head(hidden, head)
+    with pytest.raises(RuntimeError, match="hidden"):
+        exit_head(hidden.clone().requires_grad_(), _base()[1])
+    with torch.no_grad():
+        check_signals(exit_head(hidden, head), hidden, _with(head, weight=head.weight.detach()), None)
