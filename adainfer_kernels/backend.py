@@ -47,7 +47,9 @@ def exit_head_backend(device: torch.device | str) -> Choice:
             return Choice("triton", "CUDA tensors and triton is installed")
         return Choice("reference", "CUDA tensors but triton is not installed (pip install triton)")
     if device.type == "cpu":
-        return Choice("cpu", "CPU tensors: chunked ATen GEMMs with a fused top-2/log-sum-exp merge")
+        if _native.has_op("exit_head_cpu"):
+            return Choice("cpu", "CPU tensors: _C op (packed W panels, batch-reduce GEMM, fused top-2/sum-exp)")
+        return Choice("cpu", "CPU tensors: torch fallback (vocabulary chunks over a cached W^T, no [R, V] buffer)")
     return Choice("reference", f"no fused path for device type {device.type!r}")
 
 

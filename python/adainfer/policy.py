@@ -40,6 +40,7 @@ class ClassifierPolicy:
         self.classifier = classifier
         self._layers = layers
         self._cache: dict[int, tuple[ExitHead, LinearScore | None]] = {}
+        self._subset: torch.Tensor | None = None
 
     def layers_to_check(self, num_layers: int) -> frozenset[int]:
         if self._layers is not None:
@@ -48,12 +49,14 @@ class ClassifierPolicy:
 
     def head_and_score(self, layer: int, base: ExitHead) -> tuple[ExitHead, LinearScore | None]:
         if layer not in self._cache:
-            ids = self.classifier.vocab_subset
-            bias = self.classifier.subset_bias(layer)
             device = base.weight.device
+            if self._subset is None and self.classifier.vocab_subset is not None:
+                # One subset tensor for every layer: the exit head caches its packed subset weight per tensor.
+                self._subset = torch.as_tensor(self.classifier.vocab_subset, dtype=torch.int64, device=device)
+            bias = self.classifier.subset_bias(layer)
             head = dataclasses.replace(
                 base,
-                vocab_subset=None if ids is None else torch.as_tensor(ids, dtype=torch.int64, device=device),
+                vocab_subset=self._subset,
                 subset_bias=None if bias is None else torch.as_tensor(bias, dtype=torch.float32, device=device),
             )
             self._cache[layer] = (head, self.classifier.linear_score(layer))

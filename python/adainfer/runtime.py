@@ -161,6 +161,7 @@ class LayerLoop:
         return out
 
     # -- the check ---------------------------------------------------------------------------
+    @torch.no_grad()  # a stop decision is not differentiable; the exit head refuses autograd inputs
     def _check(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor, stats: ExitStats, exit_head):
         t0 = time.perf_counter()
         head, score = self.policy.head_and_score(layer, self.base_head)
