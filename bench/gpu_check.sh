@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared script for a lent GPU (H200): build the package against the machine's own CUDA
-# torch, run the exit head's GPU correctness tests at real shapes, then the exit-head benchmark
-# (ms, GB/s of W, % of the HBM roofline, ratios vs the unfused torch path and the bare GEMM).
-# Everything lands under $OUT. Budget: < 8 minutes in all (each step has its own timeout).
+# torch, run the GPU correctness tests (exit head at real shapes, compaction CUDA kernels), then the
+# exit-head benchmark (ms, GB/s of W, % of the HBM roofline, ratios vs the unfused torch path and the
+# bare GEMM) and the compaction benchmark. Everything lands under $OUT, in at most 8 files (what the
+# device tool brings back). Budget: < 8 minutes in all (each step has its own timeout).
 #
 #   OUT=/path/to/results bash bench/gpu_check.sh
 #
@@ -31,8 +32,8 @@ budget() {
 }
 
 log "machine"
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || log "nvidia-smi failed"
-"$PY" - >"$OUT/versions.txt" 2>&1 <<'PYEOF'
+nvidia-smi >>"$LOG" 2>&1 || log "nvidia-smi failed"
+"$PY" - >>"$LOG" 2>&1 <<'PYEOF'
 import platform, torch
 print("python", platform.python_version())
 print("torch", torch.__version__, "cuda", torch.version.cuda)
@@ -43,7 +44,6 @@ try:
 except ImportError as exc:
     print("triton missing:", exc)
 PYEOF
-tee -a "$LOG" <"$OUT/versions.txt"
 
 # 1) Build _C against this torch (CUDA sources included when torch is a CUDA build).
 log "build: pip install --no-build-isolation --no-deps --no-index -e ."
@@ -80,9 +80,9 @@ export PYTHONPATH="$ROOT:$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
 
 # 2) GPU correctness: the compiled kernels (no interpreter) against the reference at real shapes.
 export TRITON_INTERPRET=0
-log "tests: tests/kernels/test_exit_head_gpu.py"
-if ! timeout "$(budget 200)" "$PY" -m pytest tests/kernels/test_exit_head_gpu.py -q -rs -p no:cacheprovider \
-    --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1; then
+log "tests: tests/kernels/test_exit_head_gpu.py, tests/csrc/test_compaction.py -k cuda"
+if ! timeout "$(budget 200)" "$PY" -m pytest tests/kernels/test_exit_head_gpu.py tests/csrc/test_compaction.py \
+    -k "gpu or cuda or Gpu or Cuda" -q -rs -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1; then
     log "GPU tests FAILED or timed out (see gpu_tests.log)"
     STATUS=1
 fi
@@ -97,6 +97,11 @@ if ! timeout "$(budget 150)" "$PY" bench/bench_exit_head.py --device cuda --hbm-
     STATUS=1
 fi
 cat "$OUT/bench_exit_head.txt" >>"$LOG"
+log "bench: bench/bench_compaction.py --device cuda"
+if ! timeout "$(budget 90)" "$PY" bench/bench_compaction.py --device cuda >"$OUT/bench_compaction.txt" 2>&1; then
+    log "compaction benchmark FAILED or timed out (see bench_compaction.txt)"
+    STATUS=1
+fi
 
 log "done, status $STATUS"
 exit "$STATUS"
