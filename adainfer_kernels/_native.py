@@ -6,6 +6,7 @@ a missing or mismatched ``_C`` is a warning, emitted once, never an ImportError.
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from types import ModuleType
 
@@ -30,7 +31,11 @@ def load() -> ModuleType | None:
     try:
         from adainfer_kernels import _C
     except ImportError as exc:
-        _error = f"not built or not importable ({exc})"
+        try:
+            missing = importlib.util.find_spec("adainfer_kernels._C") is None
+        except ImportError:
+            missing = False
+        _error = "not built (a pure-Python install, e.g. ADAINFER_SKIP_EXT=1)" if missing else f"not importable ({exc})"
     else:
         built_for = _C.build_info()["torch_version"]
         if built_for != _torch_base_version():
