@@ -47,6 +47,16 @@ def _check_transformers_version() -> None:
         )
 
 
+def _check_attention(config) -> None:
+    """Refuse attention kinds whose masks cannot be compacted row-wise (flex's BlockMask, ...)."""
+    attn = getattr(config, "_attn_implementation", None)
+    if attn not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"attention implementation {attn!r} is not supported by the AdaInfer patch "
+            f"(supported: {', '.join(SUPPORTED_ATTENTION)}); load the model with attn_implementation='sdpa'"
+        )
+
+
 class _LoopLayers(nn.ModuleList):
     """The decoder's layer list, which yields the AdaInfer loop while a patched forward runs.
 
@@ -141,12 +151,7 @@ class AdaInferHandle:
                     f"{flag}=True is not supported while AdaInfer exits are enabled (rows leave the batch at "
                     "different layers); set handle.enabled = False for that call, or remove the patch"
                 )
-        attn = getattr(cfg, "_attn_implementation", None)
-        if attn not in SUPPORTED_ATTENTION:
-            raise ValueError(
-                f"attention implementation {attn!r} is not supported by the AdaInfer patch "
-                f"(supported: {', '.join(SUPPORTED_ATTENTION)}); load the model with attn_implementation='sdpa'"
-            )
+        _check_attention(cfg)
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.numel() and not bool(mask[:, -1].all()):
             raise ValueError(
@@ -183,12 +188,7 @@ def apply(model: nn.Module, classifier_or_policy, config: AdaInferConfig | None 
     arch = arch_for(model)
     if _ATTR in model.__dict__:
         raise ValueError("this model is already patched by AdaInfer: call handle.remove() (or adainfer.remove) first")
-    attn = getattr(model.config, "_attn_implementation", None)
-    if attn not in SUPPORTED_ATTENTION:
-        raise ValueError(
-            f"attention implementation {attn!r} is not supported by the AdaInfer patch "
-            f"(supported: {', '.join(SUPPORTED_ATTENTION)}); load the model with attn_implementation='sdpa'"
-        )
+    _check_attention(model.config)
     if hasattr(classifier_or_policy, "check_compatible"):
         classifier_or_policy.check_compatible(model)
     if not isinstance(arch.layers(model), nn.ModuleList) or type(arch.layers(model)) is not nn.ModuleList:
