@@ -1,4 +1,4 @@
-"""Which implementation each op uses, and why (DESIGN.md §5).
+"""Which implementation each op uses, and why (docs/architecture.md, "Backends").
 
 CUDA tensors -> Triton kernels and the C++ CUDA ops; CPU tensors -> the fused CPU paths and the C++
 CPU ops. ``ADAINFER_BACKEND=reference`` forces the plain-PyTorch specs everywhere (debugging).

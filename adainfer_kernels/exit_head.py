@@ -1,9 +1,9 @@
-"""The fused exit head: norm -> LM head -> softmax statistics -> top-2 gap -> classifier score.
+"""The fused exit head: norm -> LM head -> softmax statistics -> top-2 gap -> linear score.
 
-``exit_head(hidden, head, classifier)`` decodes each row's hidden state through the model's own
+``exit_head(hidden, head, score)`` decodes each row's hidden state through the model's own
 final norm and LM head (the "logit lens") and returns, per row, the top-1 probability, the top-1
-minus top-2 probability gap, the top-1 id and the stop classifier's score, without ever holding
-the (rows, V) logits (DESIGN.md §3). Backends (``backend.exit_head_backend``):
+minus top-2 probability gap, the top-1 id and the stop rule's linear score, without ever holding
+the (rows, V) logits (docs/architecture.md, "The exit head"). Backends (``backend.exit_head_backend``):
 
 - CUDA tensors: the Triton kernels of ``exit_head_triton`` (split-V + merge; row-tiled ``tl.dot``).
 - CPU tensors: ``adainfer::exit_head_cpu`` from ``_C`` (csrc/exit_head_cpu.cpp): the norm in
@@ -24,9 +24,9 @@ AMX/tensor-core path as they are; fp16 and fp32 weights are multiplied in fp32 (
 exact). The logits are never rounded to the model dtype (Hugging Face's own bf16 LM head rounds
 them to 8 bits of mantissa), so the fused head is closer to the fp32 reference than the model's
 own low-precision decode. Weights are never converted to a narrower dtype: a bf16 copy of an fp32
-LM head would run up to ~4x faster on AMX (FACTS.md) but, measured on (576, 49152) with logits of
-standard deviation 4-8, moves top_prob by up to 5e-3-1e-2 and the gap by up to 2e-2 (and flipped
-1 argmax in 64 rows), against 1e-6-5e-6 for PyTorch's own fp32 path: far outside the fp32
+LM head would run up to ~4x faster on AMX (docs/architecture.md, "Measured facts") but, measured
+on (576, 49152) with logits of standard deviation 4-8, moves top_prob by up to 5e-3-1e-2 and the
+gap by up to 2e-2 (and flipped 1 argmax in 64 rows), against 1e-6-5e-6 for PyTorch's own fp32 path: far outside the fp32
 tolerance (<= 2x PyTorch's own fp32 error + 1e-5), and enough to move a classifier's decisions.
 
 Cached prepared weight (CPU): the first call for a head packs W (or W[subset]) into the panel
@@ -53,13 +53,20 @@ import torch
 from adainfer_kernels import _native
 from adainfer_kernels._cache import IdentityCache
 from adainfer_kernels.backend import exit_head_backend
-from adainfer_kernels.head import ExitHead, ExitSignals, LinearScore, check_exit_head_inputs
+from adainfer_kernels.head import (
+    NORM_CODES,
+    ExitHead,
+    ExitSignals,
+    LinearScore,
+    check_exit_head_inputs,
+    decode_rows,
+    empty_signals,
+)
 from adainfer_kernels.reference import exit_head_ref
 
-__all__ = ["clear_cache", "decode_rows", "exit_head"]
+__all__ = ["clear_cache", "exit_head"]
 
 CPU_IMPLS = ("auto", "native", "torch")
-NORM_CODES = {"none": 0, "rms": 1, "layer": 2}  # the kernels' encoding of ExitHead.norm
 
 # Prepared LM-head weights of the CPU path, keyed by (weight, vocab_subset) identity and version:
 # the native op's packed panels, and the torch fallback's transposed fp32 copy.
@@ -67,19 +74,19 @@ _PACKED = IdentityCache(max_entries=4)
 _TRANSPOSED = IdentityCache(max_entries=4)
 
 
-def exit_head(hidden: torch.Tensor, head: ExitHead, classifier: LinearScore | None = None) -> ExitSignals:
+def exit_head(hidden: torch.Tensor, head: ExitHead, score: LinearScore | None = None) -> ExitSignals:
     """Exit signals of each row: top-1 probability, top-1 minus top-2 gap, top-1 id, score.
 
     Args:
         hidden: (R, d) bf16/fp16/fp32 hidden states (the last token of each active row), on the
             device and in the dtype of the head's tensors. R may be 0.
         head: the model's decode path (``ExitHead``: norm, ``project_out``, LM head, subset).
-        classifier: optional ``LinearScore`` computed in the same pass.
+        score: optional ``LinearScore`` (the stop rule's decision function), computed in the same pass.
 
     Returns:
         ``ExitSignals`` with (R,) fields: ``top_prob`` fp32 = max softmax probability over the
         candidates, ``gap`` fp32 = top-1 minus top-2 probability, ``argmax`` int64 id in the full
-        vocabulary, ``score`` fp32 (None without a classifier). Computed under
+        vocabulary, ``score`` fp32 (None without a ``score``). Computed under
         ``torch.inference_mode()``: the outputs are inference tensors.
 
     Raises:
@@ -87,18 +94,18 @@ def exit_head(hidden: torch.Tensor, head: ExitHead, classifier: LinearScore | No
             always before any work is done.
     """
     # Checked in the caller's grad mode: refusing inputs that would need a backward.
-    check_exit_head_inputs(hidden, head, classifier)
+    check_exit_head_inputs(hidden, head, score)
     with torch.inference_mode():
         if hidden.shape[0] == 0:
-            return _empty_signals(hidden.device, classifier)
+            return empty_signals(hidden.device, score is not None)
         choice = exit_head_backend(hidden.device).name
         if choice == "triton":
             from adainfer_kernels.exit_head_triton import exit_head_triton
 
-            return exit_head_triton(hidden, head, classifier, check=False)
+            return exit_head_triton(hidden, head, score, check=False)
         if choice == "cpu":
-            return _exit_head_cpu(hidden, head, classifier)
-        return exit_head_ref(hidden, head, classifier)
+            return _exit_head_cpu(hidden, head, score)
+        return exit_head_ref(hidden, head, score)
 
 
 def clear_cache() -> None:
@@ -125,22 +132,8 @@ def _compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32
 
 
-def decode_rows(hidden: torch.Tensor, head: ExitHead) -> torch.Tensor:
-    """(R, d_out) input of the LM head: the norm and ``project_out`` with Hugging Face's ops, in
-    the model dtype (Llama RMSNorm: fp32 statistics, cast back, then the weight)."""
-    x = hidden
-    if head.norm == "rms":
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        x = head.norm_weight * (x.float() * torch.rsqrt(var + head.eps)).to(x.dtype)
-    elif head.norm == "layer":
-        x = torch.nn.functional.layer_norm(x, (x.shape[-1],), head.norm_weight, head.norm_bias, head.eps)
-    if head.project_out is not None:
-        x = x @ head.project_out.t()
-    return x
-
-
 def _exit_head_cpu(
-    hidden: torch.Tensor, head: ExitHead, classifier: LinearScore | None = None, impl: str = "auto"
+    hidden: torch.Tensor, head: ExitHead, score: LinearScore | None = None, impl: str = "auto"
 ) -> ExitSignals:
     """The CPU path (inputs already checked). ``impl`` forces ``"native"`` or ``"torch"`` (tests)."""
     if impl not in CPU_IMPLS:
@@ -153,7 +146,7 @@ def _exit_head_cpu(
     if impl == "torch":
         x = decode_rows(hidden, head).to(cdt)
         wt = _TRANSPOSED.get((head.weight, head.vocab_subset), lambda: _transposed_fp32(head))
-        return _finish(*_stats_torch(x, wt, head.subset_bias), hidden, head, classifier)
+        return _finish(*_stats_torch(x, wt, head.subset_bias), hidden, head, score)
 
     packed = _PACKED.get((head.weight, head.vocab_subset), lambda: _pack(head, cdt))
     if head.project_out is None:  # the op applies the norm itself (HF's numerics)
@@ -169,8 +162,8 @@ def _exit_head_cpu(
         gap = torch.where(bad, float("nan"), gap)
         pos = torch.where(bad, -1, pos)
     argmax = pos if head.vocab_subset is None else torch.where(pos < 0, pos, head.vocab_subset[pos.clamp(min=0)])
-    score = classifier(top, gap) if classifier is not None else None
-    return ExitSignals(top_prob=top, gap=gap, argmax=argmax.to(torch.int64), score=score)
+    value = score(top, gap) if score is not None else None
+    return ExitSignals(top_prob=top, gap=gap, argmax=argmax.to(torch.int64), score=value)
 
 
 def _pack(head: ExitHead, cdt: torch.dtype) -> torch.Tensor:
@@ -232,7 +225,7 @@ def _finish(
     second: torch.Tensor,
     hidden: torch.Tensor,
     head: ExitHead,
-    classifier: LinearScore | None,
+    score: LinearScore | None,
 ) -> ExitSignals:
     """Signals from per-row (max, sum of exp(z - max), position of the max, second largest)."""
     top = 1.0 / big_s
@@ -244,18 +237,8 @@ def _finish(
     gap = torch.where(undefined, nan, gap)
     argmax = pos if head.vocab_subset is None else head.vocab_subset.to(torch.int64)[pos]
     argmax = torch.where(bad, torch.full_like(argmax, -1), argmax)
-    score = classifier(top, gap) if classifier is not None else None
-    return ExitSignals(top_prob=top, gap=gap, argmax=argmax, score=score)
-
-
-def _empty_signals(device: torch.device, classifier: LinearScore | None) -> ExitSignals:
-    empty = torch.empty(0, dtype=torch.float32, device=device)
-    return ExitSignals(
-        top_prob=empty,
-        gap=empty.clone(),
-        argmax=torch.empty(0, dtype=torch.int64, device=device),
-        score=empty.clone() if classifier is not None else None,
-    )
+    value = score(top, gap) if score is not None else None
+    return ExitSignals(top_prob=top, gap=gap, argmax=argmax, score=value)
 
 
 def _register_fakes() -> None:

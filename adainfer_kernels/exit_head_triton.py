@@ -7,7 +7,7 @@ Math, per row r of the hidden states h (R, d) and candidate c (a row of W, or a 
     z_rc     = <x_r, W_c> (+ bias_c)           fp32 accumulation, never stored
     M_r      = max_c z_rc,  S_r = sum_c exp(z_rc - M_r),  T_r = second largest z_rc (a tie counts twice)
     top_prob = 1 / S_r,     gap = (1 - exp(T_r - M_r)) / S_r,     argmax = lowest c with z_rc == M_r
-    score    = w_top * top_prob + w_gap * gap + b
+    score    = w_top_prob * top_prob + w_gap * gap + bias        (the LinearScore, optional)
 
 ``_exit_head_kernel`` gives each program a block of rows and a contiguous slice of the candidates
 ("split-V", flash-decoding style). It streams its slice of W tile by tile and keeps, per row, the
@@ -15,7 +15,7 @@ online softmax state (running max M, rescaled sum-exp S, first position of the m
 logit T), written as one partial per (split, row). ``_exit_head_merge_kernel`` combines the partials
 of each row (max of maxima, rescaled sum of sums, lowest position among the splits holding the max,
 second largest over {other splits' maxima, the winning split's second}), checks the row's hidden
-state for inf/NaN and writes top_prob, gap, argmax and the classifier score.
+state for inf/NaN and writes top_prob, gap, argmax and the linear score.
 
 Two inner products, chosen by the launcher from the number of rows:
 - ``splitv`` (R <= 4, decode): no tensor cores; logits by a broadcast multiply-add in fp32 over a
@@ -62,8 +62,15 @@ import torch
 import triton
 import triton.language as tl
 
-from adainfer_kernels.exit_head import NORM_CODES, _empty_signals, decode_rows
-from adainfer_kernels.head import ExitHead, ExitSignals, LinearScore, check_exit_head_inputs
+from adainfer_kernels.head import (
+    NORM_CODES,
+    ExitHead,
+    ExitSignals,
+    LinearScore,
+    check_exit_head_inputs,
+    decode_rows,
+    empty_signals,
+)
 
 VARIANTS = ("splitv", "rowtile")
 _INT32_MAX = tl.constexpr(2**31 - 1)
@@ -232,7 +239,7 @@ def _exit_head_kernel(
     tl.store(pt_ptr + p_off, t_run, mask=rmask)
 
 
-@triton.jit(do_not_specialize=["n_rows", "w_top", "w_gap", "cls_bias"])
+@triton.jit(do_not_specialize=["n_rows", "score_w_top_prob", "score_w_gap", "score_bias"])
 def _exit_head_merge_kernel(
     pm_ptr,
     ps_ptr,
@@ -243,16 +250,16 @@ def _exit_head_merge_kernel(
     top_ptr,  # (n_rows,) fp32
     gap_ptr,  # (n_rows,) fp32
     arg_ptr,  # (n_rows,) int64
-    score_ptr,  # (n_rows,) fp32 (HAS_CLS)
+    score_ptr,  # (n_rows,) fp32 (HAS_SCORE)
     n_rows,
     n_splits,
     d_chk,
     stride_cr,
-    w_top,
-    w_gap,
-    cls_bias,
+    score_w_top_prob,
+    score_w_gap,
+    score_bias,
     HAS_SUBSET: tl.constexpr,
-    HAS_CLS: tl.constexpr,
+    HAS_SCORE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -327,8 +334,8 @@ def _exit_head_merge_kernel(
     tl.store(top_ptr + rows, top, mask=rmask)
     tl.store(gap_ptr + rows, gap, mask=rmask)
     tl.store(arg_ptr + rows, arg, mask=rmask)
-    if HAS_CLS:
-        tl.store(score_ptr + rows, w_top * top + w_gap * gap + cls_bias, mask=rmask)
+    if HAS_SCORE:
+        tl.store(score_ptr + rows, score_w_top_prob * top + score_w_gap * gap + score_bias, mask=rmask)
 
 
 @dataclass(frozen=True)
@@ -402,7 +409,7 @@ def _n_splits(n_row_blocks: int, n_tiles: int, device: torch.device) -> tuple[in
 def exit_head_triton(
     hidden: torch.Tensor,
     head: ExitHead,
-    classifier: LinearScore | None = None,
+    score: LinearScore | None = None,
     *,
     variant: str | None = None,
     n_splits: int | None = None,
@@ -412,7 +419,7 @@ def exit_head_triton(
 
     Args:
         hidden: (R, d) bf16/fp16/fp32 hidden states (CUDA; CPU tensors under TRITON_INTERPRET=1).
-        head, classifier: as ``exit_head``.
+        head, score: as ``exit_head``.
         variant: force ``"splitv"`` or ``"rowtile"`` (tests); None picks by the number of rows.
         n_splits: force the number of vocabulary splits (tests); None picks ~4 programs per SM.
         check: run ``check_exit_head_inputs`` (``exit_head`` already did).
@@ -421,11 +428,11 @@ def exit_head_triton(
         ExitSignals with (R,) fields (see ``exit_head``).
     """
     if check:
-        check_exit_head_inputs(hidden, head, classifier)
+        check_exit_head_inputs(hidden, head, score)
     n_rows = hidden.shape[0]
     dev = hidden.device
     if n_rows == 0:
-        return _empty_signals(dev, classifier)
+        return empty_signals(dev, score is not None)
 
     if head.project_out is None:
         x, norm_code = hidden, NORM_CODES[head.norm]
@@ -456,11 +463,12 @@ def exit_head_triton(
     sb = head.subset_bias.contiguous() if head.subset_bias is not None else None
     # Triton launches on the current CUDA device: make it the tensors' device.
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        return _launch(x, w, nw, nb, ids, sb, chk, classifier, norm_code, cfg, n_rb, splits, per_split, float(head.eps))
+        return _launch(x, w, nw, nb, ids, sb, chk, score, norm_code, cfg, n_rb, splits, per_split, float(head.eps))
 
 
 MERGE_BLOCK_R = 16
 MERGE_BLOCK_S = 128
+MERGE_BLOCK_D = 128
 
 
 def _launch(
@@ -471,7 +479,7 @@ def _launch(
     ids: torch.Tensor | None,
     sb: torch.Tensor | None,
     chk: torch.Tensor,
-    classifier: LinearScore | None,
+    linear_score: LinearScore | None,
     norm_code: int,
     cfg: TritonConfig,
     n_rb: int,
@@ -523,7 +531,7 @@ def _launch(
     top = torch.empty(n_rows, dtype=torch.float32, device=dev)
     gap = torch.empty_like(top)
     arg = torch.empty(n_rows, dtype=torch.int64, device=dev)
-    score = torch.empty_like(top) if classifier is not None else None
+    score = torch.empty_like(top) if linear_score is not None else None
     _exit_head_merge_kernel[(triton.cdiv(n_rows, MERGE_BLOCK_R),)](
         part_m,
         part_s,
@@ -539,166 +547,14 @@ def _launch(
         splits,
         chk.shape[1],
         chk.stride(0),
-        float(classifier.w_top_prob) if classifier is not None else 0.0,
-        float(classifier.w_gap) if classifier is not None else 0.0,
-        float(classifier.bias) if classifier is not None else 0.0,
+        float(linear_score.w_top_prob) if linear_score is not None else 0.0,
+        float(linear_score.w_gap) if linear_score is not None else 0.0,
+        float(linear_score.bias) if linear_score is not None else 0.0,
         HAS_SUBSET=ids is not None,
-        HAS_CLS=classifier is not None,
+        HAS_SCORE=linear_score is not None,
         BLOCK_R=MERGE_BLOCK_R,
         BLOCK_S=MERGE_BLOCK_S,
-        BLOCK_D=128,
+        BLOCK_D=MERGE_BLOCK_D,
         num_warps=4,
     )
     return ExitSignals(top_prob=top, gap=gap, argmax=arg, score=score)
-
-
-_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def aot_configs(all_dtypes: bool = False) -> list[tuple[torch.dtype, TritonConfig]]:
-    """(dtype, config) pairs the AOT gate compiles: every config ``pick_config`` can return for the
-    aligned layout (every real model) in each dtype; for the unaligned layout (d not a multiple of
-    16) bf16 and fp32 only, unless ``all_dtypes``: fp16 uses bf16's tiles and code but for the
-    cast (bf16 rounds with more integer ops, the worst case), and each compile costs ~1.6 s."""
-    out = []
-    for dtype in _TRITON_DTYPES:
-        for aligned in (True, False):
-            if not aligned and dtype == torch.float16 and not all_dtypes:
-                continue
-            seen = set()
-            for n_rows in (1, 2, 3, 4, 5, 17, 33, 64, 1000):
-                cfg = pick_config(n_rows, dtype, aligned=aligned)
-                if cfg not in seen:
-                    seen.add(cfg)
-                    out.append((dtype, cfg))
-    return out
-
-
-# What Triton's JIT marks as multiples of 16 at launch for real shapes (d, strides multiples of 16;
-# torch allocations are 16-byte aligned): the AOT gate compiles the code a real launch gets.
-_ALIGNED_ARGS = (
-    "h_ptr",
-    "w_ptr",
-    "nw_ptr",
-    "nb_ptr",
-    "ids_ptr",
-    "bias_ptr",
-    "pm_ptr",
-    "ps_ptr",
-    "pi_ptr",
-    "pt_ptr",
-    "d",
-    "stride_hr",
-    "stride_wv",
-)
-
-
-def aot_specs() -> list:
-    """``aot.KernelSpec``s of both kernels: every (dtype, config) of ``aot_configs``.
-
-    Each config is compiled with every optional feature on (LayerNorm with bias, subset, subset
-    bias): the longest code path, so its register count is the worst case of that config.
-    RMSNorm is also compiled for the largest tile of each variant (no norm is a subset of both).
-    """
-    from adainfer_kernels.aot import KernelSpec
-
-    jobs = [(dtype, cfg, 2) for dtype, cfg in aot_configs()]
-    for n_rows in (SPLITV_MAX_ROWS, 64):
-        jobs.append((torch.bfloat16, pick_config(n_rows, torch.bfloat16), 1))
-    specs = []
-    for dtype, cfg, norm in jobs:
-        t = _TRITON_DTYPES[dtype]
-        sig = {
-            "h_ptr": f"*{t}",
-            "w_ptr": f"*{t}",
-            "nw_ptr": f"*{t}",
-            "nb_ptr": f"*{t}",
-            "ids_ptr": "*i64",
-            "bias_ptr": "*fp32",
-            "pm_ptr": "*fp32",
-            "ps_ptr": "*fp32",
-            "pi_ptr": "*i32",
-            "pt_ptr": "*fp32",
-            "n_rows": "i32",
-            "d": "i32",
-            "n_cand": "i32",
-            "tiles_per_split": "i32",
-            "stride_hr": "i32",
-            "stride_wv": "i32",
-            "eps": "fp32",
-        }
-        for name in (
-            "NORM",
-            "HAS_NB",
-            "HAS_SUBSET",
-            "HAS_BIAS",
-            "USE_DOT",
-            "DOT_FP32",
-            "BLOCK_R",
-            "BLOCK_V",
-            "BLOCK_D",
-        ):
-            sig[name] = "constexpr"
-        specs.append(
-            KernelSpec(
-                module=__name__,
-                kernel="_exit_head_kernel",
-                signature=sig,
-                constexprs={
-                    "NORM": norm,
-                    "HAS_NB": norm == 2,
-                    "HAS_SUBSET": True,
-                    "HAS_BIAS": True,
-                    "USE_DOT": cfg.variant == "rowtile",
-                    "DOT_FP32": False,
-                    "BLOCK_R": cfg.block_r,
-                    "BLOCK_V": cfg.block_v,
-                    "BLOCK_D": cfg.block_d,
-                },
-                num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-                divisible_by_16=_ALIGNED_ARGS if cfg.aligned else (),
-                label=f"exit_head[{cfg.variant} {t} R{cfg.block_r} V{cfg.block_v} D{cfg.block_d} norm{norm}"
-                + ("" if cfg.aligned else " unaligned")
-                + "]",
-            )
-        )
-    merge_sig = {
-        "pm_ptr": "*fp32",
-        "ps_ptr": "*fp32",
-        "pi_ptr": "*i32",
-        "pt_ptr": "*fp32",
-        "chk_ptr": "*bf16",
-        "ids_ptr": "*i64",
-        "top_ptr": "*fp32",
-        "gap_ptr": "*fp32",
-        "arg_ptr": "*i64",
-        "score_ptr": "*fp32",
-        "n_rows": "i32",
-        "n_splits": "i32",
-        "d_chk": "i32",
-        "stride_cr": "i32",
-        "w_top": "fp32",
-        "w_gap": "fp32",
-        "cls_bias": "fp32",
-    }
-    for name in ("HAS_SUBSET", "HAS_CLS", "BLOCK_R", "BLOCK_S", "BLOCK_D"):
-        merge_sig[name] = "constexpr"
-    for t in _TRITON_DTYPES.values():
-        specs.append(
-            KernelSpec(
-                module=__name__,
-                kernel="_exit_head_merge_kernel",
-                signature={**merge_sig, "chk_ptr": f"*{t}"},
-                constexprs={
-                    "HAS_SUBSET": True,
-                    "HAS_CLS": True,
-                    "BLOCK_R": MERGE_BLOCK_R,
-                    "BLOCK_S": MERGE_BLOCK_S,
-                    "BLOCK_D": 128,
-                },
-                num_warps=4,
-                label=f"exit_head_merge[{t}]",
-            )
-        )
-    return specs

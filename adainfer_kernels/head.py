@@ -3,8 +3,10 @@
 ``ExitHead`` describes the model's own decode path (the "logit lens"): final norm, optional
 ``project_out`` (OPT-350m), LM-head weight, and an optional vocabulary subset (a task's label
 tokens) with an additive bias per subset row (the per-layer label-bias correction).
-``LinearScore`` is the stop classifier's decision function over the features. ``ExitSignals`` is
-what ``exit_head`` returns, one entry per row.
+``LinearScore`` is the stop rule's decision function over the features (``NEVER_STOP`` and
+``ALWAYS_STOP`` are its two constant forms). ``ExitSignals`` is what ``exit_head`` returns, one
+entry per row. ``decode_rows`` is the norm + ``project_out`` part of the decode path, with Hugging
+Face's ops, shared by every backend.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from adainfer_kernels._cache import IdentityCache
 
 NormKind = Literal["rms", "layer", "none"]
 NORM_KINDS: tuple[str, ...] = ("rms", "layer", "none")
+NORM_CODES = {"none": 0, "rms": 1, "layer": 2}  # the kernels' encoding of ExitHead.norm
 FEATURES: tuple[str, ...] = ("top_prob", "gap")
 
 
@@ -68,7 +71,7 @@ class ExitHead:
 
 @dataclass(frozen=True)
 class LinearScore:
-    """The stop classifier's linear decision function, computed in the exit head's pass.
+    """The stop rule's linear decision function, computed in the exit head's pass.
 
     ``score = w_top_prob * top_prob + w_gap * gap + bias``; a row is finished when
     ``score > 0`` after the caller folds its threshold (and any per-layer term) into ``bias``.
@@ -82,6 +85,12 @@ class LinearScore:
         return self.w_top_prob * top_prob + self.w_gap * gap + self.bias
 
 
+# The two constant rules: score -1 never stops (a NaN score, from a non-finite row, never stops
+# either); score +1 always stops.
+NEVER_STOP = LinearScore(w_top_prob=0.0, w_gap=0.0, bias=-1.0)
+ALWAYS_STOP = LinearScore(w_top_prob=0.0, w_gap=0.0, bias=1.0)
+
+
 @dataclass(frozen=True)
 class ExitSignals:
     """Per-row outputs of the exit head, each of shape (R,).
@@ -92,7 +101,7 @@ class ExitSignals:
             is a single candidate).
         argmax: int64 id of the top-1 candidate in the full vocabulary; on an exact tie the lower
             vocabulary position among the candidates (the lower subset position with a subset).
-        score: fp32 classifier decision value, or None when no classifier was given.
+        score: fp32 value of the ``LinearScore`` passed to ``exit_head``, or None when none was.
 
     Rows whose hidden state holds NaN or inf get ``top_prob = gap = score = NaN`` and
     ``argmax = -1``: such a row never passes a ``score > threshold`` test.
@@ -126,14 +135,14 @@ def _check_model_tensor(name: str, t: object, hidden: torch.Tensor, shape: tuple
         raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}: move them to one device")
 
 
-def check_exit_head_inputs(hidden: torch.Tensor, head: ExitHead, classifier: LinearScore | None = None) -> None:
+def check_exit_head_inputs(hidden: torch.Tensor, head: ExitHead, score: LinearScore | None = None) -> None:
     """Every input check of ``exit_head``, in one place (all backends call it).
 
     Raises TypeError / ValueError / IndexError / RuntimeError naming the problem and the fix:
     hidden not 2-D or not bf16/fp16/fp32; mismatched d, V, dtypes or devices; norm tensors missing,
     misplaced or of the wrong shape; non-finite or negative eps; vocabulary subset ids not 1-D
     integers, empty, out of range or duplicated; subset bias without a subset, of the wrong shape or
-    not fp32; a classifier that is not a ``LinearScore`` or has non-finite coefficients; inputs that
+    not fp32; a score that is not a ``LinearScore`` or has non-finite coefficients; inputs that
     require grad while autograd is recording (the exit head has no backward).
 
     The subset-id range and duplicate checks read the ids (a host sync on CUDA): their result is
@@ -212,13 +221,13 @@ def check_exit_head_inputs(hidden: torch.Tensor, head: ExitHead, classifier: Lin
         if b.device != hidden.device:
             raise ValueError(f"subset_bias is on {b.device} but hidden is on {hidden.device}")
 
-    if classifier is not None:
-        if not isinstance(classifier, LinearScore):
-            raise TypeError(f"classifier must be a LinearScore or None, got {type(classifier).__name__}")
+    if score is not None:
+        if not isinstance(score, LinearScore):
+            raise TypeError(f"score must be a LinearScore or None, got {type(score).__name__}")
         for name in ("w_top_prob", "w_gap", "bias"):
-            value = getattr(classifier, name)
+            value = getattr(score, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(float(value)) <= _FLT_MAX:
-                raise ValueError(f"classifier.{name} must be a finite number, got {value!r}")
+                raise ValueError(f"score.{name} must be a finite number, got {value!r}")
 
     if torch.is_grad_enabled():
         tensors = {"hidden": hidden, "head.weight": w, "head.norm_weight": head.norm_weight}
@@ -250,3 +259,28 @@ def _subset_range(ids: torch.Tensor) -> tuple[int, int]:
     if dup.numel():
         raise ValueError(f"vocab_subset ids must be distinct; duplicated: {dup.unique()[:5].tolist()}")
     return int(sorted_ids[0]), int(sorted_ids[-1])
+
+
+def decode_rows(hidden: torch.Tensor, head: ExitHead) -> torch.Tensor:
+    """(R, d_out) input of the LM head: the norm and ``project_out`` with Hugging Face's ops, in
+    the model dtype (Llama RMSNorm: fp32 statistics, cast back, then the weight)."""
+    x = hidden
+    if head.norm == "rms":
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        x = head.norm_weight * (x.float() * torch.rsqrt(var + head.eps)).to(x.dtype)
+    elif head.norm == "layer":
+        x = torch.nn.functional.layer_norm(x, (x.shape[-1],), head.norm_weight, head.norm_bias, head.eps)
+    if head.project_out is not None:
+        x = x @ head.project_out.t()
+    return x
+
+
+def empty_signals(device: torch.device, with_score: bool) -> ExitSignals:
+    """The signals of zero rows (every backend returns these for R = 0)."""
+    empty = torch.empty(0, dtype=torch.float32, device=device)
+    return ExitSignals(
+        top_prob=empty,
+        gap=empty.clone(),
+        argmax=torch.empty(0, dtype=torch.int64, device=device),
+        score=empty.clone() if with_score else None,
+    )

@@ -51,7 +51,7 @@ def head_logits_ref(hidden: torch.Tensor, head: ExitHead, upcast: bool = False) 
     return logits
 
 
-def signals_from_logits(logits: torch.Tensor, classifier: LinearScore | None = None) -> tuple[torch.Tensor, ...]:
+def signals_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(top_prob, gap, position) of each row of (R, K) fp32 logits; position is in [0, K).
 
     Ties: ``torch.argmax`` returns the first maximal position, i.e. the lower position wins, and
@@ -71,14 +71,14 @@ def signals_from_logits(logits: torch.Tensor, classifier: LinearScore | None = N
 
 
 def exit_head_ref(
-    hidden: torch.Tensor, head: ExitHead, classifier: LinearScore | None = None, upcast: bool = True
+    hidden: torch.Tensor, head: ExitHead, score: LinearScore | None = None, upcast: bool = True
 ) -> ExitSignals:
     """Reference exit head: norm -> logits (materialised) -> softmax -> top-2 -> score.
 
     Args:
         hidden: (R, d) last-token hidden states, bf16/fp16/fp32.
         head: the model's decode path (see ``ExitHead``).
-        classifier: optional linear score over (top_prob, gap).
+        score: optional linear score over (top_prob, gap).
         upcast: compute the norm and the matmul in fp32 (True, the spec) or in the input dtype as
             Hugging Face does (False; used to measure PyTorch's own low-precision error).
 
@@ -94,8 +94,8 @@ def exit_head_ref(
         top_prob = torch.where(bad, nan, top_prob)
         gap = torch.where(bad, nan, gap)
         argmax = torch.where(bad, torch.full_like(argmax, -1), argmax)
-    score = classifier(top_prob, gap) if classifier is not None else None
-    return ExitSignals(top_prob=top_prob, gap=gap, argmax=argmax.to(torch.int64), score=score)
+    value = score(top_prob, gap) if score is not None else None
+    return ExitSignals(top_prob=top_prob, gap=gap, argmax=argmax.to(torch.int64), score=value)
 
 
 def compact_rows_ref(

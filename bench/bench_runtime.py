@@ -66,8 +66,8 @@ def _interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
 def run(quick: bool = False, reps: int = 5) -> list[dict]:
     import adainfer
     from adainfer import AdaInferConfig, ForcedExits
-    from adainfer.heads import exit_head_for
-    from adainfer.models import load_bundled
+    from adainfer.app.loading import load_bundled
+    from adainfer.models import exit_head_for
 
     from adainfer_kernels.exit_head import exit_head
 

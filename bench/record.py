@@ -1,7 +1,7 @@
 """Benchmark records: every figure is stored with the machine, versions, git sha and time.
 
 Each benchmark prints its table and appends rows to ``bench/results/<name>.csv`` through
-``append_rows`` (CONVENTIONS.md: a benchmark is a record). Ratios are measured side by side in one
+``append_rows`` (docs/architecture.md, "Benchmarks": a benchmark is a record). Ratios are measured side by side in one
 run; absolute times count only on a GPU (the CPU machines here are shared and noisy).
 """
 

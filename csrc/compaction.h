@@ -1,4 +1,4 @@
-// Batch compaction (DESIGN.md §3): finished rows leave the batch so that the remaining decoder
+// Batch compaction (docs/architecture.md, "Compaction"): finished rows leave the batch so that the remaining decoder
 // layers run on fewer rows, and their results go back to the original batch order at the end.
 //
 // Vocabulary:

@@ -1,5 +1,5 @@
 """Test-wide setup. TRITON_INTERPRET must be set before any ``@triton.jit`` decorator runs, so it is
-set here, before test modules import kernel modules (FACTS.md: Triton without a GPU)."""
+set here, before test modules import kernel modules (docs/architecture.md: Triton without a GPU)."""
 
 import os
 

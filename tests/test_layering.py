@@ -35,3 +35,45 @@ def test_importing_kernels_package_loads_neither_at_run_time():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def _package_imports(path: pathlib.Path, prefix: str) -> set[str]:
+    """Modules under ``prefix`` that ``path`` imports (at any depth of the file: lazy imports count)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith(prefix))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith(prefix):
+            names.add(node.module)
+            # `from adainfer.app import plots` imports adainfer.app.plots
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+# Which wings of python/adainfer a wing may import (docs/architecture.md, "Module map").
+WING_RULES = {
+    "models": {"models"},
+    "runtime": {"runtime", "models"},
+    "calibrate": {"calibrate", "models"},
+    "app": {"app", "calibrate", "runtime", "models"},
+}
+
+
+def test_wings_of_adainfer_import_only_what_the_layering_allows():
+    root = ROOT / "python" / "adainfer"
+    offenders = {}
+    for wing, allowed in WING_RULES.items():
+        for f in sorted((root / wing).rglob("*.py")):
+            used = {m.split(".")[1] for m in _package_imports(f, "adainfer.") if m.count(".") >= 1}
+            used &= set(WING_RULES)
+            if used - allowed:
+                offenders[str(f.relative_to(ROOT))] = sorted(used - allowed)
+    assert not offenders, f"wings import across the layering: {offenders}"
+
+
+def test_no_import_cycles_between_kernel_modules():
+    files = {f"adainfer_kernels.{f.stem}": f for f in (ROOT / "adainfer_kernels").glob("*.py") if f.stem != "__init__"}
+    graph = {m: {i for i in _package_imports(f, "adainfer_kernels.") if i in files} for m, f in files.items()}
+    cycles = sorted((a, b) for a in graph for b in graph[a] if a in graph.get(b, ()) and a < b)
+    assert not cycles, f"kernel modules import each other: {cycles}"

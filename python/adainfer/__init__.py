@@ -4,15 +4,21 @@ AdaInfer (Fan et al., "Not All Layers of LLMs Are Necessary During Inference", I
 each input at the layer where a small classifier over logit-lens features (top-1 probability and
 the top-1/top-2 gap) says its answer is settled. The ops live in ``adainfer_kernels``.
 
-    handle = adainfer.apply(model, classifier)   # LlamaForCausalLM / OPTForCausalLM instance
+    handle = adainfer.apply(model, classifier)   # a *ForCausalLM of a supported family
     model.generate(**batch); handle.last_stats.exit_layers
     handle.remove()
+
+Subpackages (one wing each; docs/architecture.md has the map):
+    adainfer.runtime    the patch, the layer loop, exit policies, config, wall clock
+    adainfer.models     the registry of model families, one module per family
+    adainfer.calibrate  features, label bias, the stop classifier, fitting, metrics, evaluation
+    adainfer.app        the CLI, the demo pipeline, tasks, model loading, plots
 """
 
-from adainfer.config import AdaInferConfig
-from adainfer.patch import AdaInferHandle, apply, handle_of, patched, remove
-from adainfer.policy import ClassifierPolicy, ForcedExits, LinearScorePolicy, NeverExit
-from adainfer.runtime import ExitStats
+from adainfer.runtime.config import AdaInferConfig
+from adainfer.runtime.loop import ExitStats
+from adainfer.runtime.patch import AdaInferHandle, apply, handle_of, patched, remove
+from adainfer.runtime.policy import ClassifierPolicy, ForcedExits, LinearScorePolicy, NeverExit
 
 __version__ = "0.1.0"
 

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from adainfer.features import LayerFeatures
+from adainfer.calibrate.features import LayerFeatures
 
 # Lets tests import the helpers of this folder by name (e.g. tiny_models). Tests run with
 # --import-mode=importlib, so that this folder never shadows the `adainfer` package.
@@ -73,6 +73,6 @@ def llama_like():
 @pytest.fixture(scope="session")
 def bundled():
     """The bundled SmolLM2-135M (fp32, eval, left padding), loaded once."""
-    from adainfer.models import load_bundled
+    from adainfer.app.loading import load_bundled
 
     return load_bundled()

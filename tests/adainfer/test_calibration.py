@@ -6,11 +6,11 @@ import itertools
 
 import numpy as np
 import pytest
-from adainfer.calibration import calibrate, choose_threshold
-from adainfer.evaluate import METRIC_KEYS, evaluate, threshold_sweep
-from adainfer.features import label_signals
-from adainfer.labelbias import estimate_label_bias
-from adainfer.metrics import (
+from adainfer.calibrate.evaluate import METRIC_KEYS, evaluate, threshold_sweep
+from adainfer.calibrate.features import label_signals
+from adainfer.calibrate.fit import calibrate, choose_threshold
+from adainfer.calibrate.labelbias import estimate_label_bias
+from adainfer.calibrate.metrics import (
     clopper_pearson_upper,
     layer_flops,
     oracle_exit_layers,
@@ -203,7 +203,7 @@ def test_wallclock_interface(make_features):
 
     def fake_measure(model, tokenizer, prompts, classifier, batch_size):
         calls.append((len(prompts), classifier, batch_size))
-        from adainfer.evaluate import simulate
+        from adainfer.calibrate.evaluate import simulate
 
         return {"full_s": 2.0, "adainfer_s": 1.0, "exit_layers": simulate(test, classifier)["exit_layers"]}
 
@@ -227,8 +227,8 @@ def test_threshold_sweep_spans_no_exit_to_earliest(make_features):
 
 
 def test_flops_saved_counts_layers_checks_and_head(make_features, llama_like):
-    from adainfer.evaluate import simulate
-    from adainfer.metrics import check_flops, head_flops
+    from adainfer.calibrate.evaluate import simulate
+    from adainfer.calibrate.metrics import check_flops, head_flops
 
     test = make_features(50, seed=3)
     test.prompt_lengths[:] = 64  # equal lengths: FLOPs saved is the layer saving minus overheads

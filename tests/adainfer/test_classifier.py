@@ -9,7 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from adainfer.classifier import ClassifierFileError, ModelIdentity, StopClassifier, fit_linear
+from adainfer.calibrate.classifier import ClassifierFileError, ModelIdentity, StopClassifier, fit_linear
+from adainfer.models import exit_head_for
+from adainfer.runtime.policy import ClassifierPolicy
 
 from adainfer_kernels.head import ExitHead, LinearScore
 from adainfer_kernels.reference import exit_head_ref
@@ -248,7 +250,7 @@ def test_constructor_refuses_nan_weights():
         _clf(threshold=float("inf"))
 
 
-def test_exit_head_for_a_layer_carries_the_label_subset_and_bias():
+def test_policy_head_for_a_layer_carries_the_label_subset_and_bias():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2)
@@ -260,9 +262,11 @@ def test_exit_head_for_a_layer_carries_the_label_subset_and_bias():
         label_bias=((0.1, -0.1), (0.2, -0.2), (0.3, -0.3)),
     )
     clf.check_compatible(model)
-    head = clf.exit_head(model, 2)
+    # The runtime's policy is the one place a per-layer head is built.
+    head, score = ClassifierPolicy(clf).head_and_score(2, exit_head_for(model))
     assert head.vocab_subset.tolist() == [7, 42] and head.norm == "rms"
     np.testing.assert_allclose(head.subset_bias.numpy(), [0.2, -0.2], rtol=1e-6)
+    assert score == clf.linear_score(2)
     with torch.inference_mode():
-        sig = exit_head_ref(torch.randn(3, 16), head, clf.linear_score(2))
+        sig = exit_head_ref(torch.randn(3, 16), head, score)
     assert set(sig.argmax.tolist()) <= {7, 42} and sig.score.shape == (3,)

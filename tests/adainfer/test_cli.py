@@ -6,7 +6,9 @@ import sys
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adainfer.cli", *args], capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "adainfer.app.cli", *args], capture_output=True, text=True, timeout=900
+    )
 
 
 def test_info_json_reports_versions_and_backends():

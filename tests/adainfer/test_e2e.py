@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from adainfer.classifier import StopClassifier
-from adainfer.cli import main
-from adainfer.evaluate import METRIC_KEYS
-from adainfer.pipeline import NOT_MEASURED, TABLE_COLUMNS, RunSettings, run_demo
+from adainfer.app.cli import main
+from adainfer.app.pipeline import NOT_MEASURED, TABLE_COLUMNS, RunSettings, run_demo
+from adainfer.calibrate.classifier import StopClassifier
+from adainfer.calibrate.evaluate import METRIC_KEYS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from adainfer.features import (
+from adainfer.calibrate.features import (
     LayerFeatures,
     collect_features,
     label_margin,
@@ -14,7 +14,7 @@ from adainfer.features import (
     label_signals,
     vocab_label_pred,
 )
-from adainfer.heads import exit_head_for
+from adainfer.models import exit_head_for
 
 from adainfer_kernels.reference import exit_head_ref, head_logits_ref
 

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 import pytest
-from adainfer.tasks import (
+from adainfer.app.tasks import (
     TEMPLATES,
     balanced_splits,
     draw_demonstrations,

@@ -16,7 +16,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def bundled():
-    from adainfer.models import load_bundled
+    from adainfer.app.loading import load_bundled
 
     return load_bundled()
 

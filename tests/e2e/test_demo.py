@@ -10,7 +10,7 @@ import pytest
 @pytest.mark.slow
 def test_demo_quick_prints_the_table_and_writes_results(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "adainfer.cli", "demo", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "adainfer.app.cli", "demo", "--quick", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=1200,

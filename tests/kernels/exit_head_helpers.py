@@ -1,6 +1,6 @@
 """Shared helpers of the exit-head tests (CPU interpreter tests and the GPU tests).
 
-Tolerances (CONVENTIONS.md, FlashAttention's rule): on top_prob, gap and score the error of a
+Tolerances (docs/architecture.md, "Tests"; FlashAttention's rule): on top_prob, gap and score the error of a
 backend against an accurate reference is at most 2x PyTorch's own error in the same dtype
 (``exit_head_ref(..., upcast=False)``, Hugging Face's numerics) plus ATOL. The accurate reference
 is the fp32 ``exit_head_ref`` for bf16/fp16 inputs and an fp64 evaluation for fp32 inputs (against
@@ -21,7 +21,7 @@ from adainfer_kernels.reference import apply_norm_ref, exit_head_ref, head_logit
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ATOL = 1e-5  # probabilities and scores live in [0, 1] and O(1)
 NEAR_TIE = 4.0
-CLS = LinearScore(w_top_prob=1.5, w_gap=-2.0, bias=0.25)
+SCORE = LinearScore(w_top_prob=1.5, w_gap=-2.0, bias=0.25)
 
 
 def make_head(
@@ -92,10 +92,10 @@ def _double_head(head: ExitHead) -> ExitHead:
     )
 
 
-def accurate_reference(hidden: torch.Tensor, head: ExitHead, cls: LinearScore | None) -> ExitSignals:
+def accurate_reference(hidden: torch.Tensor, head: ExitHead, score: LinearScore | None) -> ExitSignals:
     if hidden.dtype != torch.float32:
-        return exit_head_ref(hidden, head, cls)
-    ref = exit_head_ref(hidden.double(), _double_head(head), cls, upcast=False)
+        return exit_head_ref(hidden, head, score)
+    ref = exit_head_ref(hidden.double(), _double_head(head), score, upcast=False)
     f = lambda t: None if t is None else t.float()
     return ExitSignals(f(ref.top_prob), f(ref.gap), ref.argmax, f(ref.score))
 
@@ -127,14 +127,14 @@ def _err_report(name: str, err: torch.Tensor, err_torch: torch.Tensor, bound: fl
     )
 
 
-def check_signals(got: ExitSignals, hidden: torch.Tensor, head: ExitHead, cls: LinearScore | None) -> None:
+def check_signals(got: ExitSignals, hidden: torch.Tensor, head: ExitHead, score: LinearScore | None) -> None:
     """got vs the accurate reference under the 2x-PyTorch rule; argmax exact off near-ties."""
-    ref = accurate_reference(hidden, head, cls)
-    own = exit_head_ref(hidden, head, cls, upcast=False)
+    ref = accurate_reference(hidden, head, score)
+    own = exit_head_ref(hidden, head, score, upcast=False)
     n = hidden.shape[0]
     assert got.top_prob.shape == (n,) and got.top_prob.dtype == torch.float32
     assert got.gap.dtype == torch.float32 and got.argmax.dtype == torch.int64
-    assert (got.score is None) == (cls is None)
+    assert (got.score is None) == (score is None)
     for name in ("top_prob", "gap", "score"):
         a, r, o = getattr(got, name), getattr(ref, name), getattr(own, name)
         if r is None:
@@ -155,7 +155,7 @@ def check_signals(got: ExitSignals, hidden: torch.Tensor, head: ExitHead, cls: L
     )
 
 
-def hf_numerics_signals(hidden: torch.Tensor, head: ExitHead, cls: LinearScore | None) -> ExitSignals:
+def hf_numerics_signals(hidden: torch.Tensor, head: ExitHead, score: LinearScore | None) -> ExitSignals:
     """Hugging Face's norm (rounded to the model dtype) and fp32 logits: what the fused paths compute."""
     x = apply_norm_ref(hidden, head, upcast=False).double()
     w = head.weight if head.vocab_subset is None else head.weight[head.vocab_subset]
@@ -165,4 +165,4 @@ def hf_numerics_signals(hidden: torch.Tensor, head: ExitHead, cls: LinearScore |
     top, gap, pos = signals_from_logits(z)
     argmax = pos if head.vocab_subset is None else head.vocab_subset[pos]
     top, gap = top.float(), gap.float()
-    return ExitSignals(top, gap, argmax, cls(top, gap) if cls is not None else None)
+    return ExitSignals(top, gap, argmax, score(top, gap) if score is not None else None)

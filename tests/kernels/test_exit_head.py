@@ -18,8 +18,8 @@ import sys
 import pytest
 import torch
 from exit_head_helpers import (
-    CLS,
     DTYPES,
+    SCORE,
     check_signals,
     hf_numerics_signals,
     make_head,
@@ -38,14 +38,18 @@ HAS_NATIVE = {dt: _native_supports(dt) for dt in (torch.float32, torch.bfloat16)
 CPU_IMPLS = ["torch"] + (["native"] if any(HAS_NATIVE.values()) else [])
 
 
-def run_backend(backend: str, hidden: torch.Tensor, head: ExitHead, cls: LinearScore | None, **kw) -> ExitSignals:
+def run_backend(backend: str, hidden: torch.Tensor, head: ExitHead, score: LinearScore | None, **kw) -> ExitSignals:
     if backend in ("splitv", "rowtile"):
-        return exit_head_triton(hidden, head, cls, variant=backend, **kw)
+        return exit_head_triton(hidden, head, score, variant=backend, **kw)
     if backend in ("native", "torch"):
+        compute = torch.bfloat16 if head.weight.dtype == torch.bfloat16 else torch.float32
+        if backend == "native" and not HAS_NATIVE[compute]:
+            # e.g. bf16 needs AMX or a brgemm bf16 kernel, which some CPUs (AMD EPYC here) lack
+            pytest.skip(f"the native CPU exit head has no brgemm for {compute} on this CPU")
         with torch.inference_mode():
-            return _exit_head_cpu(hidden, head, cls, impl=backend)
+            return _exit_head_cpu(hidden, head, score, impl=backend)
     if backend == "reference":
-        return exit_head_ref(hidden, head, cls)
+        return exit_head_ref(hidden, head, score)
     raise ValueError(backend)
 
 
@@ -58,7 +62,7 @@ _SWEEP = list(itertools.product(("splitv", "rowtile"), ("fp32", "fp16", "bf16"),
 
 
 def _sweep_case(i: int, variant: str, dt: str, norm: str) -> tuple:
-    # Every R, d and V value meets every variant, dtype and norm; subset and classifier alternate.
+    # Every R, d and V value meets every variant, dtype and norm; subset and score alternate.
     n_rows = (1, 3, 17)[i % 3]
     d = (64, 96)[(i // 3) % 2]
     n_vocab = (1000, 3001)[(i // 2) % 2]
@@ -67,17 +71,17 @@ def _sweep_case(i: int, variant: str, dt: str, norm: str) -> tuple:
 
 
 @pytest.mark.parametrize(
-    "variant,dt,norm,n_rows,d,n_vocab,subset,with_cls",
+    "variant,dt,norm,n_rows,d,n_vocab,subset,with_score",
     [_sweep_case(i, *c) for i, c in enumerate(_SWEEP)],
     ids=lambda v: str(v),
 )
-def test_triton_matches_reference(variant, dt, norm, n_rows, d, n_vocab, subset, with_cls):
+def test_triton_matches_reference(variant, dt, norm, n_rows, d, n_vocab, subset, with_score):
     dtype = DTYPES[dt]
     head = make_head(d, n_vocab, dtype, norm, subset=subset, bias=subset is not None, seed=n_rows + d)
     hidden = make_hidden(n_rows, head, dtype)
-    cls = CLS if with_cls else None
-    got = exit_head_triton(hidden, head, cls, variant=variant)
-    check_signals(got, hidden, head, cls)
+    score = SCORE if with_score else None
+    got = exit_head_triton(hidden, head, score, variant=variant)
+    check_signals(got, hidden, head, score)
 
 
 @pytest.mark.parametrize("variant", ["splitv", "rowtile"])
@@ -88,8 +92,8 @@ def test_triton_reproduces_hf_rounding_exactly(variant, dt, norm):
     dtype = DTYPES[dt]
     head = make_head(96, 1000, dtype, norm, logit_scale=6.0, seed=3)
     hidden = make_hidden(5, head, dtype, seed=4)
-    got = exit_head_triton(hidden, head, CLS, variant=variant)
-    want = hf_numerics_signals(hidden, head, CLS)
+    got = exit_head_triton(hidden, head, SCORE, variant=variant)
+    want = hf_numerics_signals(hidden, head, SCORE)
     for name in ("top_prob", "gap", "score"):
         err = (getattr(got, name) - getattr(want, name)).abs().max().item()
         assert err <= 2e-5, f"{name}: max err {err:.3e} vs HF-rounded fp32-logit reference"
@@ -103,7 +107,7 @@ def test_triton_project_out(variant, dt, norm):
     head = make_head(64, 1000, dtype, norm, d_in=96, seed=5)
     assert head.hidden_size == 96
     hidden = make_hidden(3 if variant == "splitv" else 17, head, dtype)
-    check_signals(exit_head_triton(hidden, head, CLS, variant=variant), hidden, head, CLS)
+    check_signals(exit_head_triton(hidden, head, SCORE, variant=variant), hidden, head, SCORE)
 
 
 @pytest.mark.parametrize("variant", ["splitv", "rowtile"])
@@ -112,7 +116,7 @@ def test_triton_split_counts_agree(variant, n_splits):
     """1 split, a few, and one tile per split (the most partials) all give the reference."""
     head = make_head(64, 3001, torch.float16, "rms", subset=700, bias=True, seed=6)
     hidden = make_hidden(3, head, torch.float16)
-    check_signals(exit_head_triton(hidden, head, CLS, variant=variant, n_splits=n_splits), hidden, head, CLS)
+    check_signals(exit_head_triton(hidden, head, SCORE, variant=variant, n_splits=n_splits), hidden, head, SCORE)
 
 
 def test_triton_unaligned_layout_uses_small_tiles():
@@ -121,7 +125,7 @@ def test_triton_unaligned_layout_uses_small_tiles():
     head = make_head(97, 1000, torch.bfloat16, "rms", seed=7)
     for n_rows, variant in ((2, "splitv"), (17, "rowtile")):
         hidden = make_hidden(n_rows, head, torch.bfloat16)
-        check_signals(exit_head_triton(hidden, head, CLS, variant=variant), hidden, head, CLS)
+        check_signals(exit_head_triton(hidden, head, SCORE, variant=variant), hidden, head, SCORE)
 
 
 # ---- the CPU paths ----
@@ -149,7 +153,7 @@ def test_cpu_path_real_sizes(impl, dt, norm, n_rows, d, n_vocab):
     dtype = DTYPES[dt]
     head = _real_head(d, n_vocab, dtype, norm)
     hidden = make_hidden(n_rows, head, dtype)
-    check_signals(run_backend(impl, hidden, head, CLS), hidden, head, CLS)
+    check_signals(run_backend(impl, hidden, head, SCORE), hidden, head, SCORE)
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
@@ -160,17 +164,17 @@ def test_cpu_path_small_shapes(impl, dt, norm):
     for n_rows, d, n_vocab, subset in ((1, 64, 1000, None), (3, 96, 3001, 37), (17, 97, 130, 65), (70, 64, 5000, None)):
         head = make_head(d, n_vocab, dtype, norm, subset=subset, bias=subset is not None, seed=n_rows)
         hidden = make_hidden(n_rows, head, dtype)
-        check_signals(run_backend(impl, hidden, head, CLS), hidden, head, CLS)
+        check_signals(run_backend(impl, hidden, head, SCORE), hidden, head, SCORE)
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_cpu_project_out_and_hf_rounding(impl):
     head = make_head(64, 2000, torch.bfloat16, "layer", d_in=96, seed=8)
     hidden = make_hidden(9, head, torch.bfloat16)
-    check_signals(run_backend(impl, hidden, head, CLS), hidden, head, CLS)
+    check_signals(run_backend(impl, hidden, head, SCORE), hidden, head, SCORE)
     head = make_head(96, 1000, torch.bfloat16, "rms", logit_scale=6.0, seed=3)
     hidden = make_hidden(5, head, torch.bfloat16, seed=4)
-    got, want = run_backend(impl, hidden, head, CLS), hf_numerics_signals(hidden, head, CLS)
+    got, want = run_backend(impl, hidden, head, SCORE), hf_numerics_signals(hidden, head, SCORE)
     assert (got.top_prob - want.top_prob).abs().max().item() <= 2e-5
     assert torch.equal(got.argmax, want.argmax)
 
@@ -245,14 +249,14 @@ def test_exact_ties_pick_the_lower_position_with_gap_zero(backend, dt, monkeypat
     # (5, 200); in different splits / tasks / chunks (4500, 5); three-way (4999, 2048, 77).
     for tied in ((5, 6), (200, 5), (4500, 5), (4999, 2048, 77)):
         head, hidden = _tie_head(dtype, 5000, tied)
-        got = run_backend(backend, hidden, head, CLS)
+        got = run_backend(backend, hidden, head, SCORE)
         assert got.argmax.tolist() == [min(tied)] * 2, f"{backend} {tied}: {got.argmax.tolist()}"
         assert got.gap.tolist() == [0.0, 0.0], f"{backend} {tied}: gap {got.gap.tolist()}"
-        ref = exit_head_ref(hidden, head, CLS)
+        ref = exit_head_ref(hidden, head, SCORE)
         torch.testing.assert_close(got.top_prob, ref.top_prob, rtol=1e-5, atol=1e-6)
     # With a subset the lower subset position wins (id 4500 is listed before id 5).
     head, hidden = _tie_head(dtype, 5000, (5, 4500), subset=torch.tensor([9, 4500, 77, 5, 1000]))
-    got = run_backend(backend, hidden, head, CLS)
+    got = run_backend(backend, hidden, head, SCORE)
     assert got.argmax.tolist() == [4500, 4500] and got.gap.tolist() == [0.0, 0.0]
 
 
@@ -261,7 +265,7 @@ def test_single_candidate_gives_gap_equal_to_top_prob(backend):
     head = make_head(64, 1000, torch.float32, "rms", seed=11)
     head = ExitHead(**{**head.__dict__, "vocab_subset": torch.tensor([321]), "subset_bias": torch.tensor([0.5])})
     hidden = make_hidden(3, head, torch.float32)
-    got = run_backend(backend, hidden, head, CLS)
+    got = run_backend(backend, hidden, head, SCORE)
     assert got.top_prob.tolist() == [1.0] * 3 and got.gap.tolist() == [1.0] * 3
     assert got.argmax.tolist() == [321] * 3
     torch.testing.assert_close(got.score, torch.full((3,), 1.5 - 2.0 + 0.25))
@@ -275,13 +279,13 @@ def test_non_finite_rows_get_nan_signals_and_argmax_minus_one(backend):
     hidden[1, 3] = float("nan")
     hidden[2, 0] = float("inf")
     hidden[4, 63] = float("-inf")
-    got = run_backend(backend, hidden, head, CLS)
+    got = run_backend(backend, hidden, head, SCORE)
     bad = [1, 2, 4]
     assert got.argmax[bad].tolist() == [-1, -1, -1]
     for t in (got.top_prob, got.gap, got.score):
         assert torch.isnan(t[bad]).all() and not torch.isnan(t[[0, 3, 5]]).any()
     good = [0, 3, 5]
-    want = exit_head_ref(hidden[good], head, CLS)
+    want = exit_head_ref(hidden[good], head, SCORE)
     torch.testing.assert_close(got.top_prob[good], want.top_prob, rtol=0, atol=2e-2)
     assert (got.argmax[good] >= 0).all()
 
@@ -290,7 +294,7 @@ def test_non_finite_rows_get_nan_signals_and_argmax_minus_one(backend):
 def test_all_candidates_at_minus_inf_give_nan(backend):
     head = make_head(64, 1000, torch.float32, "none", subset=3, seed=13)
     head = ExitHead(**{**head.__dict__, "subset_bias": torch.full((3,), float("-inf"))})
-    got = run_backend(backend, make_hidden(2, head, torch.float32), head, CLS)
+    got = run_backend(backend, make_hidden(2, head, torch.float32), head, SCORE)
     assert torch.isnan(got.top_prob).all() and torch.isnan(got.gap).all() and torch.isnan(got.score).all()
 
 
@@ -298,7 +302,7 @@ def test_all_candidates_at_minus_inf_give_nan(backend):
 def test_empty_rows_return_empty_signals(backend):
     head = make_head(64, 1000, torch.float16, "layer", seed=14)
     hidden = torch.empty(0, 64, dtype=torch.float16)
-    got = exit_head(hidden, head, CLS) if backend == "public" else run_backend(backend, hidden, head, CLS)
+    got = exit_head(hidden, head, SCORE) if backend == "public" else run_backend(backend, hidden, head, SCORE)
     assert len(got) == 0 and got.score is not None and got.score.shape == (0,)
     assert got.argmax.dtype == torch.int64 and got.top_prob.dtype == torch.float32
     assert exit_head(hidden, head).score is None
@@ -312,8 +316,8 @@ def test_strided_hidden(backend):
     last = h3[:, -1]  # the layer loop's view: row stride 7 * 64
     transposed = torch.randn(64, 5, generator=g).t()  # unit stride along rows, not along d
     for hidden in (last, transposed):
-        got = run_backend(backend, hidden, head, CLS)
-        want = run_backend(backend, hidden.contiguous(), head, CLS)
+        got = run_backend(backend, hidden, head, SCORE)
+        want = run_backend(backend, hidden.contiguous(), head, SCORE)
         torch.testing.assert_close(got.top_prob, want.top_prob, rtol=0, atol=1e-6)
         assert torch.equal(got.argmax, want.argmax)
 
@@ -325,16 +329,16 @@ def test_public_exit_head_on_cpu_uses_the_cpu_path_and_inference_mode(monkeypatc
     seen = {}
     real = exit_head_mod._exit_head_cpu
 
-    def spy(hidden, head, classifier=None, impl="auto"):
+    def spy(hidden, head, score=None, impl="auto"):
         seen["inference"] = torch.is_inference_mode_enabled()
-        return real(hidden, head, classifier, impl)
+        return real(hidden, head, score, impl)
 
     monkeypatch.setattr(exit_head_mod, "_exit_head_cpu", spy)
     head = make_head(64, 1000, torch.float32, "rms", seed=17)
     hidden = make_hidden(4, head, torch.float32)
-    got = exit_head(hidden, head, CLS)
+    got = exit_head(hidden, head, SCORE)
     assert seen == {"inference": True}
-    check_signals(got, hidden, head, CLS)
+    check_signals(got, hidden, head, SCORE)
 
 
 def test_forced_reference_backend(monkeypatch):
@@ -356,14 +360,14 @@ def test_check_helper_can_fail():
     """The tolerance rule is not vacuous: a 1e-3 error in top_prob or a wrong argmax is caught."""
     head = make_head(64, 1000, torch.float32, "rms", seed=19)
     hidden = make_hidden(4, head, torch.float32)
-    good = exit_head(hidden, head, CLS)
-    check_signals(good, hidden, head, CLS)
+    good = exit_head(hidden, head, SCORE)
+    check_signals(good, hidden, head, SCORE)
     off = ExitSignals(good.top_prob + 1e-3, good.gap, good.argmax, good.score)
     with pytest.raises(AssertionError, match="top_prob: max err"):
-        check_signals(off, hidden, head, CLS)
+        check_signals(off, hidden, head, SCORE)
     wrong = ExitSignals(good.top_prob, good.gap, (good.argmax + 1) % 1000, good.score)
     with pytest.raises(AssertionError, match="argmax differs"):
-        check_signals(wrong, hidden, head, CLS)
+        check_signals(wrong, hidden, head, SCORE)
 
 
 # ---- bad input: a clear error before any work, on every entry point ----
@@ -435,8 +439,8 @@ BAD_INPUTS = {
         TypeError,
         "fp32",
     ),
-    "classifier_type": (lambda h, hd: (h, hd, (1.0, 2.0, 0.0)), TypeError, "LinearScore"),
-    "classifier_nan": (lambda h, hd: (h, hd, LinearScore(float("nan"), 1.0, 0.0)), ValueError, "finite"),
+    "score_type": (lambda h, hd: (h, hd, (1.0, 2.0, 0.0)), TypeError, "LinearScore"),
+    "score_nan": (lambda h, hd: (h, hd, LinearScore(float("nan"), 1.0, 0.0)), ValueError, "finite"),
 }
 
 

@@ -7,7 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from adainfer_kernels.aot import ARCHS, compile_kernels
-from adainfer_kernels.exit_head_triton import VARIANTS, aot_configs, aot_specs, pick_config
+from adainfer_kernels.exit_head_aot import aot_configs, aot_specs
+from adainfer_kernels.exit_head_triton import VARIANTS, pick_config
 
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}  # dynamic shared memory per block
 

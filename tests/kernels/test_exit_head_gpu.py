@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from exit_head_helpers import CLS, DTYPES, check_signals, make_head, make_hidden
+from exit_head_helpers import DTYPES, SCORE, check_signals, make_head, make_hidden
 
 from adainfer_kernels import exit_head
 from adainfer_kernels.exit_head_triton import exit_head_triton
@@ -49,9 +49,9 @@ REAL_CASES = [
 def test_real_shapes_public_entry(d, n_vocab, dt, n_rows):
     head = _head(d, n_vocab, dt)
     hidden = make_hidden(n_rows, head, DTYPES[dt])
-    got = exit_head(hidden, head, CLS)
+    got = exit_head(hidden, head, SCORE)
     assert got.top_prob.is_cuda
-    check_signals(got, hidden, head, CLS)
+    check_signals(got, hidden, head, SCORE)
 
 
 @pytest.mark.parametrize("variant", ["splitv", "rowtile"])
@@ -60,17 +60,17 @@ def test_real_shapes_public_entry(d, n_vocab, dt, n_rows):
 def test_both_variants_every_norm(variant, n_rows, norm):
     head = _head(576, 49152, "bf16", norm)
     hidden = make_hidden(n_rows, head, torch.bfloat16)
-    check_signals(exit_head_triton(hidden, head, CLS, variant=variant), hidden, head, CLS)
+    check_signals(exit_head_triton(hidden, head, SCORE, variant=variant), hidden, head, SCORE)
 
 
 @pytest.mark.parametrize("variant", ["splitv", "rowtile"])
 def test_subset_bias_project_out_unaligned(variant):
     head = make_head(1024, 50272, torch.float16, "layer", d_in=2048, subset=5000, bias=True, seed=1, device="cuda")
     hidden = make_hidden(9, head, torch.float16)
-    check_signals(exit_head_triton(hidden, head, CLS, variant=variant), hidden, head, CLS)
+    check_signals(exit_head_triton(hidden, head, SCORE, variant=variant), hidden, head, SCORE)
     head = make_head(769, 32003, torch.bfloat16, "rms", seed=2, device="cuda")  # d, V not multiples of 16
     hidden = make_hidden(5, head, torch.bfloat16)
-    check_signals(exit_head_triton(hidden, head, CLS, variant=variant), hidden, head, CLS)
+    check_signals(exit_head_triton(hidden, head, SCORE, variant=variant), hidden, head, SCORE)
 
 
 @pytest.mark.parametrize("variant", ["splitv", "rowtile"])
@@ -84,11 +84,11 @@ def test_ties_and_non_finite_rows(variant):
     hidden[:, :4] = torch.tensor([1.0, 2.0, 3.0, 1.0], device="cuda")
     hidden[2, 5] = float("nan")
     head = ExitHead(weight=w.bfloat16(), norm="none")
-    got = exit_head_triton(hidden.bfloat16(), head, CLS, variant=variant)
+    got = exit_head_triton(hidden.bfloat16(), head, SCORE, variant=variant)
     assert got.argmax.tolist() == [7, 7, -1, 7]
     assert got.gap[[0, 1, 3]].tolist() == [0.0, 0.0, 0.0]
     assert torch.isnan(got.top_prob[2]) and torch.isnan(got.score[2])
-    ref = exit_head_ref(hidden.bfloat16()[[0]], head, CLS)
+    ref = exit_head_ref(hidden.bfloat16()[[0]], head, SCORE)
     torch.testing.assert_close(got.top_prob[[0]], ref.top_prob, rtol=1e-5, atol=1e-6)
 
 
@@ -96,10 +96,10 @@ def test_ties_and_non_finite_rows(variant):
 def test_split_counts(n_splits):
     head = _head(4096, 32000, "bf16")
     hidden = make_hidden(8, head, torch.bfloat16)
-    check_signals(exit_head_triton(hidden, head, CLS, n_splits=n_splits), hidden, head, CLS)
+    check_signals(exit_head_triton(hidden, head, SCORE, n_splits=n_splits), hidden, head, SCORE)
 
 
 def test_empty_rows():
     head = _head(576, 49152, "bf16")
-    got = exit_head(torch.empty(0, 576, dtype=torch.bfloat16, device="cuda"), head, CLS)
+    got = exit_head(torch.empty(0, 576, dtype=torch.bfloat16, device="cuda"), head, SCORE)
     assert len(got) == 0 and got.score.is_cuda

@@ -10,7 +10,7 @@ with ``demo_i = query(text_i) + label_word(label_i)``; the model's answer is the
 the prompt, read over the label tokens only. The ``k`` demonstrations are fixed per task (drawn,
 balanced, with a seed, from a pool disjoint from every evaluated split), so every prompt shares
 one prefix: the feature pass can run that prefix once and reuse its K/V cache
-(:mod:`adainfer.features`), and the content-free prompts of contextual calibration
+(:mod:`adainfer.calibrate.features`), and the content-free prompts of contextual calibration
 (Zhao et al. 2021) are well defined.
 
 Label words must be single tokens *in context*: ``tokenizer(query + word)`` must equal
@@ -80,7 +80,7 @@ class PromptTemplate:
         return self.instruction.replace("{labels}", ", ".join(label_names)).replace("{words}", words)
 
 
-# Templates tried by bench/prompt_search.py (results in bench/results/prompt_search.md).
+# Templates tried by research/prompt_search.py (results in research/prompt_search.md).
 TEMPLATES: dict[str, PromptTemplate] = {
     "plain": PromptTemplate(name="plain", query="Tweet: {text}\nSentiment:"),
     "instruct": PromptTemplate(
@@ -432,7 +432,7 @@ def tweet_sentiment(
         sizes: total examples per split; default 300 each for calibration / heldout / test.
         min_confidence: keep rows whose annotator confidence is at least this. The default 1.0
             keeps only the tweets every annotator agreed on (the crowd labels of the rest are
-            noisy; bench/results/prompt_search.md); 0 keeps all.
+            noisy; research/prompt_search.md); 0 keeps all.
         seed: the seed of every draw.
         max_chars: longest text kept (characters).
         n_demo_pool: demonstration candidates per class, disjoint from the splits.

@@ -29,15 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adainfer_kernels.head import LinearScore
+from adainfer_kernels.head import ALWAYS_STOP, NEVER_STOP, LinearScore
 
 FORMAT = "adainfer.StopClassifier"
 FORMAT_VERSION = 1
 METHODS = ("svm", "logreg", "gap")
 TARGETS = ("consistency", "gold")
 VOCAB_MODES = ("labels", "full")
-_NEVER = LinearScore(w_top_prob=0.0, w_gap=0.0, bias=-1.0)  # score -1 (or NaN): never stops
-_ALWAYS = LinearScore(w_top_prob=0.0, w_gap=0.0, bias=1.0)
 
 
 class ClassifierFileError(ValueError):
@@ -135,9 +133,9 @@ class StopClassifier:
         """
         self._check_layer(layer)
         if layer == self.n_layers:
-            return _ALWAYS
+            return ALWAYS_STOP
         if layer not in self.checked_layers:
-            return _NEVER
+            return NEVER_STOP
         bias = self.intercept + self.w_layer * layer - self.threshold
         return LinearScore(w_top_prob=float(self.w_top_prob), w_gap=float(self.w_gap), bias=float(bias))
 
@@ -154,12 +152,6 @@ class StopClassifier:
         if self.vocab_mode != "labels":
             return None
         return torch.tensor(self.label_token_ids, dtype=torch.int64)
-
-    def exit_head(self, model, layer: int):
-        """The model's ``ExitHead`` for ``layer`` (label subset and that layer's bias)."""
-        from adainfer.heads import exit_head_for
-
-        return exit_head_for(model, vocab_subset=self.vocab_subset, subset_bias=self.subset_bias(layer))
 
     def check_compatible(self, model) -> None:
         """Raise ValueError when ``model`` is not the kind of model this classifier was fitted for."""

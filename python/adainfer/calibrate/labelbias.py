@@ -20,7 +20,7 @@ of q_k (all label-free: none uses the gold labels):
 
 On the bundled tweet task ``balanced`` gave the best final-layer accuracy in every unanimous-label
 configuration of the prompt search, then ``mean``, then ``content-free``
-(bench/results/prompt_search.md); ``auto`` picks ``balanced`` for two labels, else ``mean``.
+(research/prompt_search.md); ``auto`` picks ``balanced`` for two labels, else ``mean``.
 
 Each bias is returned as an (L, K) float64 array with zero mean over K (a softmax is unchanged by a
 constant shift).
@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from adainfer.features import LayerFeatures, label_probs
+from adainfer.calibrate.features import LayerFeatures, label_probs
 
 BIAS_METHODS = ("none", "content-free", "mean", "balanced")
-DEFAULT_BIAS = "auto"  # balanced for two labels, else mean (bench/results/prompt_search.md)
+DEFAULT_BIAS = "auto"  # balanced for two labels, else mean (research/prompt_search.md)
 
 
 def resolve_bias_method(method: str, n_labels: int) -> str:

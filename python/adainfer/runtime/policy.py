@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from adainfer_kernels.head import ExitHead, ExitSignals, LinearScore
+from adainfer_kernels.head import NEVER_STOP, ExitHead, ExitSignals, LinearScore
 
 
 class ExitPolicy(Protocol):
@@ -93,7 +93,7 @@ class NeverExit(LinearScorePolicy):
     """Runs the full-vocabulary exit head at the given layers but never stops a row."""
 
     def __init__(self, layers: frozenset[int]) -> None:
-        super().__init__(LinearScore(0.0, 0.0, -1.0), layers)
+        super().__init__(NEVER_STOP, layers)
 
 
 class ForcedExits:

@@ -32,10 +32,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from adainfer.calibration import gold_answer, layer_signals
-from adainfer.classifier import StopClassifier
-from adainfer.features import LayerFeatures, label_margin
-from adainfer.metrics import (
+from adainfer.calibrate.classifier import StopClassifier
+from adainfer.calibrate.features import LayerFeatures, label_margin
+from adainfer.calibrate.fit import gold_answer, layer_signals
+from adainfer.calibrate.metrics import (
     check_flops,
     head_flops,
     layer_flops,

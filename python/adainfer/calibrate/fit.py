@@ -1,6 +1,6 @@
 """Fitting a stop classifier on a task and choosing its threshold under a disagreement budget.
 
-1. Label bias (label mode): b (L, K) from the calibration split (:mod:`adainfer.labelbias`).
+1. Label bias (label mode): b (L, K) from the calibration split (:mod:`adainfer.calibrate.labelbias`).
 2. Fit (calibration split): one row per (example, layer k < L) with features (p1, g[, k]) of the
    exit head (label tokens + b_k, or the full vocabulary) and target y = [answer at k == target],
    the target being the full model's (equally corrected) answer (``consistency``) or the gold
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adainfer.classifier import METHODS, TARGETS, ModelIdentity, StopClassifier, fit_linear
-from adainfer.features import LayerFeatures, label_signals
-from adainfer.labelbias import estimate_label_bias, resolve_bias_method
-from adainfer.metrics import clopper_pearson_upper
+from adainfer.calibrate.classifier import METHODS, TARGETS, ModelIdentity, StopClassifier, fit_linear
+from adainfer.calibrate.features import LayerFeatures, label_signals
+from adainfer.calibrate.labelbias import estimate_label_bias, resolve_bias_method
+from adainfer.calibrate.metrics import clopper_pearson_upper
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ and we keep
     * the full-vocabulary exit-head signals: top-1 probability, gap = p1 - p2, argmax token id
       (``_decode_layer``, the one place that calls the exit head);
     * the K raw label logits z_ik, from which every label-mode quantity is derived with or without
-      a per-layer label bias b_k (K,) (see :mod:`adainfer.labelbias`):
+      a per-layer label bias b_k (K,) (see :mod:`adainfer.calibrate.labelbias`):
           p_ik = softmax(z_ik + b_k),  top_prob = max p,  gap = p(1) - p(2),  pred = argmax p,
           margin (K = 2) = (z_ik1 + b_k1) - (z_ik0 + b_k0).
       These are exactly what the fused kernel computes with ``vocab_subset = label_token_ids``
@@ -209,7 +209,7 @@ def _decode_layer(
 
 
 def _cache_kwarg(model) -> str:
-    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (FACTS.md); accept both."""
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (docs/architecture.md); accept both."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -297,7 +297,7 @@ def collect_features(
     """
     from tqdm.auto import tqdm
 
-    from adainfer.heads import exit_head_for
+    from adainfer.models import exit_head_for
 
     n = len(suffixes)
     n_layers = int(model.config.num_hidden_layers)

@@ -21,13 +21,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from adainfer.arch import arch_for
-from adainfer.config import AdaInferConfig
-from adainfer.heads import exit_head_for
-from adainfer.policy import ClassifierPolicy, ExitPolicy
-from adainfer.runtime import ExitStats, LayerLoop
+from adainfer.models import ModelFamily, exit_head_for, family_for
+from adainfer.runtime.config import AdaInferConfig
+from adainfer.runtime.loop import ExitStats, LayerLoop
+from adainfer.runtime.policy import ClassifierPolicy, ExitPolicy
 
-SUPPORTED_ATTENTION = ("eager", "sdpa")
 # transformers releases whose decoder loop and cache API the patch was written against:
 # 5.0 - 5.23 pass `past_key_values=`, 5.24+ pass `cache=` (the old name is accepted until 5.40).
 TRANSFORMERS_RANGE = ((5, 0), (5, 40))
@@ -47,13 +45,13 @@ def _check_transformers_version() -> None:
         )
 
 
-def _check_attention(config) -> None:
+def _check_attention(family: ModelFamily, config) -> None:
     """Refuse attention kinds whose masks cannot be compacted row-wise (flex's BlockMask, ...)."""
     attn = getattr(config, "_attn_implementation", None)
-    if attn not in SUPPORTED_ATTENTION:
+    if attn not in family.attention:
         raise ValueError(
-            f"attention implementation {attn!r} is not supported by the AdaInfer patch "
-            f"(supported: {', '.join(SUPPORTED_ATTENTION)}); load the model with attn_implementation='sdpa'"
+            f"attention implementation {attn!r} is not supported by the AdaInfer patch for {family.model_type} "
+            f"(supported: {', '.join(family.attention)}); load the model with attn_implementation='sdpa'"
         )
 
 
@@ -86,13 +84,13 @@ class AdaInferHandle:
         self.model = model
         self.config = config
         self.policy = policy
-        self.arch = arch_for(model)
-        self.loop = LayerLoop(model, self.arch, policy, config, exit_head_for(model))
+        self.family = family_for(model)
+        self.loop = LayerLoop(model, self.family, policy, config, exit_head_for(model))
         self.history: list[ExitStats] = []
         self.enabled = config.enabled
         self._running = False
-        self._inner = self.arch.inner(model)
-        self._layers = self.arch.layers(model)
+        self._inner = self.family.decoder(model)
+        self._layers = self.family.layers(model)
         self._saved_forward = self._inner.__dict__.get("forward")
         self.loop.on_stats = self.history.append
 
@@ -151,7 +149,7 @@ class AdaInferHandle:
                     f"{flag}=True is not supported while AdaInfer exits are enabled (rows leave the batch at "
                     "different layers); set handle.enabled = False for that call, or remove the patch"
                 )
-        _check_attention(cfg)
+        _check_attention(self.family, cfg)
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.numel() and not bool(mask[:, -1].all()):
             raise ValueError(
@@ -185,13 +183,13 @@ def apply(model: nn.Module, classifier_or_policy, config: AdaInferConfig | None 
         RuntimeError: an unsupported transformers version.
     """
     _check_transformers_version()
-    arch = arch_for(model)
+    family = family_for(model)
     if _ATTR in model.__dict__:
         raise ValueError("this model is already patched by AdaInfer: call handle.remove() (or adainfer.remove) first")
-    _check_attention(model.config)
+    _check_attention(family, model.config)
     if hasattr(classifier_or_policy, "check_compatible"):
         classifier_or_policy.check_compatible(model)
-    if not isinstance(arch.layers(model), nn.ModuleList) or type(arch.layers(model)) is not nn.ModuleList:
+    if type(family.layers(model)) is not nn.ModuleList:
         raise ValueError("the model's decoder layers are not a plain nn.ModuleList: cannot patch it")
     config = config or AdaInferConfig()
     handle = AdaInferHandle(model, _as_policy(classifier_or_policy, config), config)

@@ -29,7 +29,7 @@ def wallclock_measure(max_prompts: int | None):
     over the first ``max_prompts`` test prompts (None: all; 0: not measured)."""
     if max_prompts == 0:
         return None
-    from adainfer.wallclock import RuntimeWallclock
+    from adainfer.runtime.wallclock import RuntimeWallclock
 
     return RuntimeWallclock(max_prompts=max_prompts)
 
@@ -93,8 +93,8 @@ def _model_line(loaded) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from adainfer.models import load_bundled
-    from adainfer.pipeline import RunSettings, run_demo
+    from adainfer.app.loading import load_bundled
+    from adainfer.app.pipeline import RunSettings, run_demo
 
     t0 = time.perf_counter()
     console = _console()
@@ -133,7 +133,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _load_task(args: argparse.Namespace, sizes: dict[str, int], stored: dict | None = None):
-    from adainfer.tasks import load_task
+    from adainfer.app.tasks import load_task
 
     stored = stored or {}
 
@@ -162,10 +162,10 @@ def _load_task(args: argparse.Namespace, sizes: dict[str, int], stored: dict | N
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from adainfer.calibration import calibrate
-    from adainfer.features import collect_content_free, collect_task_features
-    from adainfer.models import load_model
-    from adainfer.pipeline import task_line
+    from adainfer.app.loading import load_model
+    from adainfer.app.pipeline import task_line
+    from adainfer.calibrate.features import collect_content_free, collect_task_features
+    from adainfer.calibrate.fit import calibrate
 
     console = _console()
     sizes = {"calibration": args.n_calibration, "heldout": args.n_heldout, "test": args.n_test}
@@ -219,11 +219,11 @@ def _jsonable(d: dict) -> dict:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from adainfer.classifier import StopClassifier
-    from adainfer.evaluate import evaluate
-    from adainfer.features import collect_task_features
-    from adainfer.models import load_model
-    from adainfer.pipeline import RunSettings, print_table, target_lines, task_line, write_outputs
+    from adainfer.app.loading import load_model
+    from adainfer.app.pipeline import RunSettings, print_table, target_lines, task_line, write_outputs
+    from adainfer.calibrate.classifier import StopClassifier
+    from adainfer.calibrate.evaluate import evaluate
+    from adainfer.calibrate.features import collect_task_features
 
     console = _console()
     clf = StopClassifier.load(args.classifier)
@@ -257,6 +257,7 @@ def _eval(args: argparse.Namespace) -> int:
         model=loaded.model,
         tokenizer=loaded.tokenizer,
         prompts=rendered.prompts("test") if measure is not None else None,
+        batch_size=args.batch_size,
     )
     variant = {"name": f"{clf.method} ({clf.bias_method} bias)", "main": True, "vocab_mode": clf.vocab_mode}
     rows = [{"variant": variant, "classifier": clf, "metrics": metrics}]
@@ -309,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--confidence", type=float, help="hold the budget at this Clopper-Pearson confidence")
     p_demo.add_argument("--bias", default="auto", choices=BIAS_CHOICES, help=BIAS_HELP)
     p_demo.add_argument("--min-confidence", type=float, default=1.0, help="keep tweets with this annotator agreement")
-    p_demo.add_argument("--template", default="plain", help="prompt template (see bench/results/prompt_search.md)")
+    p_demo.add_argument("--template", default="plain", help="prompt template (see research/prompt_search.md)")
     p_demo.add_argument("--k-shot", type=int, default=4)
     p_demo.add_argument("--n-test", type=int, help="test examples (default 300)")
     p_demo.add_argument("--batch-size", type=int, default=32)
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "info":
         return _print_info(args.json)
-    from adainfer.classifier import ClassifierFileError
+    from adainfer.calibrate.classifier import ClassifierFileError
 
     handlers = {"demo": _demo, "calibrate": _calibrate, "eval": _eval}
     try:

@@ -6,6 +6,10 @@ position only, and the full LM head over every position would dilute what the la
 batch runs once unpatched and once with the classifier, alternately, so that load on a shared
 machine hits both alike; the patch is installed once and toggled with ``handle.enabled`` (when off,
 the model runs its original code).
+
+Each batch is moved to the model's device before the clock starts, and the device is synchronised
+before each clock read (CUDA kernels run asynchronously: without it the clock would time the
+launches, not the work).
 """
 
 from __future__ import annotations
@@ -16,12 +20,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from adainfer.config import AdaInferConfig
-from adainfer.patch import patched
+from adainfer.runtime.config import AdaInferConfig
+from adainfer.runtime.patch import patched
 
 
-def padded_batches(tokenizer, prompts: list[str], batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Left-padded batches with position ids that skip the padding."""
+def padded_batches(
+    tokenizer, prompts: list[str], batch_size: int, device: torch.device | str = "cpu"
+) -> list[dict[str, torch.Tensor]]:
+    """Left-padded batches on ``device``, with position ids that skip the padding."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if tokenizer.padding_side != "left":
         raise ValueError("the tokenizer must pad on the left (tokenizer.padding_side = 'left')")
     batches = []
@@ -29,8 +37,14 @@ def padded_batches(tokenizer, prompts: list[str], batch_size: int) -> list[dict[
         enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
         mask = enc["attention_mask"]
         enc["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        batches.append(dict(enc))
+        batches.append({k: v.to(device) for k, v in enc.items()})
     return batches
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -53,14 +67,17 @@ class RuntimeWallclock:
         n = len(prompts) if self.max_prompts is None else min(self.max_prompts, len(prompts))
         if n == 0:
             raise ValueError("no prompts to time")
-        batches = padded_batches(tokenizer, list(prompts[:n]), batch_size)
+        device = model.get_input_embeddings().weight.device
+        batches = padded_batches(tokenizer, list(prompts[:n]), batch_size, device)
         full_s, ada_s, exits = 0.0, 0.0, []
         with patched(model, classifier, self.config) as handle:
 
             def run(batch, enabled: bool) -> float:
                 handle.enabled = enabled
+                synchronize(device)
                 t0 = time.perf_counter()
                 model(**batch, logits_to_keep=1)
+                synchronize(device)
                 return time.perf_counter() - t0
 
             for batch in batches[: self.warmup]:

@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from adainfer.calibration import calibrate
-from adainfer.classifier import StopClassifier
-from adainfer.evaluate import WallclockFn, evaluate, per_layer_table, simulate, threshold_sweep
-from adainfer.features import LayerFeatures, collect_content_free, collect_task_features, label_signals
-from adainfer.labelbias import BIAS_METHODS, estimate_label_bias
+from adainfer.calibrate.classifier import StopClassifier
+from adainfer.calibrate.evaluate import WallclockFn, evaluate, per_layer_table, simulate, threshold_sweep
+from adainfer.calibrate.features import LayerFeatures, collect_content_free, collect_task_features, label_signals
+from adainfer.calibrate.fit import calibrate
+from adainfer.calibrate.labelbias import BIAS_METHODS, estimate_label_bias
 
 NOT_MEASURED = "not measured"
 SWEEP_BUDGETS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
@@ -136,7 +136,7 @@ def run_variant(
         model=model,
         tokenizer=tokenizer,
         prompts=prompts,
-        batch_size=32,
+        batch_size=settings.batch_size,
     )
     return {"variant": asdict(variant), "classifier": clf, "metrics": metrics}
 
@@ -197,7 +197,7 @@ def run_demo(
     """
     from rich.console import Console
 
-    from adainfer.tasks import tweet_sentiment
+    from adainfer.app.tasks import tweet_sentiment
 
     console = console or Console(width=200)
     t0 = time.perf_counter()
@@ -425,7 +425,7 @@ def write_outputs(
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
     main_clf.save(out_dir / "classifier.json")
     if plots and has_gold:
-        from adainfer import plots as P
+        from adainfer.app import plots as P
 
         sim = simulate(test, main_clf)
         m = main["metrics"]

@@ -7,7 +7,7 @@ label-bias estimator, the AUC of the final-layer label margin, the margin's AUC 
 and the oracle pruning ratio. Estimators that look at the evaluated prompts (``mean``,
 ``balanced``) are cross-fitted over two halves, so no example calibrates its own answer.
 
-    .venv/bin/python bench/prompt_search.py --n 200 --out bench/results/prompt_search.md
+    .venv/bin/python research/prompt_search.py --n 200 --out research/prompt_search.md
 
 Results are appended to the markdown table as each configuration finishes.
 """
@@ -22,11 +22,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
-from adainfer.features import collect_content_free, collect_task_features, label_margin, label_signals
-from adainfer.labelbias import estimate_label_bias
-from adainfer.metrics import oracle_exit_layers
-from adainfer.models import load_bundled
-from adainfer.tasks import tweet_sentiment
+from adainfer.app.loading import load_bundled
+from adainfer.app.tasks import tweet_sentiment
+from adainfer.calibrate.features import collect_content_free, collect_task_features, label_margin, label_signals
+from adainfer.calibrate.labelbias import estimate_label_bias
+from adainfer.calibrate.metrics import oracle_exit_layers
 from sklearn.metrics import roc_auc_score
 
 CONFIGS = [
@@ -77,7 +77,7 @@ def _auc(feats, layer: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200, help="balanced examples per configuration")
-    ap.add_argument("--out", default="bench/results/prompt_search.md")
+    ap.add_argument("--out", default="research/prompt_search.md")
     ap.add_argument("--only", nargs="*", help="config ids to run")
     args = ap.parse_args()
     loaded = load_bundled()
@@ -87,7 +87,7 @@ def main() -> None:
     if not out.exists():
         out.write_text(
             "# Prompt search: bundled tweet sentiment on SmolLM2-135M-Instruct\n\n"
-            f"Command: `.venv/bin/python bench/prompt_search.py --n {args.n}`. Same seed (0) and "
+            f"Command: `.venv/bin/python research/prompt_search.py --n {args.n}`. Same seed (0) and "
             f"{args.n} balanced examples (the calibration split) per row, fp32, CPU.\n\n" + HEADER
         )
     for cid, template, words, k, conf, *rest in CONFIGS:

@@ -1,4 +1,4 @@
-"""The model-agnostic early-exit layer loop (DESIGN.md §1).
+"""The model-agnostic early-exit layer loop (docs/architecture.md, "Data flow").
 
 One forward pass over a batch of B rows:
 
@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from adainfer.arch import Arch
-from adainfer.config import AdaInferConfig
-from adainfer.policy import ExitPolicy
+from adainfer.models import ModelFamily
+from adainfer.runtime.config import AdaInferConfig
+from adainfer.runtime.policy import ExitPolicy
 from adainfer_kernels.compaction import compact_rows, merge_rows, scatter_rows
+from adainfer_kernels.exit_head import exit_head
 from adainfer_kernels.head import ExitHead
 
 # kwargs of a decoder layer whose dim 0 is the batch (compacted with the rows); the rest pass through.
@@ -134,13 +135,15 @@ def _rows_of(t: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
 class LayerLoop:
     """Runs the decoder layers of one model with early exits; one instance per patched model."""
 
-    def __init__(self, model: nn.Module, arch: Arch, policy: ExitPolicy, config: AdaInferConfig, head: ExitHead):
+    def __init__(
+        self, model: nn.Module, family: ModelFamily, policy: ExitPolicy, config: AdaInferConfig, head: ExitHead
+    ):
         self.model = model
-        self.arch = arch
+        self.family = family
         self.policy = policy
         self.config = config
         self.base_head = head
-        self.layers = list(arch.layers(model)._modules.values())
+        self.layers = list(family.layers(model)._modules.values())
         self.num_layers = len(self.layers)
         self.checked = frozenset(policy.layers_to_check(self.num_layers)) & config.checked_layers(self.num_layers)
         self.last_stats: ExitStats | None = None
@@ -149,12 +152,10 @@ class LayerLoop:
     def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args:
             raise TypeError("the AdaInfer layer loop expects keyword arguments after hidden_states")
-        from adainfer_kernels.exit_head import exit_head
-
         if self.config.mode == "mask":
-            out, stats = self._run_masked(hidden_states, kwargs, exit_head)
+            out, stats = self._run_masked(hidden_states, kwargs)
         else:
-            out, stats = self._run_compact(hidden_states, kwargs, exit_head)
+            out, stats = self._run_compact(hidden_states, kwargs)
         self.last_stats = stats
         if self.on_stats is not None:
             self.on_stats(stats)
@@ -162,7 +163,7 @@ class LayerLoop:
 
     # -- the check ---------------------------------------------------------------------------
     @torch.no_grad()  # a stop decision is not differentiable; the exit head refuses autograd inputs
-    def _check(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor, stats: ExitStats, exit_head):
+    def _check(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor, stats: ExitStats):
         t0 = time.perf_counter()
         head, score = self.policy.head_and_score(layer, self.base_head)
         signals = exit_head(hidden[:, -1, :], head, score)
@@ -172,7 +173,7 @@ class LayerLoop:
         return stop
 
     # -- compact mode ----------------------------------------------------------------------------
-    def _run_compact(self, h: torch.Tensor, kwargs: dict, exit_head):
+    def _run_compact(self, h: torch.Tensor, kwargs: dict):
         batch, num_layers = h.shape[0], self.num_layers
         device = h.device
         cache_key = next((k for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
@@ -186,7 +187,7 @@ class LayerLoop:
 
         def fill(layer_idx: int):
             rows, hidden, rope_rows = finished.packed()
-            k, v = self.arch.kv_fill(self.layers[layer_idx], hidden, rope_rows)
+            k, v = self.family.kv_fill(self.layers[layer_idx], hidden, rope_rows)
             return rows, k, v
 
         next_layer = 0
@@ -199,7 +200,7 @@ class LayerLoop:
             k = i + 1
             if k not in self.checked or k >= num_layers:
                 continue
-            stop = self._check(k, h, row_map, stats, exit_head)
+            stop = self._check(k, h, row_map, stats)
             if not bool(stop.any()):
                 continue
             # One compaction event: the hidden states and every batch-leading kwarg shrink together.
@@ -246,7 +247,7 @@ class LayerLoop:
         return out, stats
 
     # -- mask mode (the baseline: finished rows stay in the batch) ---------------------------------
-    def _run_masked(self, h: torch.Tensor, kwargs: dict, exit_head):
+    def _run_masked(self, h: torch.Tensor, kwargs: dict):
         batch, num_layers = h.shape[0], self.num_layers
         device = h.device
         exit_layers = torch.full((batch,), num_layers, dtype=torch.int64, device=device)
@@ -266,7 +267,7 @@ class LayerLoop:
             live = torch.nonzero(~done).squeeze(1)
             if live.numel() == 0:
                 continue
-            stop = self._check(k, h.index_select(0, live), live, stats, exit_head)
+            stop = self._check(k, h.index_select(0, live), live, stats)
             new = live[stop]
             if new.numel():
                 frozen = h.clone() if frozen is None else frozen
