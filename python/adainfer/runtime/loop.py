@@ -1,23 +1,27 @@
 """The model-agnostic early-exit layer loop (docs/architecture.md, "Data flow").
 
-One forward pass over a batch of B rows:
+One forward pass over a batch of B rows is driven by the model's own decoder loop: while a patched
+forward runs, the decoder's layer list yields L *steps* instead of its L layers. Step i receives
+exactly what the decoder passes layer i (hidden states, mask, positions, rotary embeddings, cache),
+so models whose layers receive different arguments (sliding-window layers of Gemma2, Qwen2 or
+Mistral get their own mask) need no special case, and embeddings, cache creation, masks, rotary
+embeddings and the final norm stay Hugging Face's own code:
 
-    for layer k = 1..L:
-        h = layer_k(h, mask, positions, cache)          # only the rows still active
+    step i (layer k = i + 1), compact mode:
+        kwargs <- the decoder's kwargs for layer i, restricted to the rows still active
+        h = layer_i(h, **kwargs)                        # only the rows still active
         if k is checked:
             signals = exit_head(h[:, -1])               # fused norm -> LM head -> top-2 -> score
             rows with a stop decision are finished: exit layer k, hidden state frozen
-            compact_rows(...)                           # h, mask, positions shrink to the rest
-    scatter finished rows back -> (B, T, d) -> the model's final norm and LM head, as usual
-
-The loop runs inside the model's own decoder forward (the patch makes ``layers[:n]`` yield this
-runner once), so embeddings, cache creation, masks and rotary embeddings are Hugging Face's own.
+            compact_rows(...)                           # h shrinks to the rows still active
+        if k == L: scatter finished rows back -> (B, T, d); the decoder then runs its final norm
 
 Generation: Hugging Face's ``DynamicCache`` grows every layer for the whole batch, so every layer
 must receive K/V for all B rows at every step. Rows still active compute theirs; rows that exited
-get K/V computed from their frozen exit state through that layer's input norm and k/v projections
-(+ RoPE), CALM's "state propagation". ``_RowSubsetCache`` merges the two and hands the attention
-only the active rows' history.
+get K/V computed from their frozen exit state through that layer's own input norm and k/v
+projections (+ RoPE), CALM's "state propagation" (the family's ``kv_fill``). ``_RowSubsetCache``
+merges the two and hands the attention only the active rows' history. Once every row has stopped,
+the remaining steps only fill K/V (no layer runs).
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ from adainfer_kernels.compaction import compact_rows, merge_rows, scatter_rows
 from adainfer_kernels.exit_head import exit_head
 from adainfer_kernels.head import ExitHead
 
-# kwargs of a decoder layer whose dim 0 is the batch (compacted with the rows); the rest pass through.
+# kwargs of a decoder layer whose dim 0 is the batch (restricted to the active rows); the rest pass through.
 _BATCH_KWARGS = ("attention_mask", "position_ids")
+_ROPE_KWARG = "position_embeddings"
 _CACHE_KWARGS = ("cache", "past_key_values")
 
 
@@ -75,29 +80,24 @@ class ExitStats:
 
 @dataclass
 class _Finished:
-    """Rows that exited during this pass: original ids, frozen hidden states and positions."""
+    """Rows that exited during this pass: original ids and frozen hidden states."""
 
     rows: list[torch.Tensor] = field(default_factory=list)
     hidden: list[torch.Tensor] = field(default_factory=list)
-    rope: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.rows)
 
-    def add(self, rows: torch.Tensor, hidden: torch.Tensor, rope) -> None:
+    def add(self, rows: torch.Tensor, hidden: torch.Tensor) -> None:
         self.rows.append(rows)
         self.hidden.append(hidden)
-        if rope is not None:
-            self.rope.append(rope)
 
-    def packed(self):
-        """(rows (F,), hidden (F, T, d), rope or None), concatenated over exit events."""
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows (F,), hidden (F, T, d)), concatenated over exit events (once per event)."""
         if len(self.rows) > 1:
             self.rows = [torch.cat(self.rows)]
             self.hidden = [torch.cat(self.hidden)]
-            if self.rope:
-                self.rope = [(torch.cat([c for c, _ in self.rope]), torch.cat([s for _, s in self.rope]))]
-        return self.rows[0], self.hidden[0], (self.rope[0] if self.rope else None)
+        return self.rows[0], self.hidden[0]
 
 
 class _RowSubsetCache:
@@ -125,15 +125,65 @@ class _RowSubsetCache:
         return getattr(self._cache, name)
 
 
-def _rows_of(t: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
-    """``rows`` of a batch-leading tensor; a broadcast (dim 0 == 1) is expanded to them."""
-    if t.shape[0] == batch:
-        return t.index_select(0, rows)
-    return t.expand(rows.numel(), *t.shape[1:])
+class _RowView:
+    """Rows of the decoder's batch-leading tensors, taken once per tensor and exit event.
+
+    The decoder passes every layer the same full-batch tensors (or, for models with several
+    attention kinds, one of a few): keyed by identity, each is indexed once until the rows change.
+    Broadcasts (dim 0 == 1 while the batch is larger) pass through unchanged, or are expanded
+    when ``expand``.
+    """
+
+    def __init__(self, batch: int, expand: bool) -> None:
+        self.batch = batch
+        self.expand = expand
+        self.rows: torch.Tensor | None = None
+        self._taken: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def reset(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+        self._taken.clear()
+
+    def __call__(self, t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t.shape[0] != self.batch:
+            return t.expand(self.rows.numel(), *t.shape[1:]) if self.expand else t
+        hit = self._taken.get(id(t))
+        if hit is None or hit[0] is not t:
+            hit = (t, t.index_select(0, self.rows))
+            self._taken[id(t)] = hit
+        return hit[1]
+
+
+class _LayerStep:
+    """What the decoder iterates over instead of layer i while a patched forward runs.
+
+    Calling it runs step i of the pass; attribute reads go to the real layer (decoders may read
+    e.g. ``attention_type`` off their layers).
+    """
+
+    __slots__ = ("_index", "_layer", "_pass")
+
+    def __init__(self, layer_pass: LayerPass, index: int, layer: nn.Module) -> None:
+        self._pass = layer_pass
+        self._index = index
+        self._layer = layer
+
+    def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args:
+            raise TypeError("the AdaInfer layer loop expects keyword arguments after hidden_states")
+        return self._pass.step(self._index, hidden_states, kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._layer, name)
 
 
 class LayerLoop:
-    """Runs the decoder layers of one model with early exits; one instance per patched model."""
+    """The early-exit loop of one patched model: its layers, checked layers, policy and exit head.
+
+    ``start()`` begins one forward pass (a ``LayerPass``, whose ``steps`` the decoder iterates).
+    """
 
     def __init__(
         self, model: nn.Module, family: ModelFamily, policy: ExitPolicy, config: AdaInferConfig, head: ExitHead
@@ -146,24 +196,13 @@ class LayerLoop:
         self.layers = list(family.layers(model)._modules.values())
         self.num_layers = len(self.layers)
         self.checked = frozenset(policy.layers_to_check(self.num_layers)) & config.checked_layers(self.num_layers)
-        self.last_stats: ExitStats | None = None
-        self.on_stats = None  # callback(ExitStats), set by the handle
 
-    def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args:
-            raise TypeError("the AdaInfer layer loop expects keyword arguments after hidden_states")
-        if self.config.mode == "mask":
-            out, stats = self._run_masked(hidden_states, kwargs)
-        else:
-            out, stats = self._run_compact(hidden_states, kwargs)
-        self.last_stats = stats
-        if self.on_stats is not None:
-            self.on_stats(stats)
-        return out
+    def start(self) -> LayerPass:
+        return _MaskedPass(self) if self.config.mode == "mask" else _CompactPass(self)
 
-    # -- the check ---------------------------------------------------------------------------
     @torch.no_grad()  # a stop decision is not differentiable; the exit head refuses autograd inputs
-    def _check(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor, stats: ExitStats):
+    def check(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor, stats: ExitStats) -> torch.Tensor:
+        """(A,) bool: which of the active rows (original ids ``rows``, hidden (A, T, d)) stop at ``layer``."""
         t0 = time.perf_counter()
         head, score = self.policy.head_and_score(layer, self.base_head)
         signals = exit_head(hidden[:, -1, :], head, score)
@@ -172,106 +211,161 @@ class LayerLoop:
         stats.check_seconds += time.perf_counter() - t0
         return stop
 
-    # -- compact mode ----------------------------------------------------------------------------
-    def _run_compact(self, h: torch.Tensor, kwargs: dict):
-        batch, num_layers = h.shape[0], self.num_layers
-        device = h.device
-        cache_key = next((k for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
-        cache = kwargs.get(cache_key) if cache_key else None
-        rope = kwargs.get("position_embeddings")
-        row_map = torch.arange(batch, device=device)
-        exit_layers = torch.full((batch,), num_layers, dtype=torch.int64, device=device)
-        stats = ExitStats(exit_layers=exit_layers, num_layers=num_layers, mode="compact")
-        finished = _Finished()
-        layer_kwargs = dict(kwargs)
 
-        def fill(layer_idx: int):
-            rows, hidden, rope_rows = finished.packed()
-            k, v = self.family.kv_fill(self.layers[layer_idx], hidden, rope_rows)
-            return rows, k, v
+class LayerPass:
+    """One forward pass through the loop: ``steps[i]`` stands in for layer i.
 
-        next_layer = 0
-        for i, layer in enumerate(self.layers):
-            next_layer = i + 1
-            if cache is not None and finished:
-                layer_kwargs[cache_key] = _RowSubsetCache(cache, row_map, batch, fill)
-            h = layer(h, **layer_kwargs)
-            stats.layer_rows += h.shape[0]
+    ``stats`` is set by step 0 and final once step L-1 has run (``complete``).
+    """
+
+    mode = ""
+
+    def __init__(self, loop: LayerLoop) -> None:
+        self.loop = loop
+        self.steps = [_LayerStep(self, i, layer) for i, layer in enumerate(loop.layers)]
+        self.stats: ExitStats | None = None
+        self.steps_run = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.steps_run == self.loop.num_layers
+
+    def step(self, i: int, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        if i != self.steps_run:
+            raise RuntimeError(f"the AdaInfer loop runs the layers once, in order; the decoder called layer {i} next")
+        if i == 0:
+            batch = h.shape[0]
+            exit_layers = torch.full((batch,), self.loop.num_layers, dtype=torch.int64, device=h.device)
+            self.stats = ExitStats(exit_layers=exit_layers, num_layers=self.loop.num_layers, mode=self.mode)
+            self._begin(h, kwargs)
+        out = self._step(i, h, kwargs)
+        self.steps_run = i + 1
+        return out
+
+    def _checked(self, k: int) -> bool:
+        return k in self.loop.checked and k < self.loop.num_layers
+
+    def _begin(self, h: torch.Tensor, kwargs: dict) -> None:
+        raise NotImplementedError
+
+    def _step(self, i: int, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _CompactPass(LayerPass):
+    """Finished rows leave the batch; the remaining layers run on the rows still active."""
+
+    mode = "compact"
+
+    def _begin(self, h: torch.Tensor, kwargs: dict) -> None:
+        self.batch = h.shape[0]
+        self.row_map = torch.arange(self.batch, device=h.device)  # active row -> original row
+        self.finished = _Finished()
+        self.cache_key = next((k for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+        self.active_view = _RowView(self.batch, expand=False)
+        self.finished_view = _RowView(self.batch, expand=True)
+        self._rope = None  # this step's rotary embeddings (cos, sin), for the K/V fill
+
+    def _step(self, i: int, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        self._rope = kwargs.get(_ROPE_KWARG)
+        cache = kwargs.get(self.cache_key) if self.cache_key else None
+        if self.row_map.numel() == 0:
+            # Every row has stopped: this layer only caches the finished rows' K/V.
+            if cache is not None:
+                self._fill_cache(cache, i)
+        else:
+            if self.finished:
+                kwargs = self._active_kwargs(kwargs, cache)
+            h = self.loop.layers[i](h, **kwargs)
+            self.stats.layer_rows += h.shape[0]
             k = i + 1
-            if k not in self.checked or k >= num_layers:
-                continue
-            stop = self._check(k, h, row_map, stats)
-            if not bool(stop.any()):
-                continue
-            # One compaction event: the hidden states and every batch-leading kwarg shrink together.
-            active_rope = layer_kwargs.get("position_embeddings")
-            bundle = [h] + [layer_kwargs.get(n) for n in _BATCH_KWARGS]
-            if active_rope is not None:
-                bundle += list(active_rope)
-            result = compact_rows(~stop, row_map, bundle)
-            stopped_hidden = h.index_select(0, result.finished)
-            stopped_rope = None
-            if rope is not None:
-                stopped_rope = tuple(_rows_of(t, result.finished_rows, batch) for t in rope)
-            finished.add(result.finished_rows, stopped_hidden, stopped_rope)
-            exit_layers.index_fill_(0, result.finished_rows, k)
-            h = result.tensors[0]
-            for name, t in zip(_BATCH_KWARGS, result.tensors[1 : 1 + len(_BATCH_KWARGS)], strict=True):
-                if name in layer_kwargs:
-                    layer_kwargs[name] = t
-            if active_rope is not None:
-                layer_kwargs["position_embeddings"] = tuple(result.tensors[1 + len(_BATCH_KWARGS) :])
-            row_map = result.row_map
-            if row_map.numel() == 0:
-                break
+            if self._checked(k):
+                h = self._exit(k, h)
+        if i + 1 == self.loop.num_layers:
+            return self._gather(h)
+        return h
 
-        if cache is not None and finished:
-            # Every row left before the last layer: the layers not run still need K/V for all rows.
-            for j in range(next_layer, num_layers):
-                rows, k_fill, v_fill = fill(j)
-                empty_k = k_fill.new_empty((0, *k_fill.shape[1:]))
-                empty_v = v_fill.new_empty((0, *v_fill.shape[1:]))
-                cache.update(
-                    merge_rows(empty_k, row_map, k_fill, rows, batch),
-                    merge_rows(empty_v, row_map, v_fill, rows, batch),
-                    j,
-                )
+    def _active_kwargs(self, kwargs: dict, cache) -> dict:
+        kwargs = dict(kwargs)
+        for name in _BATCH_KWARGS:
+            if name in kwargs:
+                kwargs[name] = self.active_view(kwargs[name])
+        if kwargs.get(_ROPE_KWARG) is not None:
+            kwargs[_ROPE_KWARG] = tuple(self.active_view(t) for t in kwargs[_ROPE_KWARG])
+        if cache is not None:
+            kwargs[self.cache_key] = _RowSubsetCache(cache, self.row_map, self.batch, self._fill)
+        return kwargs
 
-        if not finished:
-            return h, stats
-        rows, hidden, _ = finished.packed()
-        out = h.new_empty((batch, *h.shape[1:]))
+    def _exit(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        stop = self.loop.check(k, h, self.row_map, self.stats)
+        if not bool(stop.any()):
+            return h
+        # One compaction event: the hidden states shrink; the decoder's other batch-leading
+        # arguments are restricted to the new active rows when the next layer receives them.
+        result = compact_rows(~stop, self.row_map, [h])
+        self.finished.add(result.finished_rows, h.index_select(0, result.finished))
+        self.stats.exit_layers.index_fill_(0, result.finished_rows, k)
+        self.row_map = result.row_map
+        self.active_view.reset(self.row_map)
+        self.finished_view.reset(self.finished.packed()[0])
+        return result.tensors[0]
+
+    def _fill(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, K, V) of the finished rows for layer ``layer_idx``, from their frozen states."""
+        rows, hidden = self.finished.packed()
+        rope = None if self._rope is None else tuple(self.finished_view(t) for t in self._rope)
+        k, v = self.loop.family.kv_fill(self.loop.layers[layer_idx], hidden, rope)
+        return rows, k, v
+
+    def _fill_cache(self, cache, layer_idx: int) -> None:
+        rows, k_fill, v_fill = self._fill(layer_idx)
+        empty_k = k_fill.new_empty((0, *k_fill.shape[1:]))
+        empty_v = v_fill.new_empty((0, *v_fill.shape[1:]))
+        cache.update(
+            merge_rows(empty_k, self.row_map, k_fill, rows, self.batch),
+            merge_rows(empty_v, self.row_map, v_fill, rows, self.batch),
+            layer_idx,
+        )
+
+    def _gather(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, d): finished rows' frozen states and the active rows' outputs, in batch order."""
+        if not self.finished:
+            return h
+        rows, hidden = self.finished.packed()
+        out = hidden.new_empty((self.batch, *hidden.shape[1:]))
         scatter_rows(out, rows, hidden)
-        if row_map.numel():
-            scatter_rows(out, row_map, h)
-        return out, stats
+        if self.row_map.numel():
+            scatter_rows(out, self.row_map, h)
+        return out
 
-    # -- mask mode (the baseline: finished rows stay in the batch) ---------------------------------
-    def _run_masked(self, h: torch.Tensor, kwargs: dict):
-        batch, num_layers = h.shape[0], self.num_layers
-        device = h.device
-        exit_layers = torch.full((batch,), num_layers, dtype=torch.int64, device=device)
-        stats = ExitStats(exit_layers=exit_layers, num_layers=num_layers, mode="mask")
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-        frozen = None
-        for i, layer in enumerate(self.layers):
-            h = layer(h, **kwargs)
-            stats.layer_rows += h.shape[0]
-            if frozen is not None:
-                # Finished rows keep their exit state; the next layer sees it again (so its K/V are
-                # the state-propagated ones, exactly as in compact mode).
-                h = torch.where(done[:, None, None], frozen, h)
-            k = i + 1
-            if k not in self.checked or k >= num_layers:
-                continue
-            live = torch.nonzero(~done).squeeze(1)
-            if live.numel() == 0:
-                continue
-            stop = self._check(k, h.index_select(0, live), live, stats)
-            new = live[stop]
-            if new.numel():
-                frozen = h.clone() if frozen is None else frozen
-                frozen.index_copy_(0, new, h.index_select(0, new))
-                done.index_fill_(0, new, True)
-                exit_layers.index_fill_(0, new, k)
-        return h, stats
+
+class _MaskedPass(LayerPass):
+    """The baseline: finished rows stay in the batch with their hidden state frozen."""
+
+    mode = "mask"
+
+    def _begin(self, h: torch.Tensor, kwargs: dict) -> None:
+        self.done = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
+        self.frozen: torch.Tensor | None = None
+
+    def _step(self, i: int, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        h = self.loop.layers[i](h, **kwargs)
+        self.stats.layer_rows += h.shape[0]
+        if self.frozen is not None:
+            # Finished rows keep their exit state; the next layer sees it again (so its K/V are the
+            # state-propagated ones, exactly as in compact mode).
+            h = torch.where(self.done[:, None, None], self.frozen, h)
+        k = i + 1
+        if not self._checked(k):
+            return h
+        live = torch.nonzero(~self.done).squeeze(1)
+        if live.numel() == 0:
+            return h
+        stop = self.loop.check(k, h.index_select(0, live), live, self.stats)
+        new = live[stop]
+        if new.numel():
+            self.frozen = h.clone() if self.frozen is None else self.frozen
+            self.frozen.index_copy_(0, new, h.index_select(0, new))
+            self.done.index_fill_(0, new, True)
+            self.stats.exit_layers.index_fill_(0, new, k)
+        return h

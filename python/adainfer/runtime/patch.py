@@ -5,16 +5,18 @@
     handle.last_stats.exit_layers                       # per-row exit layers of the last call
     handle.remove()                                     # or: with adainfer.patched(model, clf): ...
 
-How it hooks in: the model's decoder forward (``LlamaModel.forward`` / ``OPTDecoder.forward``) is
-wrapped on the instance to validate the call and switch the loop on; while it runs, its layer
-list yields one callable (the ``LayerLoop``) instead of the L layers, so Hugging Face's own
-embedding, cache, mask, rotary and final-norm code run unchanged around our loop. Nothing else is
+How it hooks in: the model's decoder forward (``LlamaModel.forward``, ``OPTDecoder.forward``, ...;
+the family's ``decoder``) is wrapped on the instance to validate the call and start a pass of the
+``LayerLoop``; while it runs, in that thread, its layer list yields the pass's L steps instead of
+the L layers, so Hugging Face's own embedding, cache, mask, rotary and final-norm code run
+unchanged around our loop. Nothing else is
 touched: weights, state dict, parameters and the class stay as they are.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import types
 from collections.abc import Iterator
 
@@ -23,7 +25,7 @@ from torch import nn
 
 from adainfer.models import ModelFamily, exit_head_for, family_for
 from adainfer.runtime.config import AdaInferConfig
-from adainfer.runtime.loop import ExitStats, LayerLoop
+from adainfer.runtime.loop import ExitStats, LayerLoop, LayerPass
 from adainfer.runtime.policy import ClassifierPolicy, ExitPolicy
 
 # transformers releases whose decoder loop and cache API the patch was written against:
@@ -56,24 +58,27 @@ def _check_attention(family: ModelFamily, config) -> None:
 
 
 class _LoopLayers(nn.ModuleList):
-    """The decoder's layer list, which yields the AdaInfer loop while a patched forward runs.
+    """The decoder's layer list, which yields the steps of the running pass while a patched forward runs.
 
     Llama's decoder iterates ``self.layers[: num_hidden_layers]`` and OPT's ``enumerate(self.layers)``;
-    both see a single callable then. Indexing, ``len`` and iteration outside a forward are unchanged.
+    both see the L steps of the pass then (``runtime.loop``). Indexing, ``len`` and iteration outside
+    a forward, or in another thread, are unchanged.
     """
 
     def __getitem__(self, idx):
         handle = self.__dict__.get(_ATTR)
-        if isinstance(idx, slice) and handle is not None and handle._running:
+        layer_pass = handle._pass() if handle is not None else None
+        if isinstance(idx, slice) and layer_pass is not None:
             if idx.step not in (None, 1) or (idx.start or 0) != 0 or (idx.stop is not None and idx.stop < len(self)):
                 raise RuntimeError(f"the AdaInfer loop runs all layers; the decoder asked for layers[{idx}]")
-            return [handle.loop]
+            return list(layer_pass.steps)
         return super().__getitem__(idx)
 
     def __iter__(self):
         handle = self.__dict__.get(_ATTR)
-        if handle is not None and handle._running:
-            return iter([handle.loop])
+        layer_pass = handle._pass() if handle is not None else None
+        if layer_pass is not None:
+            return iter(layer_pass.steps)
         return super().__iter__()
 
 
@@ -88,11 +93,13 @@ class AdaInferHandle:
         self.loop = LayerLoop(model, self.family, policy, config, exit_head_for(model))
         self.history: list[ExitStats] = []
         self.enabled = config.enabled
-        self._running = False
+        self._local = threading.local()  # the pass running in this thread, if any
         self._inner = self.family.decoder(model)
         self._layers = self.family.layers(model)
         self._saved_forward = self._inner.__dict__.get("forward")
-        self.loop.on_stats = self.history.append
+
+    def _pass(self) -> LayerPass | None:
+        return getattr(self._local, "layer_pass", None)
 
     @property
     def last_stats(self) -> ExitStats | None:
@@ -117,11 +124,19 @@ class AdaInferHandle:
             if not handle.enabled:
                 return original(*args, **kwargs)
             handle._validate_call(args, kwargs)
-            handle._running = True
+            layer_pass = handle.loop.start()
+            handle._local.layer_pass = layer_pass
             try:
-                return original(*args, **kwargs)
+                out = original(*args, **kwargs)
             finally:
-                handle._running = False
+                handle._local.layer_pass = None
+            if not layer_pass.complete:
+                raise RuntimeError(
+                    f"the decoder ran {layer_pass.steps_run} of {handle.loop.num_layers} layers: the AdaInfer loop "
+                    "needs every layer to run once per forward"
+                )
+            handle.history.append(layer_pass.stats)
+            return out
 
         self._inner.forward = types.MethodType(forward, self._inner)
         self._layers.__class__ = _LoopLayers
