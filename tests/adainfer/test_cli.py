@@ -24,12 +24,17 @@ def test_info_json_reports_versions_and_backends():
     expected = "native" if _native.has_op("compact_rows") else "torch"
     assert info["ops"]["cpu"]["compaction"]["name"] == expected
     assert info["ops"]["cpu"]["exit_head"]["name"] == "cpu"
+    from adainfer.models import FAMILIES
+
+    assert [f["model_type"] for f in info["model_families"]] == sorted(FAMILIES)
+    assert {"llama", "opt", "qwen2", "qwen3", "mistral", "phi3"} <= set(FAMILIES)
 
 
 def test_info_table():
     out = _run("info")
     assert out.returncode == 0, out.stderr
     assert "backend of each op" in out.stdout and "exit_head" in out.stdout
+    assert "supported model families" in out.stdout and "Qwen3ForCausalLM" in out.stdout
 
 
 def test_unknown_subcommand_is_a_usage_error():

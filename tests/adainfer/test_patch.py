@@ -191,8 +191,11 @@ def test_unsupported_model_type_is_refused():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100))
-    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported") as err:
         adainfer.apply(model, NeverExit([1]))
+    from adainfer.models import FAMILIES
+
+    assert all(t in str(err.value) for t in FAMILIES), "the error names every supported family"
 
 
 def test_unsupported_attention_is_refused():

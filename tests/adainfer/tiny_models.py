@@ -1,9 +1,11 @@
-"""Tiny random Llama and OPT models for the patch tests (OPT has no offline weights)."""
+"""Tiny random models of every supported family for the patch tests (no family but Llama has offline
+weights here). Where a family has sliding-window layers, the window (4) is shorter than the test
+sequences (9 tokens + generation), so the per-layer masks really differ."""
 
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 VOCAB = 320
 
@@ -45,6 +47,42 @@ def tiny_opt(post_ln: bool = False, attn: str = "sdpa", dtype: torch.dtype = tor
     return model
 
 
+# Per family: what its tiny config sets beyond the shared sizes.
+FAMILY_CONFIGS = {
+    "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),  # q/k/v bias; 2 sliding layers
+    "qwen3": dict(head_dim=16, use_sliding_window=True, sliding_window=4, max_window_layers=2),  # q/k norm
+    "mistral": dict(sliding_window=4),
+    "phi3": dict(partial_rotary_factor=0.5),  # fused qkv, partial rotary
+}
+
+
+def tiny_family(name: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A 4-layer random ``*ForCausalLM`` of family ``name`` (a key of FAMILY_CONFIGS)."""
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(
+        name,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **FAMILY_CONFIGS[name],
+    )
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).to(dtype).eval()
+    if name.startswith("gemma"):
+        # Gemma initialises its norm weights to 0 ((1 + w) = 1): random ones exercise the (1 + w) numerics.
+        with torch.no_grad():
+            for mod in model.modules():
+                if type(mod).__name__.endswith("RMSNorm"):
+                    mod.weight.normal_(0.0, 0.3)
+    return model
+
+
 def left_padded_batch(batch: int = 4, length: int = 9, seed: int = 1, pad_id: int = 0):
     """input_ids and attention_mask with a different amount of left padding per row."""
     g = torch.Generator().manual_seed(seed)
@@ -58,9 +96,12 @@ def left_padded_batch(batch: int = 4, length: int = 9, seed: int = 1, pad_id: in
 
 
 def decode_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits of a raw (not final-normed) hidden state through the model's own decode path."""
-    if model.config.model_type == "llama":
-        return model.lm_head(model.model.norm(hidden))
+    """Logits of a raw (not final-normed) hidden state through the model's own decode path
+    (its own modules: final norm, project_out, LM head, final-logit soft-capping)."""
+    if model.config.model_type != "opt":
+        logits = model.lm_head(model.model.norm(hidden))
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
     dec = model.model.decoder
     if dec.final_layer_norm is not None:
         hidden = dec.final_layer_norm(hidden)

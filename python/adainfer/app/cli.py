@@ -34,10 +34,20 @@ def wallclock_measure(max_prompts: int | None):
     return RuntimeWallclock(max_prompts=max_prompts)
 
 
+def _families() -> list[dict]:
+    from adainfer.models import FAMILIES, supported_model_types
+
+    return [
+        {"model_type": t, "class": FAMILIES[t].causal_lm, "attention": list(FAMILIES[t].attention)}
+        for t in supported_model_types()
+    ]
+
+
 def _print_info(as_json: bool) -> int:
     import adainfer_kernels
 
     info = adainfer_kernels.info()
+    info["model_families"] = _families()
     if as_json:
         print(json.dumps(info, indent=2))
         return 0
@@ -68,6 +78,12 @@ def _print_info(as_json: bool) -> int:
         for op, choice in ops.items():
             table.add_row(dev, op, choice["name"], choice["reason"])
     console.print(table)
+    families = Table(title="supported model families (adainfer.models)")
+    for col in ("model_type", "class", "attention"):
+        families.add_column(col)
+    for fam in info["model_families"]:
+        families.add_row(fam["model_type"], fam["class"], ", ".join(fam["attention"]))
+    console.print(families)
     return 0
 
 
@@ -296,7 +312,7 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adainfer", description="AdaInfer early exit for HF Llama and OPT")
+    parser = argparse.ArgumentParser(prog="adainfer", description="AdaInfer early exit for Hugging Face decoder models")
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, the native extension and which backend each op uses")
     p_info.add_argument("--json", action="store_true", help="print machine-readable JSON")

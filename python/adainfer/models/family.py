@@ -59,7 +59,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(k: torch.Tensor, position_embeddings) -> torch.Tensor:
-    """Rotary embedding of keys (F, H, T, D) with the decoder's (cos, sin), as HF's ``apply_rotary_pos_emb``."""
+    """Rotary embedding of keys (F, H, T, D) with the decoder's (cos, sin), as HF's ``apply_rotary_pos_emb``.
+
+    When cos/sin cover fewer than D features (partial rotary, Phi-3), the first ``cos.shape[-1]``
+    features rotate and the rest pass through, as in Phi-3's own function.
+    """
     cos, sin = position_embeddings
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (k * cos) + (rotate_half(k) * sin)
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == k.shape[-1]:
+        return (k * cos) + (rotate_half(k) * sin)
+    k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
+    return torch.cat([(k_rot * cos) + (rotate_half(k_rot) * sin), k_pass], dim=-1)
