@@ -80,9 +80,10 @@ export PYTHONPATH="$ROOT:$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
 
 # 2) GPU correctness: the compiled kernels (no interpreter) against the reference at real shapes.
 export TRITON_INTERPRET=0
-log "tests: tests/kernels/test_exit_head_gpu.py, tests/csrc/test_compaction.py -k cuda"
+log "tests: tests/kernels/test_exit_head_gpu.py, tests/csrc/test_compaction.py -k cuda, CPU + CUDA split models"
 if ! timeout "$(budget 200)" "$PY" -m pytest tests/kernels/test_exit_head_gpu.py tests/csrc/test_compaction.py \
-    -k "gpu or cuda or Gpu or Cuda" -q -rs -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1; then
+    tests/adainfer/test_placement.py -k "gpu or cuda or Gpu or Cuda" -q -rs -p no:cacheprovider \
+    >"$OUT/gpu_tests.log" 2>&1; then
     log "GPU tests FAILED or timed out (see gpu_tests.log)"
     STATUS=1
 fi

@@ -34,10 +34,17 @@ from torch import nn
 
 from adainfer.models import ModelFamily
 from adainfer.runtime.config import AdaInferConfig
+from adainfer.runtime.placement import (
+    container_hooks_within,
+    execution_device,
+    materialised,
+    modules_owning,
+    to_device,
+)
 from adainfer.runtime.policy import ExitPolicy
 from adainfer_kernels.compaction import compact_rows, merge_rows, scatter_rows
 from adainfer_kernels.exit_head import exit_head
-from adainfer_kernels.head import ExitHead
+from adainfer_kernels.head import ExitHead, ExitSignals
 
 # kwargs of a decoder layer whose dim 0 is the batch (restricted to the active rows); the rest pass through.
 _BATCH_KWARGS = ("attention_mask", "position_ids")
@@ -95,8 +102,9 @@ class _Finished:
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows (F,), hidden (F, T, d)), concatenated over exit events (once per event)."""
         if len(self.rows) > 1:
-            self.rows = [torch.cat(self.rows)]
-            self.hidden = [torch.cat(self.hidden)]
+            device = self.hidden[0].device  # rows may have exited on layers of different devices
+            self.rows = [torch.cat([to_device(r, device) for r in self.rows])]
+            self.hidden = [torch.cat([to_device(h, device) for h in self.hidden])]
         return self.rows[0], self.hidden[0]
 
 
@@ -112,14 +120,16 @@ class _RowSubsetCache:
         self._cache = cache
         self._active_rows = active_rows
         self._batch_size = batch_size
-        self._fill = fill  # layer_idx -> (rows, K, V) of the finished rows
+        self._fill = fill  # (layer_idx, device) -> (rows, K, V) of the finished rows, on that device
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        rows, k_fill, v_fill = self._fill(layer_idx)
-        keys = merge_rows(key_states, self._active_rows, k_fill, rows, self._batch_size)
-        values = merge_rows(value_states, self._active_rows, v_fill, rows, self._batch_size)
+        device = key_states.device
+        rows, k_fill, v_fill = self._fill(layer_idx, device)
+        active = self._active_rows if self._active_rows.device == device else self._active_rows.to(device)
+        keys = merge_rows(key_states, active, k_fill, rows, self._batch_size)
+        values = merge_rows(value_states, active, v_fill, rows, self._batch_size)
         keys, values = self._cache.update(keys, values, layer_idx, *args, **kwargs)
-        return keys.index_select(0, self._active_rows), values.index_select(0, self._active_rows)
+        return keys.index_select(0, active), values.index_select(0, active)
 
     def __getattr__(self, name):
         return getattr(self._cache, name)
@@ -151,7 +161,7 @@ class _RowView:
             return t.expand(self.rows.numel(), *t.shape[1:]) if self.expand else t
         hit = self._taken.get(id(t))
         if hit is None or hit[0] is not t:
-            hit = (t, t.index_select(0, self.rows))
+            hit = (t, t.index_select(0, to_device(self.rows, t.device)))
             self._taken[id(t)] = hit
         return hit[1]
 
@@ -196,6 +206,10 @@ class LayerLoop:
         self.layers = list(family.layers(model)._modules.values())
         self.num_layers = len(self.layers)
         self.checked = frozenset(policy.layers_to_check(self.num_layers)) & config.checked_layers(self.num_layers)
+        # Offloaded head parts (accelerate hooks: meta weights between calls) are loaded for each
+        # check, and the head is read off the live modules then; otherwise the head is fixed.
+        head_tensors = (head.weight, head.norm_weight, head.norm_bias, head.project_out)
+        self._head_modules = modules_owning(model, head_tensors)
 
     def start(self) -> LayerPass:
         return _MaskedPass(self) if self.config.mode == "mask" else _CompactPass(self)
@@ -204,8 +218,14 @@ class LayerLoop:
     def check(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor, stats: ExitStats) -> torch.Tensor:
         """(A,) bool: which of the active rows (original ids ``rows``, hidden (A, T, d)) stop at ``layer``."""
         t0 = time.perf_counter()
-        head, score = self.policy.head_and_score(layer, self.base_head)
-        signals = exit_head(hidden[:, -1, :], head, score)
+        with materialised(self._head_modules):
+            base = self.family.exit_head(self.model) if self._head_modules else self.base_head
+            head, score = self.policy.head_and_score(layer, base)
+            # The few checked rows go to the head's device (never the LM head to the rows).
+            rows_h = to_device(hidden[:, -1, :], head.weight.device)
+            signals = exit_head(rows_h, head, score)
+        if signals.top_prob.device != hidden.device:
+            signals = ExitSignals(*(None if t is None else t.to(hidden.device) for t in vars(signals).values()))
         stop = self.policy.should_stop(layer, signals, rows)
         stats.rows_checked += rows.numel()
         stats.check_seconds += time.perf_counter() - t0
@@ -297,6 +317,8 @@ class _CompactPass(LayerPass):
         return kwargs
 
     def _exit(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        # Layers may sit on several devices: the row bookkeeping follows the hidden states.
+        self.row_map = to_device(self.row_map, h.device)
         stop = self.loop.check(k, h, self.row_map, self.stats)
         if not bool(stop.any()):
             return h
@@ -304,38 +326,50 @@ class _CompactPass(LayerPass):
         # arguments are restricted to the new active rows when the next layer receives them.
         result = compact_rows(~stop, self.row_map, [h])
         self.finished.add(result.finished_rows, h.index_select(0, result.finished))
-        self.stats.exit_layers.index_fill_(0, result.finished_rows, k)
+        exit_layers = self.stats.exit_layers
+        exit_layers.index_fill_(0, to_device(result.finished_rows, exit_layers.device), k)
         self.row_map = result.row_map
         self.active_view.reset(self.row_map)
         self.finished_view.reset(self.finished.packed()[0])
         return result.tensors[0]
 
-    def _fill(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows, K, V) of the finished rows for layer ``layer_idx``, from their frozen states."""
+    def _fill(self, layer_idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, K, V) on ``device`` of the finished rows for layer ``layer_idx``, from their frozen states."""
         rows, hidden = self.finished.packed()
-        rope = None if self._rope is None else tuple(self.finished_view(t) for t in self._rope)
-        k, v = self.loop.family.kv_fill(self.loop.layers[layer_idx], hidden, rope)
-        return rows, k, v
+        rope = None if self._rope is None else tuple(to_device(self.finished_view(t), device) for t in self._rope)
+        layer = self.loop.layers[layer_idx]
+        k, v = self.loop.family.kv_fill(layer, to_device(hidden, device), rope)
+        return to_device(rows, device), to_device(k, device), to_device(v, device)
 
     def _fill_cache(self, cache, layer_idx: int) -> None:
-        rows, k_fill, v_fill = self._fill(layer_idx)
+        """Every row has stopped: layer ``layer_idx`` does not run, only the finished rows' K/V are cached."""
+        layer = self.loop.layers[layer_idx]
+        device = self._layer_device(layer_idx)
+        with materialised(container_hooks_within(layer)):
+            rows, k_fill, v_fill = self._fill(layer_idx, device)
         empty_k = k_fill.new_empty((0, *k_fill.shape[1:]))
         empty_v = v_fill.new_empty((0, *v_fill.shape[1:]))
+        active = to_device(self.row_map, device)
         cache.update(
-            merge_rows(empty_k, self.row_map, k_fill, rows, self.batch),
-            merge_rows(empty_v, self.row_map, v_fill, rows, self.batch),
+            merge_rows(empty_k, active, k_fill, rows, self.batch),
+            merge_rows(empty_v, active, v_fill, rows, self.batch),
             layer_idx,
         )
+
+    def _layer_device(self, layer_idx: int) -> torch.device:
+        device = execution_device(self.loop.layers[layer_idx])
+        return device if device is not None else self.row_map.device
 
     def _gather(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, d): finished rows' frozen states and the active rows' outputs, in batch order."""
         if not self.finished:
             return h
         rows, hidden = self.finished.packed()
-        out = hidden.new_empty((self.batch, *hidden.shape[1:]))
-        scatter_rows(out, rows, hidden)
+        device = h.device  # the last layer's device: the decoder's final norm runs there
+        out = torch.empty((self.batch, *hidden.shape[1:]), dtype=hidden.dtype, device=device)
+        scatter_rows(out, to_device(rows, device), to_device(hidden, device))
         if self.row_map.numel():
-            scatter_rows(out, self.row_map, h)
+            scatter_rows(out, to_device(self.row_map, device), h)
         return out
 
 

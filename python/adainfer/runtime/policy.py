@@ -39,7 +39,9 @@ class ClassifierPolicy:
     def __init__(self, classifier, layers: frozenset[int] | None = None) -> None:
         self.classifier = classifier
         self._layers = layers
-        self._cache: dict[int, tuple[ExitHead, LinearScore | None]] = {}
+        # layer -> (the base head it was built from, head, score): rebuilt when the base changes (a
+        # model whose head is offloaded hands a freshly loaded base to every check)
+        self._cache: dict[int, tuple[ExitHead, ExitHead, LinearScore | None]] = {}
         self._subset: torch.Tensor | None = None
 
     def layers_to_check(self, num_layers: int) -> frozenset[int]:
@@ -48,9 +50,10 @@ class ClassifierPolicy:
         return frozenset(int(k) for k in self.classifier.checked_layers)
 
     def head_and_score(self, layer: int, base: ExitHead) -> tuple[ExitHead, LinearScore | None]:
-        if layer not in self._cache:
+        cached = self._cache.get(layer)
+        if cached is None or cached[0] is not base:
             device = base.weight.device
-            if self._subset is None and self.classifier.vocab_subset is not None:
+            if self.classifier.vocab_subset is not None and (self._subset is None or self._subset.device != device):
                 # One subset tensor for every layer: the exit head caches its packed subset weight per tensor.
                 self._subset = torch.as_tensor(self.classifier.vocab_subset, dtype=torch.int64, device=device)
             bias = self.classifier.subset_bias(layer)
@@ -59,8 +62,8 @@ class ClassifierPolicy:
                 vocab_subset=self._subset,
                 subset_bias=None if bias is None else torch.as_tensor(bias, dtype=torch.float32, device=device),
             )
-            self._cache[layer] = (head, self.classifier.linear_score(layer))
-        return self._cache[layer]
+            self._cache[layer] = cached = (base, head, self.classifier.linear_score(layer))
+        return cached[1], cached[2]
 
     def should_stop(self, layer: int, signals: ExitSignals, rows: torch.Tensor) -> torch.Tensor:
         # NaN scores (non-finite hidden states) compare False: such rows never stop early.
