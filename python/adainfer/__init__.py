@@ -22,9 +22,23 @@ from adainfer.runtime.policy import ClassifierPolicy, ForcedExits, LinearScorePo
 
 __version__ = "0.1.0"
 
+# The high-level classification API lives in the application wing (it needs the calibrated
+# classifier and prompt building): imported on first use, so `import adainfer` stays light.
+_LAZY = {"classify": "adainfer.app.classify", "Classification": "adainfer.app.classify"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'adainfer' has no attribute {name!r}")
+
+
 __all__ = [
     "AdaInferConfig",
     "AdaInferHandle",
+    "Classification",
     "ClassifierPolicy",
     "ExitStats",
     "ForcedExits",
@@ -32,6 +46,7 @@ __all__ = [
     "NeverExit",
     "__version__",
     "apply",
+    "classify",
     "handle_of",
     "patched",
     "remove",

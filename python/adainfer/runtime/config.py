@@ -24,6 +24,11 @@ class AdaInferConfig:
             or ``"mask"`` (finished rows stay in the batch with their hidden state frozen: what other
             systems do, kept as the baseline that shows what compaction saves).
         enabled: False turns every check off: the patched model then runs exactly the original code.
+        correct_full_depth: also apply the classifier's label-bias correction to the answer of rows
+            that run every layer (what ``adainfer eval`` scores; the model's own answer is biased on
+            some tasks). Off by default: rows that never exit return the unpatched model's logits
+            bit for bit. On, such rows' last-position logits become the corrected label
+            log-probabilities, like an exited row's (see ``AdaInferHandle``).
     """
 
     min_layer: int = 1
@@ -31,6 +36,7 @@ class AdaInferConfig:
     layers: Sequence[int] | None = None
     mode: str = "compact"
     enabled: bool = True
+    correct_full_depth: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -44,7 +44,7 @@ from adainfer.runtime.placement import (
 from adainfer.runtime.policy import ExitPolicy
 from adainfer_kernels.compaction import compact_rows, merge_rows, scatter_rows
 from adainfer_kernels.exit_head import exit_head
-from adainfer_kernels.head import ExitHead, ExitSignals
+from adainfer_kernels.head import ExitHead, ExitSignals, decode_rows
 
 # kwargs of a decoder layer whose dim 0 is the batch (restricted to the active rows); the rest pass through.
 _BATCH_KWARGS = ("attention_mask", "position_ids")
@@ -64,6 +64,15 @@ class ExitStats:
         layer_rows: decoder-layer rows actually computed, summed over layers (B * L without exits
             in compact mode; always B * L in mask mode).
         mode: "compact" or "mask".
+        label_token_ids: (K,) int64 label token ids when the policy answers over a task's labels
+            (a classifier in label mode), else None (answers over the full vocabulary).
+        answer_token: (B,) int64 vocabulary id of each row's answer, -1 where not known: at an exit,
+            the exit head's answer; at full depth, the model's own (from the returned logits, so
+            known only when the ``*ForCausalLM`` forward ran, not the bare decoder).
+        answer_prob: (B,) fp32 probability of that answer (over the label tokens in label mode).
+        answer_label: (B,) int64 label index (0..K-1) of the answer in label mode, -1 where not known;
+            None without labels.
+        label_logprobs: (B, K) fp32 log-probabilities of the labels behind each answer (label mode).
     """
 
     exit_layers: torch.Tensor
@@ -72,6 +81,43 @@ class ExitStats:
     check_seconds: float = 0.0
     layer_rows: int = 0
     mode: str = "compact"
+    label_token_ids: torch.Tensor | None = None
+    answer_token: torch.Tensor | None = None
+    answer_prob: torch.Tensor | None = None
+    answer_label: torch.Tensor | None = None
+    label_logprobs: torch.Tensor | None = None
+
+    @classmethod
+    def start(cls, batch: int, num_layers: int, mode: str, label_token_ids, device) -> ExitStats:
+        """The stats of a pass over ``batch`` rows before any layer ran: no exits, answers unknown."""
+        stats = cls(
+            exit_layers=torch.full((batch,), num_layers, dtype=torch.int64, device=device),
+            num_layers=num_layers,
+            mode=mode,
+            answer_token=torch.full((batch,), -1, dtype=torch.int64, device=device),
+            answer_prob=torch.full((batch,), float("nan"), device=device),
+        )
+        if label_token_ids is not None:
+            stats.label_token_ids = label_token_ids.to(device)
+            stats.answer_label = torch.full((batch,), -1, dtype=torch.int64, device=device)
+            stats.label_logprobs = torch.full((batch, label_token_ids.numel()), float("nan"), device=device)
+        return stats
+
+    def record_answers(self, rows: torch.Tensor, logprobs: torch.Tensor | None, signals: ExitSignals | None) -> None:
+        """Answers of ``rows`` (original ids): from (S, K) label log-probabilities in label mode,
+        else from the exit head's full-vocabulary signals."""
+        device = self.exit_layers.device
+        rows = to_device(rows, device)
+        if self.label_token_ids is not None:
+            logprobs = to_device(logprobs.float(), device)
+            best, label = logprobs.max(dim=-1)  # ties: the lower label index, as the kernel
+            self.label_logprobs.index_copy_(0, rows, logprobs)
+            self.answer_label.index_copy_(0, rows, label)
+            self.answer_token.index_copy_(0, rows, self.label_token_ids[label])
+            self.answer_prob.index_copy_(0, rows, best.exp())
+        else:
+            self.answer_token.index_copy_(0, rows, to_device(signals.argmax, device))
+            self.answer_prob.index_copy_(0, rows, to_device(signals.top_prob, device))
 
     @property
     def batch_size(self) -> int:
@@ -216,20 +262,55 @@ class LayerLoop:
 
     @torch.no_grad()  # a stop decision is not differentiable; the exit head refuses autograd inputs
     def check(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor, stats: ExitStats) -> torch.Tensor:
-        """(A,) bool: which of the active rows (original ids ``rows``, hidden (A, T, d)) stop at ``layer``."""
+        """(A,) bool: which of the active rows (original ids ``rows``, hidden (A, T, d)) stop at
+        ``layer``; the answers of the rows that stop are recorded in ``stats``."""
         t0 = time.perf_counter()
+        policy = self.policy
         with materialised(self._head_modules):
             base = self.family.exit_head(self.model) if self._head_modules else self.base_head
-            head, score = self.policy.head_and_score(layer, base)
-            # The few checked rows go to the head's device (never the LM head to the rows).
-            rows_h = to_device(hidden[:, -1, :], head.weight.device)
-            signals = exit_head(rows_h, head, score)
-        if signals.top_prob.device != hidden.device:
-            signals = ExitSignals(*(None if t is None else t.to(hidden.device) for t in vars(signals).values()))
-        stop = self.policy.should_stop(layer, signals, rows)
+            head, score = policy.head_and_score(layer, base)
+            last = hidden[:, -1, :]
+            if policy.needs_signals:
+                signals = self._signals(last, head, score, hidden.device)
+                stop = policy.should_stop(layer, signals, rows)
+            else:  # decided without the signals: decode only the rows that stop
+                stop = policy.should_stop(layer, None, rows)
+                signals = None
+            if bool(stop.any()):
+                stopped = last[stop]
+                if head.vocab_subset is not None:
+                    stats.record_answers(rows[stop], label_logprobs(to_device(stopped, head.weight.device), head), None)
+                else:
+                    sig = self._signals(stopped, head, None, hidden.device) if signals is None else signals
+                    kept = sig if signals is None else ExitSignals(sig.top_prob[stop], sig.gap[stop], sig.argmax[stop])
+                    stats.record_answers(rows[stop], None, kept)
         stats.rows_checked += rows.numel()
         stats.check_seconds += time.perf_counter() - t0
         return stop
+
+    @staticmethod
+    def _signals(last: torch.Tensor, head: ExitHead, score, device: torch.device) -> ExitSignals:
+        """The exit head on the rows' last positions, computed where the head is (the few rows move
+        there, never the LM head to the rows), returned on ``device``."""
+        signals = exit_head(to_device(last, head.weight.device), head, score)
+        if signals.top_prob.device != device:
+            signals = ExitSignals(*(None if t is None else t.to(device) for t in vars(signals).values()))
+        return signals
+
+
+def label_logprobs(last: torch.Tensor, head: ExitHead) -> torch.Tensor:
+    """(S, K) fp32 log-probabilities over a head's vocabulary subset (the label tokens) of rows
+    (S, d): the norm and ``project_out`` with Hugging Face's ops, then fp32 logits of the K subset
+    rows (+ the subset bias), as the exit head computes them (a K-row product: cheap)."""
+    x = decode_rows(last, head).float()
+    w = head.weight.index_select(0, head.vocab_subset).float()
+    z = x @ w.t()
+    cap = getattr(head, "logit_softcap", None)
+    if cap is not None:  # the model's own final-logit soft-capping comes before the label bias
+        z = torch.tanh(z / cap) * cap
+    if head.subset_bias is not None:
+        z = z + head.subset_bias
+    return torch.log_softmax(z, dim=-1)
 
 
 class LayerPass:
@@ -254,9 +335,8 @@ class LayerPass:
         if i != self.steps_run:
             raise RuntimeError(f"the AdaInfer loop runs the layers once, in order; the decoder called layer {i} next")
         if i == 0:
-            batch = h.shape[0]
-            exit_layers = torch.full((batch,), self.loop.num_layers, dtype=torch.int64, device=h.device)
-            self.stats = ExitStats(exit_layers=exit_layers, num_layers=self.loop.num_layers, mode=self.mode)
+            labels = self.loop.policy.label_token_ids
+            self.stats = ExitStats.start(h.shape[0], self.loop.num_layers, self.mode, labels, h.device)
             self._begin(h, kwargs)
         out = self._step(i, h, kwargs)
         self.steps_run = i + 1

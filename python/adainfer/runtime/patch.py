@@ -16,6 +16,7 @@ touched: weights, state dict, parameters and the class stay as they are.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 import types
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from adainfer.models import ModelFamily, exit_head_for, family_for
+from adainfer.runtime.answers import deliver_answers
 from adainfer.runtime.config import AdaInferConfig
 from adainfer.runtime.loop import ExitStats, LayerLoop, LayerPass
 from adainfer.runtime.policy import ClassifierPolicy, ExitPolicy
@@ -57,6 +59,13 @@ def _check_attention(family: ModelFamily, config) -> None:
         )
 
 
+def _unbound_signature(bound) -> inspect.Signature:
+    """The signature of a bound method with a leading ``self``, for a function bound in its place."""
+    sig = inspect.signature(bound)
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    return sig.replace(parameters=[self_param, *sig.parameters.values()])
+
+
 class _LoopLayers(nn.ModuleList):
     """The decoder's layer list, which yields the steps of the running pass while a patched forward runs.
 
@@ -83,7 +92,20 @@ class _LoopLayers(nn.ModuleList):
 
 
 class AdaInferHandle:
-    """A patched model: its exit statistics, and ``remove()`` to restore it bit for bit."""
+    """A patched model: its exit statistics, and ``remove()`` to restore it bit for bit.
+
+    What the patched model returns (the exit answer, delivered):
+    - A row that runs every layer gets the unpatched model's logits, bit for bit (with
+      ``AdaInferConfig(correct_full_depth=True)``: its label answer is corrected as an exited row's).
+    - A row that stops at layer k < L: its hidden state is frozen there and decoded through the
+      model's own final norm and LM head (the logit lens). When the policy answers over a task's
+      label tokens (a classifier in label mode), the row's **last-position** logits are replaced by
+      the exit answer: the label tokens hold the log-probabilities the exit head gave them (with
+      that layer's label bias) and every other token -inf. So the label-token argmax, the softmax
+      over the vocabulary and ``generate(max_new_tokens=1)`` all read the exit answer.
+    - ``last_stats`` (``ExitStats``) holds each row's exit layer, answer token, answer probability,
+      and in label mode its label index and label log-probabilities.
+    """
 
     def __init__(self, model: nn.Module, policy: ExitPolicy, config: AdaInferConfig) -> None:
         self.model = model
@@ -97,9 +119,17 @@ class AdaInferHandle:
         self._inner = self.family.decoder(model)
         self._layers = self.family.layers(model)
         self._saved_forward = self._inner.__dict__.get("forward")
+        self._saved_model_forward = model.__dict__.get("forward")
 
     def _pass(self) -> LayerPass | None:
         return getattr(self._local, "layer_pass", None)
+
+    def _full_depth_bias(self) -> torch.Tensor | None:
+        """The correction applied to full-depth answers, or None (the model's own answer)."""
+        if not self.config.correct_full_depth:
+            return None
+        bias = self.policy.full_depth_bias(self.loop.num_layers)
+        return None if bias is None else torch.as_tensor(bias, dtype=torch.float32)
 
     @property
     def last_stats(self) -> ExitStats | None:
@@ -117,6 +147,11 @@ class AdaInferHandle:
     def _install(self) -> None:
         original = (
             self._saved_forward if self._saved_forward is not None else type(self._inner).forward.__get__(self._inner)
+        )
+        original_model = (
+            self._saved_model_forward
+            if self._saved_model_forward is not None
+            else type(self.model).forward.__get__(self.model)
         )
         handle = self
 
@@ -136,9 +171,24 @@ class AdaInferHandle:
                     "needs every layer to run once per forward"
                 )
             handle.history.append(layer_pass.stats)
+            handle._local.finished_pass = layer_pass
             return out
 
+        def model_forward(model_self, *args, **kwargs):
+            handle._local.finished_pass = None
+            out = original_model(*args, **kwargs)
+            layer_pass = handle._local.finished_pass
+            handle._local.finished_pass = None
+            if layer_pass is not None and getattr(out, "logits", None) is not None:
+                out.logits = deliver_answers(layer_pass.stats, out.logits, handle._full_depth_bias())
+            return out
+
+        # generate() and our own callers read the forward's signature (logits_to_keep, cache=...):
+        # the wrappers show the originals' signatures.
+        forward.__signature__ = _unbound_signature(original)
+        model_forward.__signature__ = _unbound_signature(original_model)
         self._inner.forward = types.MethodType(forward, self._inner)
+        self.model.forward = types.MethodType(model_forward, self.model)
         self._layers.__class__ = _LoopLayers
         self._layers.__dict__[_ATTR] = self
         self.model.__dict__[_ATTR] = self
@@ -151,6 +201,10 @@ class AdaInferHandle:
             self._inner.forward = self._saved_forward
         else:
             del self._inner.forward
+        if self._saved_model_forward is not None:
+            self.model.forward = self._saved_model_forward
+        else:
+            del self.model.forward
         self._layers.__class__ = nn.ModuleList
         del self._layers.__dict__[_ATTR]
         del self.model.__dict__[_ATTR]

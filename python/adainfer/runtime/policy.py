@@ -16,14 +16,28 @@ from adainfer_kernels.head import NEVER_STOP, ExitHead, ExitSignals, LinearScore
 
 
 class ExitPolicy(Protocol):
+    """What the layer loop asks a policy. Attributes:
+
+    ``needs_signals``: False when ``should_stop`` decides without the exit head's signals (then the
+    loop decodes only the rows that stop, for their answers). ``label_token_ids``: (K,) int64 token
+    ids when the answers are over a task's label tokens (None: the full vocabulary).
+    """
+
+    needs_signals: bool
+    label_token_ids: torch.Tensor | None
+
     def layers_to_check(self, num_layers: int) -> frozenset[int]:
         """Layers (1 <= k < L) after which this policy wants a check."""
 
     def head_and_score(self, layer: int, base: ExitHead) -> tuple[ExitHead, LinearScore | None]:
         """The exit head (vocabulary subset, per-layer bias) and linear score used at ``layer``."""
 
-    def should_stop(self, layer: int, signals: ExitSignals, rows: torch.Tensor) -> torch.Tensor:
+    def should_stop(self, layer: int, signals: ExitSignals | None, rows: torch.Tensor) -> torch.Tensor:
         """(A,) bool: which of the checked rows (original batch ids ``rows``) stop at ``layer``."""
+
+    def full_depth_bias(self, num_layers: int) -> torch.Tensor | None:
+        """(K,) fp32 label-logit correction of the full model's answer, or None (used only when
+        ``AdaInferConfig(correct_full_depth=True)``)."""
 
 
 class ClassifierPolicy:
@@ -36,9 +50,13 @@ class ClassifierPolicy:
     check can stop a row).
     """
 
+    needs_signals = True
+
     def __init__(self, classifier, layers: frozenset[int] | None = None) -> None:
         self.classifier = classifier
         self._layers = layers
+        ids = classifier.vocab_subset
+        self.label_token_ids = None if ids is None else torch.as_tensor(ids, dtype=torch.int64)
         # layer -> (the base head it was built from, head, score): rebuilt when the base changes (a
         # model whose head is offloaded hands a freshly loaded base to every check)
         self._cache: dict[int, tuple[ExitHead, ExitHead, LinearScore | None]] = {}
@@ -65,9 +83,14 @@ class ClassifierPolicy:
             self._cache[layer] = cached = (base, head, self.classifier.linear_score(layer))
         return cached[1], cached[2]
 
-    def should_stop(self, layer: int, signals: ExitSignals, rows: torch.Tensor) -> torch.Tensor:
+    def should_stop(self, layer: int, signals: ExitSignals | None, rows: torch.Tensor) -> torch.Tensor:
         # NaN scores (non-finite hidden states) compare False: such rows never stop early.
         return signals.score > 0
+
+    def full_depth_bias(self, num_layers: int) -> torch.Tensor | None:
+        if self.label_token_ids is None:
+            return None
+        return self.classifier.subset_bias(num_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +130,9 @@ class ForcedExits:
             (in generation: at every step).
     """
 
+    needs_signals = False  # the rows are known in advance: only the stopping rows are decoded
+    label_token_ids = None
+
     def __init__(self, exit_layers) -> None:
         self.exit_layers = torch.as_tensor(exit_layers, dtype=torch.int64)
 
@@ -116,7 +142,10 @@ class ForcedExits:
     def head_and_score(self, layer: int, base: ExitHead) -> tuple[ExitHead, LinearScore | None]:
         return base, None
 
-    def should_stop(self, layer: int, signals: ExitSignals, rows: torch.Tensor) -> torch.Tensor:
+    def full_depth_bias(self, num_layers: int) -> None:
+        return None
+
+    def should_stop(self, layer: int, signals: ExitSignals | None, rows: torch.Tensor) -> torch.Tensor:
         if rows.numel() and int(rows.max()) >= self.exit_layers.numel():
             raise ValueError(
                 f"ForcedExits covers {self.exit_layers.numel()} rows but the batch has row {int(rows.max())}"
