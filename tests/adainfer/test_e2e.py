@@ -7,7 +7,7 @@ import json
 
 import pytest
 from adainfer.app.cli import main
-from adainfer.app.pipeline import NOT_MEASURED, TABLE_COLUMNS, RunSettings, run_demo
+from adainfer.app.pipeline import NOT_MEASURED, TABLE_COLUMNS, RunSettings, run_demo, runtime_answers
 from adainfer.calibrate.classifier import StopClassifier
 from adainfer.calibrate.evaluate import METRIC_KEYS
 
@@ -20,7 +20,7 @@ def test_demo_pipeline_on_the_bundled_model_produces_a_complete_table(bundled, t
 
     settings = RunSettings(k_shot=1, sizes={"calibration": 24, "heldout": 16, "test": 24}, budget=0.05, batch_size=24)
     console = Console(width=220, record=True)
-    payload = run_demo(bundled, settings, tmp_path, console=console, progress=False)
+    payload = run_demo(bundled, settings, tmp_path, console=console, progress=False, measure_runtime=runtime_answers)
     text = console.export_text()
     for header, _ in TABLE_COLUMNS:
         assert header in text
@@ -30,12 +30,16 @@ def test_demo_pipeline_on_the_bundled_model_produces_a_complete_table(bundled, t
     assert table["columns"] == [h for h, _ in TABLE_COLUMNS]
     assert [r[0] for r in table["rows"]] == [r["variant"]["name"] for r in payload["rows"]]
     assert len(table["rows"]) == 8
-    for cells in table["rows"]:
+    headers = [h for h, _ in TABLE_COLUMNS]
+    runtime_cols = {headers.index("runtime acc"), headers.index("= sim")}
+    for r, cells in enumerate(table["rows"]):
         assert len(cells) == len(TABLE_COLUMNS) and all(c for c in cells)
         assert cells[-1] == NOT_MEASURED  # no WallclockFn given: never estimated
         # every algorithmic column has a value ("of oracle" is n/a only when the oracle saves nothing)
-        of_oracle = [h for h, _ in TABLE_COLUMNS].index("of oracle")
-        assert all(c != "n/a" for i, c in enumerate(cells[1:-1], start=1) if i != of_oracle)
+        of_oracle = headers.index("of oracle")
+        assert all(c != "n/a" for i, c in enumerate(cells[1:-1], start=1) if i not in {of_oracle, *runtime_cols})
+        # the runtime's own answers are measured for the main row only
+        assert all((cells[i] != "n/a") == (r == 0) for i in runtime_cols)
     for row in payload["rows"]:
         m = row["metrics"]
         assert set(m) == set(METRIC_KEYS)
@@ -60,6 +64,46 @@ def test_demo_pipeline_on_the_bundled_model_produces_a_complete_table(bundled, t
     for png in ("exit_layers.png", "accuracy_vs_savings.png", "per_layer.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000
+
+    # The table's answer is the runtime's: the main row's answers, read through the patched model,
+    # equal the simulation's (up to numerics right at the threshold) ...
+    m = main_row["metrics"]
+    assert m["runtime_prompts"] == 24 and m["runtime_matches_simulation"] >= 0.95
+    assert abs(m["runtime_accuracy"] - m["adainfer_accuracy"]) <= 0.05
+    # ... and every read-out of that answer agrees with the others.
+    _check_read_outs_agree(bundled, clf, payload)
+
+
+def _check_read_outs_agree(bundled, clf, payload):
+    import adainfer
+    import torch
+    from adainfer.app.tasks import tweet_sentiment
+    from adainfer.runtime.wallclock import padded_batches
+
+    task_settings = payload["task"]
+    task = tweet_sentiment(
+        k_shot=task_settings["k_shot"],
+        template=task_settings["template"],
+        sizes=task_settings["sizes"],
+        seed=task_settings["seed"],
+        min_confidence=task_settings["min_confidence"],
+    )
+    rendered = task.render(bundled.tokenizer)
+    texts = [e.text for e in task.split("test")][:8]
+    result = adainfer.classify(
+        bundled.model, bundled.tokenizer, texts, clf, prompt=rendered, batch_size=8, correct_full_depth=True
+    )
+    labels = torch.tensor(clf.label_token_ids)
+    (batch,) = padded_batches(bundled.tokenizer, [rendered.prompt(t) for t in texts], 8)
+    config = adainfer.AdaInferConfig(correct_full_depth=True)
+    with torch.inference_mode(), adainfer.patched(bundled.model, clf, config) as handle:
+        logits = bundled.model(**batch, logits_to_keep=1).logits[:, -1]
+        stats = handle.last_stats
+        generated = bundled.model.generate(**batch, max_new_tokens=1, do_sample=False)[:, -1]
+    assert logits[:, labels].argmax(-1).tolist() == result.label_index.tolist() == stats.answer_label.tolist()
+    assert generated.tolist() == labels[stats.answer_label].tolist() == stats.answer_token.tolist()
+    assert stats.exit_layers.tolist() == result.exit_layers.tolist()
+    assert result.labels == [clf.label_words[i] for i in result.label_index]
 
 
 def _write_reviews(path):
@@ -97,6 +141,7 @@ def test_calibrate_then_eval_on_a_user_csv(tmp_path, capsys):
     assert m["wallclock_prompts"] == m["n"] and m["wallclock_full_s"] > 0 and m["wallclock_adainfer_s"] > 0
     assert m["speedup"] == pytest.approx(m["wallclock_full_s"] / m["wallclock_adainfer_s"])
     assert 0.0 <= m["runtime_exit_match"] <= 1.0
+    assert m["runtime_prompts"] == m["n"] and 0.0 <= m["runtime_accuracy"] <= 1.0
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

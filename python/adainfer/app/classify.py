@@ -37,6 +37,7 @@ class Classification:
         probs: (N, K) fp32 label probabilities behind each answer (NaN rows for a full-vocabulary
             classifier, whose answers are over the whole vocabulary).
         answer_prob: (N,) fp32 probability of each answer.
+        answer_token: (N,) int64 vocabulary id of each answer.
         exit_layers: (N,) int64 layers each input ran (``num_layers``: the whole model).
         num_layers: L.
         label_words: the K label words, in label-index order.
@@ -47,6 +48,7 @@ class Classification:
     label_index: np.ndarray
     probs: np.ndarray
     answer_prob: np.ndarray
+    answer_token: np.ndarray
     exit_layers: np.ndarray
     num_layers: int
     label_words: tuple[str, ...]
@@ -122,6 +124,7 @@ def classify(
     out_label = np.full(n, -1, dtype=np.int64)
     out_probs = np.full((n, k), np.nan, dtype=np.float32)
     out_prob = np.full(n, np.nan, dtype=np.float32)
+    out_token = np.full(n, -1, dtype=np.int64)
     out_exits = np.full(n, num_layers, dtype=np.int64)
     # Similar lengths share a batch (less padding); results go back in input order.
     order = np.argsort([-len(p) for p in prompts], kind="stable")
@@ -138,6 +141,7 @@ def classify(
             stats = handle.last_stats
             out_exits[idx] = stats.exit_layers.cpu().numpy()
             out_prob[idx] = stats.answer_prob.cpu().numpy()
+            out_token[idx] = stats.answer_token.cpu().numpy()
             if stats.answer_label is not None:
                 out_label[idx] = stats.answer_label.cpu().numpy()
                 out_probs[idx] = stats.label_logprobs.exp().cpu().numpy()
@@ -150,6 +154,7 @@ def classify(
         label_index=out_label,
         probs=out_probs,
         answer_prob=out_prob,
+        answer_token=out_token,
         exit_layers=out_exits,
         num_layers=num_layers,
         label_words=words,

@@ -91,7 +91,7 @@ def _console():
     from rich.console import Console
 
     console = Console()
-    return Console(width=max(console.width, 170)) if not console.is_terminal else console
+    return Console(width=max(console.width, 220)) if not console.is_terminal else console
 
 
 def _model_line(loaded) -> str:
@@ -110,7 +110,7 @@ def _model_line(loaded) -> str:
 
 def _demo(args: argparse.Namespace) -> int:
     from adainfer.app.loading import load_bundled
-    from adainfer.app.pipeline import RunSettings, run_demo
+    from adainfer.app.pipeline import RunSettings, run_demo, runtime_answers
 
     t0 = time.perf_counter()
     console = _console()
@@ -138,6 +138,7 @@ def _demo(args: argparse.Namespace) -> int:
         console=console,
         plots=not args.no_plots,
         measure_wallclock=wallclock_measure(args.wallclock_prompts),
+        measure_runtime=runtime_answers,
         extra={"model": _model_line(loaded)},
     )
     console.print(f"demo finished in {time.perf_counter() - t0:.0f} s")
@@ -236,7 +237,7 @@ def _jsonable(d: dict) -> dict:
 
 def _eval(args: argparse.Namespace) -> int:
     from adainfer.app.loading import load_model
-    from adainfer.app.pipeline import RunSettings, print_table, target_lines, task_line, write_outputs
+    from adainfer.app.pipeline import RunSettings, print_table, runtime_answers, target_lines, task_line, write_outputs
     from adainfer.calibrate.classifier import StopClassifier
     from adainfer.calibrate.evaluate import evaluate
     from adainfer.calibrate.features import collect_task_features
@@ -270,9 +271,10 @@ def _eval(args: argparse.Namespace) -> int:
         test,
         clf,
         measure_wallclock=measure,
+        measure_runtime=runtime_answers,
         model=loaded.model,
         tokenizer=loaded.tokenizer,
-        prompts=rendered.prompts("test") if measure is not None else None,
+        prompts=rendered.prompts("test"),
         batch_size=args.batch_size,
     )
     variant = {"name": f"{clf.method} ({clf.bias_method} bias)", "main": True, "vocab_mode": clf.vocab_mode}

@@ -15,6 +15,12 @@ Metrics (one dict, keys in ``METRIC_KEYS``):
     savings_vs_oracle      pruning_ratio / oracle_pruning_ratio
     checks_per_row         exit checks run per row (checked layers up to the exit layer)
     flops_saved            1 - FLOPs(AdaInfer) / FLOPs(full), counting every check's own cost
+    runtime_*              measured through the real runtime by a ``RuntimeFn`` when one is given:
+                           the patched model's own answers on every prompt of the split.
+                           runtime_accuracy, runtime_agreement (with the full model's answer),
+                           runtime_matches_simulation (answer equal to the simulated exit answer),
+                           runtime_exit_match (exit layer equal to the simulated one),
+                           runtime_pruning_ratio
     wallclock_*            measured by a ``WallclockFn`` when one is given, else None
                            ("not measured"; never estimated); ``ideal_speedup`` is then
                            L / (mean layers the runtime ran on the timed prompts), and
@@ -64,7 +70,23 @@ METRIC_KEYS = (
     "speedup_vs_ideal",
     "runtime_exit_match",
     "wallclock_prompts",
+    "runtime_accuracy",
+    "runtime_agreement",
+    "runtime_matches_simulation",
+    "runtime_pruning_ratio",
+    "runtime_prompts",
 )
+
+
+class RuntimeFn(Protocol):
+    """The real runtime's answers: ``run(model, tokenizer, prompts, classifier, batch_size) -> dict``
+    with ``answers`` (N,) in the classifier's answer space (label index in label mode, token id in
+    full mode; full-depth answers carrying the classifier's label bias, as the simulation's) and
+    ``exit_layers`` (N,), one per prompt, in order."""
+
+    def __call__(
+        self, model: Any, tokenizer: Any, prompts: list[str], classifier: StopClassifier, batch_size: int
+    ) -> dict: ...
 
 
 class WallclockFn(Protocol):
@@ -144,6 +166,7 @@ def evaluate(
     clf: StopClassifier,
     *,
     measure_wallclock: WallclockFn | Callable[..., dict] | None = None,
+    measure_runtime: RuntimeFn | Callable[..., dict] | None = None,
     model: Any = None,
     tokenizer: Any = None,
     prompts: list[str] | None = None,
@@ -156,6 +179,8 @@ def evaluate(
         clf: the stop classifier (its label bias applies to the full model's answer too).
         measure_wallclock: optional ``WallclockFn``; with it, ``model``, ``tokenizer`` and the split's
             ``prompts`` (in the features' row order) are required.
+        measure_runtime: optional ``RuntimeFn`` (the same arguments are required): answers and
+            exits of the real runtime on every prompt, scored beside the simulation.
         batch_size: the wall-clock batch size.
     """
     sim = simulate(features, clf)
@@ -184,12 +209,27 @@ def evaluate(
         "speedup_vs_ideal": None,
         "runtime_exit_match": None,
         "wallclock_prompts": None,
+        **dict.fromkeys(("runtime_accuracy", "runtime_agreement", "runtime_matches_simulation")),
+        "runtime_pruning_ratio": None,
+        "runtime_prompts": None,
     }
-    if measure_wallclock is not None:
+    if measure_wallclock is not None or measure_runtime is not None:
         if model is None or tokenizer is None or prompts is None:
-            raise ValueError("measuring the wall clock needs model, tokenizer and prompts")
+            raise ValueError("measuring the runtime or the wall clock needs model, tokenizer and prompts")
         if len(prompts) != features.n_examples:
             raise ValueError(f"{len(prompts)} prompts for {features.n_examples} feature rows")
+    if measure_runtime is not None:
+        run = measure_runtime(model, tokenizer, list(prompts), clf, batch_size)
+        run_answer, run_exits = np.asarray(run["answers"]), np.asarray(run["exit_layers"])
+        if run_answer.shape != (features.n_examples,) or run_exits.shape != (features.n_examples,):
+            raise ValueError("the runtime must answer every prompt once")
+        out["runtime_accuracy"] = None if gold is None else float(np.mean(run_answer == gold))
+        out["runtime_agreement"] = float(np.mean(run_answer == sim["full_answer"]))
+        out["runtime_matches_simulation"] = float(np.mean(run_answer == sim["exit_answer"]))
+        out["runtime_exit_match"] = float(np.mean(run_exits == exits))
+        out["runtime_pruning_ratio"] = pruning_ratio(run_exits, n_layers)
+        out["runtime_prompts"] = int(features.n_examples)
+    if measure_wallclock is not None:
         wc = measure_wallclock(model, tokenizer, list(prompts), clf, batch_size)
         full_s, ada_s = float(wc["full_s"]), float(wc["adainfer_s"])
         out["wallclock_full_s"], out["wallclock_adainfer_s"] = full_s, ada_s
@@ -199,7 +239,8 @@ def evaluate(
             # ``rows`` names the prompts that were timed when not all of them were
             run_exits = np.asarray(wc["exit_layers"])
             rows = np.asarray(wc["rows"]) if wc.get("rows") is not None else np.arange(len(exits))
-            out["runtime_exit_match"] = float(np.mean(run_exits == exits[rows]))
+            if out["runtime_exit_match"] is None:  # the runtime pass over every prompt says it better
+                out["runtime_exit_match"] = float(np.mean(run_exits == exits[rows]))
             out["wallclock_prompts"] = len(rows)
             # The ideal for the timed prompts, from the layers the runtime really ran on them.
             out["ideal_speedup"] = float(n_layers / np.mean(run_exits))
