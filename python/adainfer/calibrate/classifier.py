@@ -15,12 +15,20 @@ Fitting (scikit-learn): ``svm`` = ``LinearSVC(class_weight="balanced")`` as in t
 ``logreg`` = ``LogisticRegression(class_weight="balanced")``, both on standardised features with
 the standardisation folded back into raw-feature weights; ``gap`` = the plain baseline d = g.
 
-Saved as JSON (never pickle) with a format version and the model's identity; loading validates
-every field and ``check_compatible(model)`` refuses another model.
+Exit heads (``exit_head``): ``lens`` decodes through the model's own final norm and LM head (the
+paper); ``probe`` decodes layer k through a per-layer linear probe of the hidden state
+(:mod:`adainfer.calibrate.probe`), whose (K, d) weights go into the same fused exit head.
+
+Saved as JSON (never pickle) with a format version and the model's identity; a probe's weights go
+beside it in a safetensors file (``clf.probe.safetensors`` for ``clf.json``) named in the JSON with
+its SHA-256 and size. Loading validates every field (and the probe file's hash and shapes) and
+``check_compatible(model)`` refuses another model.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -29,10 +37,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adainfer.calibrate.probe import ProbeHeads
 from adainfer_kernels.head import ALWAYS_STOP, NEVER_STOP, LinearScore
 
 FORMAT = "adainfer.StopClassifier"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: exit_head and probe; version 1 files (lens only) still load
+READ_VERSIONS = (1, 2)
+PROBE_FORMAT = "adainfer.ProbeHeads"
+EXIT_HEADS = ("lens", "probe")
 METHODS = ("svm", "logreg", "gap")
 TARGETS = ("consistency", "gold")
 VOCAB_MODES = ("labels", "full")
@@ -89,6 +101,9 @@ class StopClassifier:
         label_bias: (L, K) per-layer additive label-logit bias, or None (no correction).
         bias_method: how ``label_bias`` was estimated (``none`` when absent).
         info: free-form facts (task, budget, held-out figures); saved, not interpreted.
+        exit_head: ``lens`` (the model's final norm + LM head over the label tokens, with the label
+            bias) or ``probe`` (layer k's linear probe; label mode only; layer L is the model's own).
+        probe: the ``ProbeHeads`` when ``exit_head == "probe"``.
     """
 
     identity: ModelIdentity
@@ -106,6 +121,8 @@ class StopClassifier:
     label_bias: tuple[tuple[float, ...], ...] | None = None
     bias_method: str = "none"
     info: dict = field(default_factory=dict, compare=False)
+    exit_head: str = "lens"
+    probe: ProbeHeads | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -179,12 +196,20 @@ class StopClassifier:
 
     def with_threshold(self, threshold: float | None, min_layer: int | None = None, **info) -> StopClassifier:
         """A copy with another threshold (and first checked layer)."""
-        d = self.to_dict()
-        d["threshold"] = threshold
-        if min_layer is not None:
-            d["min_layer"] = int(min_layer)
-        d["info"] = {**self.info, **info}
-        return StopClassifier.from_dict(d)
+        return dataclasses.replace(
+            self,
+            threshold=None if threshold is None else float(threshold),
+            min_layer=self.min_layer if min_layer is None else int(min_layer),
+            info={**self.info, **info},
+        )
+
+    def probe_layer(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(W (K, d), b (K,)) float32 of layer ``layer``'s probe (1 <= layer < L)."""
+        if self.probe is None:
+            raise ValueError("this classifier decodes with the logit lens: it has no probes")
+        if not 1 <= int(layer) < self.n_layers:
+            raise ValueError(f"probes exist for layers 1..{self.n_layers - 1}, not {layer}")
+        return self.probe.weight[layer - 1], self.probe.bias[layer - 1]
 
     def _check_layer(self, layer: int) -> None:
         if not 1 <= int(layer) <= self.n_layers:
@@ -209,11 +234,21 @@ class StopClassifier:
             "label_bias": None if self.label_bias is None else [list(r) for r in self.label_bias],
             "bias_method": self.bias_method,
             "info": self.info,
+            "exit_head": self.exit_head,
+            "probe": None if self.probe is None else _probe_meta(self.probe),
         }
 
     def save(self, path: str | Path) -> None:
+        """Write the JSON file (and, for a probe classifier, its weights beside it)."""
+        path = Path(path)
+        data = self.to_dict()
+        if self.probe is not None:
+            target = _probe_path(path)
+            payload = _probe_bytes(self.probe)
+            target.write_bytes(payload)
+            data["probe"] |= {"file": target.name, "sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
         # json writes floats with repr(): the weights round-trip bit-exactly.
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
+        path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> StopClassifier:
@@ -225,21 +260,24 @@ class StopClassifier:
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
             raise ClassifierFileError(f"{path}: not a valid classifier JSON file ({exc})") from exc
         try:
-            return cls.from_dict(data)
+            return cls.from_dict(data, folder=path.parent)
         except ClassifierFileError as exc:
             raise ClassifierFileError(f"{path}: {exc}") from None
 
     @classmethod
-    def from_dict(cls, data: dict) -> StopClassifier:
-        """Build from ``to_dict`` output, validating every field (ClassifierFileError otherwise)."""
+    def from_dict(cls, data: dict, folder: str | Path | None = None) -> StopClassifier:
+        """Build from ``to_dict`` output, validating every field (ClassifierFileError otherwise).
+
+        ``folder``: where a probe classifier's weight file lies (``load`` passes the JSON's folder).
+        """
         if not isinstance(data, dict):
             raise ClassifierFileError(f"expected a JSON object, got {type(data).__name__}")
         if data.get("format") != FORMAT:
             raise ClassifierFileError(f"not a stop classifier (format {data.get('format')!r}, expected {FORMAT!r})")
-        if data.get("version") != FORMAT_VERSION:
+        if data.get("version") not in READ_VERSIONS:
             raise ClassifierFileError(
                 f"classifier format version {data.get('version')!r} is not supported (this version reads "
-                f"{FORMAT_VERSION}): re-run `adainfer calibrate`"
+                f"{', '.join(map(str, READ_VERSIONS))}): re-run `adainfer calibrate`"
             )
         required = ("model", "method", "target", "vocab_mode", "weights", "intercept", "threshold", "min_layer")
         missing = [k for k in required if k not in data]
@@ -279,7 +317,76 @@ class StopClassifier:
             label_bias=None if bias is None else _matrix(bias),
             bias_method=_typed(data, "bias_method", str) if "bias_method" in data else "none",
             info=data.get("info") or {},
+            exit_head=_typed(data, "exit_head", str) if "exit_head" in data else "lens",
+            probe=_load_probe(data.get("probe"), folder),
         )
+
+
+def _probe_path(path: Path) -> Path:
+    """``clf.json`` -> ``clf.probe.safetensors`` (beside it)."""
+    return path.with_name(path.stem + ".probe.safetensors")
+
+
+def _probe_meta(probe: ProbeHeads) -> dict:
+    n_layers, k, d = probe.weight.shape
+    return {
+        "format": PROBE_FORMAT,
+        "layers": n_layers,
+        "labels": k,
+        "hidden_size": d,
+        "c": probe.c,
+        "n_fit": probe.n_fit,
+    }
+
+
+def _probe_bytes(probe: ProbeHeads) -> bytes:
+    from safetensors.numpy import save
+
+    return save(
+        {
+            "weight": np.ascontiguousarray(probe.weight, dtype=np.float32),
+            "bias": np.ascontiguousarray(probe.bias, dtype=np.float32),
+        },
+        metadata={"format": PROBE_FORMAT},
+    )
+
+
+def _load_probe(meta, folder: str | Path | None) -> ProbeHeads | None:
+    """The probe weights a classifier file names, checked against its hash and shapes."""
+    if meta is None:
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != PROBE_FORMAT:
+        raise ClassifierFileError(f"probe must be an object of format {PROBE_FORMAT!r}")
+    for key in ("file", "sha256", "layers", "labels", "hidden_size"):
+        if key not in meta:
+            raise ClassifierFileError(f"probe lacks {key!r}")
+    if folder is None:
+        raise ClassifierFileError(
+            "a probe classifier's weights live in a file beside it: use StopClassifier.load(path)"
+        )
+    name = _typed(meta, "file", str, where="probe.")
+    if Path(name).name != name:
+        raise ClassifierFileError(f"probe.file must be a file name beside the classifier, got {name!r}")
+    target = Path(folder) / name
+    try:
+        payload = target.read_bytes()
+    except OSError as exc:
+        raise ClassifierFileError(f"probe weights {target} cannot be read ({exc.strerror or exc})") from None
+    if hashlib.sha256(payload).hexdigest() != meta["sha256"]:
+        raise ClassifierFileError(f"probe weights {target} do not match the classifier's sha256 (replaced or damaged)")
+    from safetensors.numpy import load
+
+    try:
+        arrays = load(payload)
+    except Exception as exc:  # safetensors raises its own error types
+        raise ClassifierFileError(f"probe weights {target} are not a safetensors file ({exc})") from None
+    weight, bias = arrays.get("weight"), arrays.get("bias")
+    shape = (meta["layers"], meta["labels"], meta["hidden_size"])
+    if weight is None or bias is None or weight.shape != shape or bias.shape != shape[:2]:
+        raise ClassifierFileError(f"probe weights {target} do not have the shapes the classifier states {shape}")
+    c = _number(meta, "c", where="probe.") if "c" in meta else 0.0
+    n_fit = _typed(meta, "n_fit", int, where="probe.") if "n_fit" in meta else 0
+    return ProbeHeads(weight=weight.astype(np.float32), bias=bias.astype(np.float32), c=c, n_fit=n_fit)
 
 
 def _reject_constant(name: str):
@@ -329,6 +436,29 @@ def _matrix(rows) -> tuple[tuple[float, ...], ...]:
     return tuple(out)
 
 
+def _validate_probe(c: StopClassifier) -> None:
+    if c.exit_head not in EXIT_HEADS:
+        raise ClassifierFileError(f"exit_head {c.exit_head!r} is not one of {', '.join(EXIT_HEADS)}")
+    if c.exit_head == "lens":
+        if c.probe is not None:
+            raise ClassifierFileError("a lens classifier carries no probe")
+        return
+    if c.vocab_mode != "labels":
+        raise ClassifierFileError("probe exit heads answer over the label tokens: vocab_mode must be 'labels'")
+    if c.probe is None:
+        raise ClassifierFileError("exit_head 'probe' needs the probe weights")
+    want = (c.identity.num_hidden_layers - 1, len(c.label_token_ids), c.identity.hidden_size)
+    if c.probe.weight.shape != want or c.probe.bias.shape != want[:2]:
+        raise ClassifierFileError(
+            f"probe weights have shape {c.probe.weight.shape}; {c.identity.describe()} with "
+            f"{want[1]} labels needs (layers - 1, labels, hidden) = {want}"
+        )
+    f32 = np.finfo(np.float32).max
+    for name, arr in (("weight", c.probe.weight), ("bias", c.probe.bias)):
+        if not np.isfinite(arr).all() or np.abs(arr).max(initial=0.0) > f32:
+            raise ClassifierFileError(f"probe {name} holds a value that is not a finite float32")
+
+
 def _validate(c: StopClassifier) -> None:
     """Consistency checks shared by the constructor and the loader (ClassifierFileError)."""
     ident = c.identity
@@ -368,6 +498,7 @@ def _validate(c: StopClassifier) -> None:
             )
         if not all(math.isfinite(v) for r in c.label_bias for v in r):
             raise ClassifierFileError("label_bias holds a non-finite value")
+    _validate_probe(c)
 
 
 # --------------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def flops_config(features: LayerFeatures) -> SimpleNamespace:
 def answers(features: LayerFeatures, clf: StopClassifier) -> tuple[np.ndarray, np.ndarray]:
     """((N, L) scores with the threshold folded in, (N, L) answers) as the runtime would see them."""
     bias = None if clf.label_bias is None else np.asarray(clf.label_bias)
-    top, gap, answer = layer_signals(features, clf.vocab_mode, bias)
+    top, gap, answer = layer_signals(features, clf.vocab_mode, bias, probe=clf.probe)
     layers = np.arange(1, features.n_layers + 1)[None, :]
     if clf.threshold is None:  # never stops early
         return np.full(top.shape, -1.0), answer

@@ -15,6 +15,8 @@ and we keep
           margin (K = 2) = (z_ik1 + b_k1) - (z_ik0 + b_k0).
       These are exactly what the fused kernel computes with ``vocab_subset = label_token_ids``
       and ``subset_bias = b_k`` (tests check it), so the calibration sees what the runtime sees.
+    * optionally (``keep_hidden``) the raw last-token hidden states h_ik of layers 1..L-1 (float32),
+      which per-layer probes are fitted on (:mod:`adainfer.calibrate.probe`).
 
 Hugging Face's ``output_hidden_states`` returns L+1 states: the embeddings, the raw outputs of
 layers 1..L-1, and the *final-normed* output of layer L. Layer L is therefore read from the model's
@@ -55,6 +57,7 @@ class LayerFeatures:
         labels: (N,) int64 gold label index, -1 where unknown.
         label_token_ids: (K,) int64 token ids of the label words.
         prompt_lengths: (N,) int64 tokens of each whole prompt (prefix included).
+        hidden: (N, L-1, d) float32 raw last-token hidden states after layers 1..L-1, or None.
         meta: JSON-able facts (model identity, task, split).
     """
 
@@ -65,6 +68,7 @@ class LayerFeatures:
     vocab_top_prob: np.ndarray | None = None
     vocab_gap: np.ndarray | None = None
     vocab_argmax: np.ndarray | None = None
+    hidden: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
 
     @property
@@ -97,6 +101,7 @@ class LayerFeatures:
             vocab_top_prob=take(self.vocab_top_prob),
             vocab_gap=take(self.vocab_gap),
             vocab_argmax=take(self.vocab_argmax),
+            hidden=take(self.hidden),
         )
 
     def save(self, path: str | Path) -> None:
@@ -110,6 +115,8 @@ class LayerFeatures:
         }
         if self.has_vocab:
             arrays.update(vocab_top_prob=self.vocab_top_prob, vocab_gap=self.vocab_gap, vocab_argmax=self.vocab_argmax)
+        if self.hidden is not None:
+            arrays["hidden"] = self.hidden
         np.savez_compressed(Path(path), **arrays)
 
     @classmethod
@@ -118,7 +125,7 @@ class LayerFeatures:
             meta = json.loads(str(z["meta_json"]))
             if meta.pop("format", None) != FEATURES_FORMAT:
                 raise ValueError(f"{path}: not a features file of format {FEATURES_FORMAT}")
-            vocab = {k: z[k] for k in ("vocab_top_prob", "vocab_gap", "vocab_argmax") if k in z.files}
+            vocab = {k: z[k] for k in ("vocab_top_prob", "vocab_gap", "vocab_argmax", "hidden") if k in z.files}
             return cls(
                 label_logits=z["label_logits"],
                 labels=z["labels"],
@@ -272,6 +279,7 @@ def collect_features(
     *,
     batch_size: int = 16,
     full_vocab: bool = True,
+    keep_hidden: bool = False,
     share_prefix: bool | None = None,
     progress: bool = True,
     desc: str = "features",
@@ -288,6 +296,8 @@ def collect_features(
         label_token_ids: (K,) token ids of the label words.
         batch_size: prompts per forward pass.
         full_vocab: also compute the full-vocabulary signals (one d x V product per row and layer).
+        keep_hidden: keep the raw last-token hidden states of layers 1..L-1 (for probes;
+            N * (L-1) * d * 4 bytes).
         share_prefix: run the prefix once and reuse its K/V cache; None = when the tokenizer splits
             every prompt at the prefix boundary (checked), else whole prompts.
         progress: show a tqdm bar.
@@ -334,6 +344,7 @@ def collect_features(
     v_top = np.zeros((n, n_layers), dtype=np.float32) if full_vocab else None
     v_gap = np.zeros((n, n_layers), dtype=np.float32) if full_vocab else None
     v_arg = np.zeros((n, n_layers), dtype=np.int64) if full_vocab else None
+    hidden = np.zeros((n, n_layers - 1, int(model.config.hidden_size)), dtype=np.float32) if keep_hidden else None
 
     order = np.argsort([-len(r) for r in rows], kind="stable")  # similar lengths share a batch
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
@@ -360,6 +371,8 @@ def collect_features(
         if len(states) != n_layers + 1:
             raise RuntimeError(f"expected {n_layers + 1} hidden states, got {len(states)}")
         for layer in range(1, n_layers):
+            if hidden is not None:
+                hidden[idx, layer - 1] = states[layer][:, -1, :].float().cpu().numpy()
             signals, z = _decode_layer(states[layer][:, -1, :], head, label_head)
             label_logits[idx, layer - 1] = z.float().cpu().numpy()
             if signals is not None:
@@ -381,6 +394,7 @@ def collect_features(
         vocab_top_prob=v_top,
         vocab_gap=v_gap,
         vocab_argmax=v_arg,
+        hidden=hidden,
         meta={**_model_identity(model), "shared_prefix": bool(share_prefix), **(meta or {})},
     )
 

@@ -29,6 +29,8 @@ from adainfer.calibrate.classifier import METHODS, TARGETS, ModelIdentity, StopC
 from adainfer.calibrate.features import LayerFeatures, label_signals
 from adainfer.calibrate.labelbias import estimate_label_bias, resolve_bias_method
 from adainfer.calibrate.metrics import clopper_pearson_upper
+from adainfer.calibrate.probe import DEFAULT_C, ProbeHeads, cross_fitted_logits, fit_probes
+from adainfer.calibrate.probe import signals_from_logits as probe_signals
 
 
 @dataclass(frozen=True)
@@ -140,13 +142,29 @@ def _upper(k: int, n: int, confidence: float | None) -> float | None:
 
 
 def layer_signals(
-    features: LayerFeatures, vocab_mode: str, bias: np.ndarray | None
+    features: LayerFeatures,
+    vocab_mode: str,
+    bias: np.ndarray | None,
+    probe: ProbeHeads | None = None,
+    probe_logits: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(top_prob, gap, answer), each (N, L), as the runtime's exit head would give them.
 
     Label mode: over the label tokens with the per-layer bias; answer = label index.
     Full mode: over the whole vocabulary; answer = token id.
+    With ``probe`` (or precomputed (N, L-1, K) ``probe_logits``): layers 1..L-1 from the probes,
+    layer L from the model's own label logits with the layer-L bias; answer = label index.
     """
+    if probe is not None or probe_logits is not None:
+        if vocab_mode != "labels":
+            raise ValueError("probe exit heads answer over the label tokens (vocab_mode 'labels')")
+        if probe_logits is None:
+            if features.hidden is None:
+                raise ValueError("a probe classifier needs features collected with keep_hidden=True")
+            probe_logits = probe.logits(features.hidden)
+        top, gap, answer = (np.array(a) for a in label_signals(features, bias))
+        top[:, :-1], gap[:, :-1], answer[:, :-1] = probe_signals(probe_logits)
+        return top, gap, answer
     if vocab_mode == "labels":
         return label_signals(features, bias)
     if vocab_mode == "full":
@@ -172,11 +190,25 @@ def identity_of(features: LayerFeatures) -> ModelIdentity:
     return ModelIdentity(m["model_type"], m["num_hidden_layers"], m["vocab_size"], m["hidden_size"])
 
 
+def target_answer(features: LayerFeatures, vocab_mode: str, bias: np.ndarray | None, target: str) -> np.ndarray:
+    """(N,) what "settled" means: the full model's (corrected) answer, or the gold label."""
+    if target == "consistency":
+        return layer_signals(features, vocab_mode, bias)[2][:, -1]
+    if target == "gold":
+        return gold_answer(features, vocab_mode)
+    raise ValueError(f"unknown target {target!r} (targets: {', '.join(TARGETS)})")
+
+
 def training_rows(
-    features: LayerFeatures, vocab_mode: str, bias: np.ndarray | None, target: str, use_layer: bool
+    features: LayerFeatures,
+    vocab_mode: str,
+    bias: np.ndarray | None,
+    target: str,
+    use_layer: bool,
+    probe_logits: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(x (n, f), y (n,)) over every example and layer k < L (layer L always stops)."""
-    top, gap, answer = layer_signals(features, vocab_mode, bias)
+    top, gap, answer = layer_signals(features, vocab_mode, bias, probe_logits=probe_logits)
     if target == "consistency":
         goal = answer[:, -1]
     elif target == "gold":
@@ -206,6 +238,8 @@ def calibrate(
     min_layers: list[int] | None = None,
     label_words: tuple[str, ...] | None = None,
     info: dict | None = None,
+    exit_head: str = "lens",
+    probe_c: float = DEFAULT_C,
 ) -> StopClassifier:
     """Fit a stop classifier on ``calibration`` and choose its threshold on ``heldout``.
 
@@ -221,6 +255,10 @@ def calibrate(
         vocab_mode: ``labels`` | ``full``.
         use_layer: include the layer index as a feature (folded into each layer's bias).
         min_layers: candidate first checked layers (default: all).
+        exit_head: ``lens`` (the model's own decode path) or ``probe`` (per-layer probes fitted on
+            ``calibration``'s hidden states; the stop classifier is fitted on cross-fitted probe
+            signals, so never on the probes' own training rows; the threshold on ``heldout``).
+        probe_c: the probes' inverse L2 strength.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (methods: {', '.join(METHODS)})")
@@ -231,7 +269,18 @@ def calibrate(
         raise ValueError("calibration and held-out features come from different models")
     bias = estimate_label_bias(bias_method, calibration, content_free) if vocab_mode == "labels" else None
     use_layer = use_layer and method != "gap"
-    x, y = training_rows(calibration, vocab_mode, bias, target, use_layer)
+    probe = probe_cal = None
+    if exit_head == "probe":
+        if vocab_mode != "labels":
+            raise ValueError("probe exit heads answer over the label tokens: use vocab_mode='labels'")
+        if calibration.hidden is None or heldout.hidden is None:
+            raise ValueError("probe exit heads need features collected with keep_hidden=True")
+        goal = target_answer(calibration, vocab_mode, bias, target)
+        probe = fit_probes(calibration.hidden, goal, calibration.n_labels, probe_c)
+        probe_cal = cross_fitted_logits(calibration.hidden, goal, calibration.n_labels, probe_c)
+    elif exit_head != "lens":
+        raise ValueError(f"unknown exit head {exit_head!r} (exit heads: lens, probe)")
+    x, y = training_rows(calibration, vocab_mode, bias, target, use_layer, probe_logits=probe_cal)
     fit = fit_linear(x, y, method)
     w_layer = float(fit.weights[2]) if use_layer else 0.0
     clf = StopClassifier(
@@ -249,8 +298,10 @@ def calibrate(
         label_words=label_words,
         label_bias=None if bias is None else tuple(tuple(float(v) for v in row) for row in bias),
         bias_method=bias_method if vocab_mode == "labels" else "none",
+        exit_head=exit_head,
+        probe=probe,
     )
-    top, gap, answer = layer_signals(heldout, vocab_mode, bias)
+    top, gap, answer = layer_signals(heldout, vocab_mode, bias, probe=probe)
     layers = np.arange(1, heldout.n_layers + 1)[None, :]
     choice = choose_threshold(
         clf.decision(top, gap, layers), answer, budget, confidence=confidence, min_layers=min_layers

@@ -70,6 +70,9 @@ class ClassifierPolicy:
     def head_and_score(self, layer: int, base: ExitHead) -> tuple[ExitHead, LinearScore | None]:
         cached = self._cache.get(layer)
         if cached is None or cached[0] is not base:
+            if getattr(self.classifier, "exit_head", "lens") == "probe":
+                self._cache[layer] = cached = (base, self._probe_head(layer, base), self.classifier.linear_score(layer))
+                return cached[1], cached[2]
             device = base.weight.device
             if self.classifier.vocab_subset is not None and (self._subset is None or self._subset.device != device):
                 # One subset tensor for every layer: the exit head caches its packed subset weight per tensor.
@@ -82,6 +85,19 @@ class ClassifierPolicy:
             )
             self._cache[layer] = cached = (base, head, self.classifier.linear_score(layer))
         return cached[1], cached[2]
+
+    def _probe_head(self, layer: int, base: ExitHead) -> ExitHead:
+        """Layer ``layer``'s probe as an exit head: its (K, d) weight in the model's dtype on the
+        head's device, no norm (the probe reads the raw hidden state), subset = its K rows, and
+        its bias as the subset bias (fp32)."""
+        weight, bias = self.classifier.probe_layer(layer)
+        device, dtype = base.weight.device, base.weight.dtype
+        return ExitHead(
+            weight=torch.as_tensor(weight).to(device=device, dtype=dtype),
+            norm="none",
+            vocab_subset=torch.arange(weight.shape[0], device=device),
+            subset_bias=torch.as_tensor(bias, dtype=torch.float32).to(device),
+        )
 
     def should_stop(self, layer: int, signals: ExitSignals | None, rows: torch.Tensor) -> torch.Tensor:
         # NaN scores (non-finite hidden states) compare False: such rows never stop early.

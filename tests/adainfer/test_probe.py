@@ -1,0 +1,191 @@
+"""Probe exit heads (issue 10): per-layer probes of the hidden state, fitted with scikit-learn,
+standardisation folded in, saved beside the classifier, decoded by the runtime's fused exit head."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import adainfer
+import numpy as np
+import pytest
+import torch
+from adainfer.calibrate.classifier import ClassifierFileError, ModelIdentity, StopClassifier
+from adainfer.calibrate.evaluate import evaluate, simulate
+from adainfer.calibrate.features import LayerFeatures
+from adainfer.calibrate.fit import calibrate
+from adainfer.calibrate.probe import ProbeHeads, cross_fitted_logits, fit_probes, signals_from_logits
+from tiny_models import decode_hidden, left_padded_batch, tiny_llama
+
+META = {
+    "model_type": "llama",
+    "num_hidden_layers": 6,
+    "vocab_size": 100,
+    "hidden_size": 32,
+    "config": {
+        "model_type": "llama",
+        "num_hidden_layers": 6,
+        "vocab_size": 100,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "intermediate_size": 64,
+    },
+}
+
+
+def planted(n: int, seed: int, signal_from: int = 2, n_layers: int = 6, d: int = 32):
+    """Hidden states whose layers >= ``signal_from`` carry the answer linearly (a planted rule);
+    the lens (label logits) carries it only at the last layer."""
+    rng = np.random.default_rng(seed)
+    w = np.random.default_rng(99).normal(size=d)  # the same rule for every split
+    answer = rng.integers(0, 2, n)
+    hidden = rng.normal(size=(n, n_layers - 1, d)) * 3 + 1.5  # offset and scale: standardisation matters
+    for j in range(signal_from - 1, n_layers - 1):
+        hidden[:, j] += np.outer((2 * answer - 1) * 6.0, w / np.linalg.norm(w))
+    logits = rng.normal(size=(n, n_layers, 2)) * 0.2
+    logits[:, -1, 1] += (2 * answer - 1) * 3.0  # the full model's answer
+    feats = LayerFeatures(
+        label_logits=logits.astype(np.float32),
+        labels=answer.astype(np.int64),
+        label_token_ids=np.array([7, 9]),
+        prompt_lengths=np.full(n, 20),
+        hidden=hidden.astype(np.float32),
+        meta=dict(META),
+    )
+    return feats, answer
+
+
+def test_probes_recover_a_planted_linear_rule():
+    train, y = planted(300, seed=0)
+    test, y_test = planted(300, seed=1)
+    probes = fit_probes(train.hidden, y, n_labels=2)
+    acc = (probes.logits(test.hidden).argmax(-1) == y_test[:, None]).mean(axis=0)
+    assert acc[0] < 0.65, f"layer 1 holds no signal: {acc}"
+    assert (acc[1:] > 0.95).all(), f"layers >= 2 hold the rule: {acc}"
+
+
+def test_folded_standardisation_equals_the_fitted_pipeline():
+    from sklearn.linear_model import LogisticRegression
+
+    train, y = planted(200, seed=2)
+    x = train.hidden[:, 3].astype(np.float64)
+    probes = fit_probes(train.hidden, y, n_labels=2, c=0.05)
+    z = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    ref = LogisticRegression(C=0.05, max_iter=2000).fit(z, y).decision_function(z)
+    got = probes.logits(train.hidden)[:, 3]
+    np.testing.assert_allclose(got[:, 1] - got[:, 0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cross_fitting_never_scores_a_probe_on_its_own_rows():
+    train, y = planted(120, seed=3)
+    oof = cross_fitted_logits(train.hidden, y, 2)
+    own = fit_probes(train.hidden, y, 2).logits(train.hidden)
+    # in-sample probes are more confident than out-of-fold ones (what the stop classifier must not see)
+    conf = lambda z: signals_from_logits(z)[0].mean()
+    assert conf(own) > conf(oof)
+
+
+def test_probe_calibration_saves_far_more_layers_than_the_lens_when_the_lens_is_blind():
+    cal, _ = planted(300, seed=4)
+    held, _ = planted(300, seed=5)
+    test, _ = planted(300, seed=6)
+    kw = dict(method="logreg", budget=0.02, bias_method="none")
+    lens = calibrate(cal, held, exit_head="lens", **kw)
+    probe = calibrate(cal, held, exit_head="probe", **kw)
+    m_lens, m_probe = evaluate(test, lens), evaluate(test, probe)
+    assert probe.exit_head == "probe" and probe.probe.n_fit == 300
+    assert m_probe["pruning_ratio"] > m_lens["pruning_ratio"] + 0.3, (m_lens["pruning_ratio"], m_probe["pruning_ratio"])
+    assert m_probe["agreement"] >= 0.95
+
+
+def _probe_classifier(model, probes: ProbeHeads, threshold: float = 0.0) -> StopClassifier:
+    return StopClassifier(
+        identity=ModelIdentity.from_model(model),
+        method="logreg",
+        target="consistency",
+        vocab_mode="labels",
+        w_top_prob=6.0,
+        w_gap=0.0,
+        w_layer=0.0,
+        intercept=-4.32,  # stops when the probe's top probability passes 0.72
+        threshold=threshold,
+        min_layer=1,
+        label_token_ids=(5, 17),
+        label_words=(" a", " b"),
+        exit_head="probe",
+        probe=probes,
+    )
+
+
+def test_probe_classifier_file_round_trip_and_refusals(tmp_path):
+    model = tiny_llama("sdpa")
+    rng = np.random.default_rng(0)
+    probes = ProbeHeads(
+        weight=rng.normal(size=(3, 2, 64)).astype(np.float32), bias=rng.normal(size=(3, 2)).astype(np.float32), n_fit=9
+    )
+    clf = _probe_classifier(model, probes)
+    path = tmp_path / "clf.json"
+    clf.save(path)
+    side = tmp_path / "clf.probe.safetensors"
+    data = json.loads(path.read_text())
+    assert data["exit_head"] == "probe" and data["probe"]["file"] == side.name
+    assert data["probe"]["bytes"] == side.stat().st_size and data["probe"]["layers"] == 3
+    back = StopClassifier.load(path)
+    assert back == clf and back.probe.n_fit == 9
+    np.testing.assert_array_equal(back.probe.weight, probes.weight)
+    np.testing.assert_array_equal(back.probe.bias, probes.bias)
+    # a damaged or replaced weight file is refused
+    side.write_bytes(side.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ClassifierFileError, match="sha256"):
+        StopClassifier.load(path)
+    side.unlink()
+    with pytest.raises(ClassifierFileError, match="cannot be read"):
+        StopClassifier.load(path)
+    # probes of another shape (another model's layers or width) are refused
+    with pytest.raises(ClassifierFileError, match="needs"):
+        _probe_classifier(model, dataclasses.replace(probes, weight=probes.weight[:2], bias=probes.bias[:2]))
+    with pytest.raises(ClassifierFileError, match="finite float32"):
+        _probe_classifier(model, dataclasses.replace(probes, bias=np.full((3, 2), np.inf, dtype=np.float32)))
+    other = tiny_llama("sdpa", layers=5)
+    with pytest.raises(ValueError, match="classifier was fitted for a 4-layer"):
+        clf.check_compatible(other)
+
+
+@torch.inference_mode()
+def test_runtime_probe_exits_and_answers_equal_the_simulation():
+    """The patched model with a probe classifier stops and answers where the simulation from the
+    same hidden states says, through every read-out."""
+    model = tiny_llama("sdpa")
+    batch = left_padded_batch(8, 9, seed=3)
+    out = model(**batch, output_hidden_states=True)
+    states = out.hidden_states
+    hidden = torch.stack([states[k][:, -1] for k in range(1, 4)], dim=1).numpy()  # (8, 3, 64)
+    rng = np.random.default_rng(1)
+    probes = ProbeHeads(
+        weight=(rng.normal(size=(3, 2, 64)) * 3.0).astype(np.float32), bias=np.zeros((3, 2), np.float32)
+    )
+    clf = _probe_classifier(model, probes)
+    labels = [5, 17]
+    lens = [decode_hidden(model, states[k][:, -1])[:, labels] for k in range(1, 4)] + [out.logits[:, -1, labels]]
+    feats = LayerFeatures(
+        label_logits=torch.stack(lens, dim=1).float().numpy(),
+        labels=np.full(8, -1),
+        label_token_ids=np.array(labels),
+        prompt_lengths=np.full(8, 9),
+        hidden=hidden,
+        meta={**META, "num_hidden_layers": 4, "hidden_size": 64},
+    )
+    sim = simulate(feats, clf)
+    assert 0 < (sim["exit_layers"] < 4).sum() < 8, f"the test needs a mix of exits: {sim['exit_layers']}"
+    with adainfer.patched(model, clf) as handle:
+        logits = model(**batch).logits
+        stats = handle.last_stats
+    assert stats.exit_layers.tolist() == sim["exit_layers"].tolist()
+    assert stats.answer_label.tolist() == sim["exit_answer"].tolist()
+    assert logits[:, -1, labels].argmax(-1).tolist() == sim["exit_answer"].tolist()
+    exited = sim["exit_layers"] < 4
+    z = probes.logits(hidden)  # (8, 3, 2)
+    want = torch.log_softmax(torch.tensor(z[np.arange(8), np.minimum(sim["exit_layers"], 3) - 1]), dim=-1).float()
+    torch.testing.assert_close(stats.label_logprobs[exited], want[exited], rtol=1e-4, atol=1e-4)
