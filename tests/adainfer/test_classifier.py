@@ -167,7 +167,11 @@ def test_json_round_trip_is_bit_exact(tmp_path):
     data = json.loads(path.read_text())
     assert data["model"] == {"model_type": "llama", "num_hidden_layers": 30, "vocab_size": 49152, "hidden_size": 576}
     assert data["features"] == ["top_prob", "gap", "layer"]
-    assert data["version"] == 1
+    assert data["version"] == 2 and data["exit_head"] == "lens" and data["probe"] is None
+    # a version-1 file (lens only, before probes) still loads
+    del data["exit_head"], data["probe"]
+    data["version"] = 1
+    assert StopClassifier.from_dict(data) == clf
 
 
 def test_identity_mismatch_is_refused_with_a_clear_message():
@@ -200,7 +204,7 @@ def _edited(tmp_path, edit):
         (lambda d: d["weights"].update(gap="3.0"), "gap must be a number"),
         (lambda d: d["model"].update(num_hidden_layers="30"), "num_hidden_layers must be int"),
         (lambda d: d["model"].pop("vocab_size"), "lacks 'vocab_size'"),
-        (lambda d: d.update(version=2), "version 2 is not supported"),
+        (lambda d: d.update(version=3), "version 3 is not supported"),
         (lambda d: d.update(format="something else"), "not a stop classifier"),
         (lambda d: d.update(method="forest"), "method 'forest'"),
         (lambda d: d.update(min_layer=0), "min_layer 0 is outside"),

@@ -29,7 +29,7 @@ def test_demo_pipeline_on_the_bundled_model_produces_a_complete_table(bundled, t
     table = payload["table"]
     assert table["columns"] == [h for h, _ in TABLE_COLUMNS]
     assert [r[0] for r in table["rows"]] == [r["variant"]["name"] for r in payload["rows"]]
-    assert len(table["rows"]) == 8
+    assert len(table["rows"]) == 10
     headers = [h for h, _ in TABLE_COLUMNS]
     runtime_cols = {headers.index("runtime acc"), headers.index("= sim")}
     for r, cells in enumerate(table["rows"]):
@@ -39,7 +39,8 @@ def test_demo_pipeline_on_the_bundled_model_produces_a_complete_table(bundled, t
         of_oracle = headers.index("of oracle")
         assert all(c != "n/a" for i, c in enumerate(cells[1:-1], start=1) if i not in {of_oracle, *runtime_cols})
         # the runtime's own answers are measured for the main row only
-        assert all((cells[i] != "n/a") == (r == 0) for i in runtime_cols)
+        is_main = payload["rows"][r]["variant"]["main"]
+        assert all((cells[i] != "n/a") == is_main for i in runtime_cols)
     for row in payload["rows"]:
         m = row["metrics"]
         assert set(m) == set(METRIC_KEYS)
@@ -50,13 +51,17 @@ def test_demo_pipeline_on_the_bundled_model_produces_a_complete_table(bundled, t
         assert m["wallclock_full_s"] is None and m["speedup"] is None
         info = row["classifier"]["info"]
         assert info["heldout_disagreement"] <= 0.05  # the budget holds where it was chosen
-    main_row = payload["rows"][0]
-    assert main_row["variant"]["main"] and main_row["classifier"]["bias_method"] == "balanced"
+    (main_row,) = [r for r in payload["rows"] if r["variant"]["main"]]
+    assert main_row["classifier"]["bias_method"] == "balanced"
+    # both exit heads are in the table; the main row is the one that saved more layers on held-out
+    heads = {r["variant"]["name"]: r["classifier"]["exit_head"] for r in payload["rows"]}
+    assert heads["svm + bias"] == "lens" and heads["probe svm + bias"] == "probe"
+    assert main_row["variant"]["name"] in ("svm + bias", "probe svm + bias")
     # the correction is applied to the full model's answer alike: raw and corrected rows differ there
     assert {r["variant"]["name"] for r in payload["rows"]} >= {"svm + bias", "svm, raw", "gap + bias"}
 
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["rows"][0]["metrics"] == main_row["metrics"]
+    assert next(r for r in saved["rows"] if r["variant"]["main"])["metrics"] == main_row["metrics"]
     assert len(saved["per_layer"]) == 30 and saved["budget_sweep"]
     clf = StopClassifier.load(tmp_path / "classifier.json")
     clf.check_compatible(bundled.model)

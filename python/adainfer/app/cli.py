@@ -182,9 +182,14 @@ def _calibrate(args: argparse.Namespace) -> int:
     from adainfer.app.loading import load_model
     from adainfer.app.pipeline import task_line
     from adainfer.calibrate.features import collect_content_free, collect_task_features
-    from adainfer.calibrate.fit import calibrate
+    from adainfer.calibrate.fit import calibrate_auto
 
     console = _console()
+    exit_head = args.exit_head
+    if args.vocab == "full":
+        if exit_head == "probe":
+            raise ValueError("--exit-head probe answers over the label tokens: it needs --vocab labels")
+        exit_head = "lens"
     sizes = {"calibration": args.n_calibration, "heldout": args.n_heldout, "test": args.n_test}
     task, kwargs = _load_task(args, sizes)
     console.print(f"loading model {args.model} ...")
@@ -193,14 +198,15 @@ def _calibrate(args: argparse.Namespace) -> int:
     rendered = task.render(loaded.tokenizer)
     console.print(task_line(rendered, sizes))
     bias = args.bias if args.vocab == "labels" else "none"
-    collect = dict(batch_size=args.batch_size, full_vocab=args.vocab == "full")
+    collect = dict(batch_size=args.batch_size, full_vocab=args.vocab == "full", keep_hidden=exit_head != "lens")
     cal = collect_task_features(loaded.model, rendered, "calibration", **collect)
     held = collect_task_features(loaded.model, rendered, "heldout", **collect)
     cf = collect_content_free(loaded.model, rendered) if bias == "content-free" else None
     info = {"task": {**_jsonable(kwargs), "task": args.task, "label_words_arg": args.label_words}}
-    clf = calibrate(
+    clf = calibrate_auto(
         cal,
         held,
+        exit_head=exit_head,
         method=args.method,
         target=args.target,
         budget=args.budget,
@@ -214,6 +220,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     )
     clf.save(args.out)
     i = clf.info
+    if "exit_head_choice" in i:
+        ch = i["exit_head_choice"]
+        console.print(
+            f"exit head: {ch['chosen']} (held-out mean exit layer: lens {ch['lens']['heldout_mean_exit_layer']:.2f}, "
+            f"probe {ch['probe']['heldout_mean_exit_layer']:.2f})"
+        )
     if clf.threshold is None:
         console.print("no threshold fits the budget on the held-out split: the classifier never stops early")
     else:
@@ -264,7 +276,12 @@ def _eval(args: argparse.Namespace) -> int:
         )
     console.print(task_line(rendered, sizes))
     test = collect_task_features(
-        loaded.model, rendered, "test", batch_size=args.batch_size, full_vocab=clf.vocab_mode == "full"
+        loaded.model,
+        rendered,
+        "test",
+        batch_size=args.batch_size,
+        full_vocab=clf.vocab_mode == "full",
+        keep_hidden=clf.exit_head == "probe",
     )
     measure = wallclock_measure(args.wallclock_prompts)
     metrics = evaluate(
@@ -277,7 +294,12 @@ def _eval(args: argparse.Namespace) -> int:
         prompts=rendered.prompts("test"),
         batch_size=args.batch_size,
     )
-    variant = {"name": f"{clf.method} ({clf.bias_method} bias)", "main": True, "vocab_mode": clf.vocab_mode}
+    variant = {
+        "name": f"{clf.method} ({clf.bias_method} bias, {clf.exit_head})",
+        "main": True,
+        "vocab_mode": clf.vocab_mode,
+        "exit_head": clf.exit_head,
+    }
     rows = [{"variant": variant, "classifier": clf, "metrics": metrics}]
     budget = clf.info.get("budget", float("nan"))
     print_table(rows, f"AdaInfer on {task.name}, test split ({test.n_examples} examples)", console)
@@ -351,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_cal.add_argument("--bias", default="auto", choices=BIAS_CHOICES, help=BIAS_HELP)
     p_cal.add_argument("--vocab", default="labels", choices=["labels", "full"], help="exit head over labels or all")
     p_cal.add_argument("--no-layer-feature", action="store_true", help="features top_prob and gap only")
+    p_cal.add_argument(
+        "--exit-head",
+        default="auto",
+        choices=["auto", "lens", "probe"],
+        help="decode layer k through the model's LM head (lens) or a per-layer probe of the hidden state; "
+        "auto: both, keep the one that saves more layers on the held-out split",
+    )
     p_cal.add_argument("--n-calibration", type=int, default=300)
     p_cal.add_argument("--n-heldout", type=int, default=300)
     p_cal.add_argument("--n-test", type=int, default=300, help="reserved for eval (kept disjoint)")

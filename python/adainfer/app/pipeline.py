@@ -31,7 +31,7 @@ import numpy as np
 from adainfer.calibrate.classifier import StopClassifier
 from adainfer.calibrate.evaluate import RuntimeFn, WallclockFn, evaluate, per_layer_table, simulate, threshold_sweep
 from adainfer.calibrate.features import LayerFeatures, collect_content_free, collect_task_features, label_signals
-from adainfer.calibrate.fit import calibrate
+from adainfer.calibrate.fit import calibrate, calibrate_auto
 from adainfer.calibrate.labelbias import BIAS_METHODS, estimate_label_bias
 
 NOT_MEASURED = "not measured"
@@ -49,11 +49,18 @@ class Variant:
     target: str = "consistency"
     confidence: float | None = None  # None: the run's setting
     main: bool = False
+    exit_head: str = "lens"
 
 
-def demo_variants(bias_method: str, full_vocab: bool = True, bound: float = 0.9) -> list[Variant]:
+def demo_variants(
+    bias_method: str, full_vocab: bool = True, bound: float = 0.9, main_exit_head: str = "lens"
+) -> list[Variant]:
+    """The table's rows: the paper's lens rule and the probe rule first (``main_exit_head`` is the
+    main row: measured through the runtime and timed), then the ablations (lens)."""
     variants = [
-        Variant("svm + bias", bias_method=bias_method, main=True),
+        Variant("svm + bias", bias_method=bias_method, main=main_exit_head == "lens"),
+        Variant("probe svm + bias", bias_method=bias_method, exit_head="probe", main=main_exit_head == "probe"),
+        Variant(f"probe, {bound:.0%} bound", bias_method=bias_method, exit_head="probe", confidence=bound),
         Variant(f"svm + bias, {bound:.0%} bound", bias_method=bias_method, confidence=bound),
         Variant("svm, raw", bias_method="none"),
         Variant("logreg + bias", method="logreg", bias_method=bias_method),
@@ -82,6 +89,7 @@ class RunSettings:
     bias_method: str = "auto"
     batch_size: int = 32
     full_vocab: bool = True
+    exit_head: str = "auto"  # the main row's: lens, probe, or auto (the better on held-out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,13 +97,19 @@ class RunSettings:
 
 
 def collect_splits(
-    model, rendered, splits: list[str], *, batch_size: int, full_vocab: bool, progress: bool = True
+    model,
+    rendered,
+    splits: list[str],
+    *,
+    batch_size: int,
+    full_vocab: bool,
+    keep_hidden: bool = True,
+    progress: bool = True,
 ) -> dict[str, LayerFeatures]:
-    """Features of each split, plus the content-free prompts (key ``content-free``)."""
-    feats = {
-        s: collect_task_features(model, rendered, s, batch_size=batch_size, full_vocab=full_vocab, progress=progress)
-        for s in splits
-    }
+    """Features of each split (with the hidden states probes need), plus the content-free prompts
+    (key ``content-free``)."""
+    collect = dict(batch_size=batch_size, full_vocab=full_vocab, keep_hidden=keep_hidden, progress=progress)
+    feats = {s: collect_task_features(model, rendered, s, **collect) for s in splits}
     feats["content-free"] = collect_content_free(model, rendered, batch_size=batch_size, progress=False)
     return feats
 
@@ -121,6 +135,7 @@ def run_variant(
     clf = calibrate(
         feats["calibration"],
         feats["heldout"],
+        exit_head=variant.exit_head,
         method=variant.method,
         target=variant.target,
         budget=settings.budget,
@@ -142,6 +157,23 @@ def run_variant(
         batch_size=settings.batch_size,
     )
     return {"variant": asdict(variant), "classifier": clf, "metrics": metrics}
+
+
+def choose_exit_head(feats: dict[str, LayerFeatures], settings: RunSettings) -> str:
+    """The main row's exit head: the setting, or with ``auto`` the one whose classifier runs fewer
+    layers on the held-out split within the budget (never the test split)."""
+    if settings.exit_head != "auto":
+        return settings.exit_head
+    clf = calibrate_auto(
+        feats["calibration"],
+        feats["heldout"],
+        method="svm",
+        budget=settings.budget,
+        confidence=settings.confidence,
+        bias_method=settings.bias_method,
+        content_free=feats.get("content-free"),
+    )
+    return clf.exit_head
 
 
 def budget_sweep(feats: dict[str, LayerFeatures], variant: Variant, budgets=SWEEP_BUDGETS) -> list[dict]:
@@ -226,6 +258,7 @@ def run_demo(
     )
     t_features = time.perf_counter() - t0
     info = {"task": task_info(settings.task, settings)}
+    main_head = choose_exit_head(feats, settings)
     measured = measure_wallclock is not None or measure_runtime is not None
     prompts = rendered.prompts("test") if measured else None
     rows = [
@@ -241,7 +274,7 @@ def run_demo(
             tokenizer=loaded.tokenizer,
             prompts=prompts,
         )
-        for v in demo_variants(settings.bias_method, settings.full_vocab)
+        for v in demo_variants(settings.bias_method, settings.full_vocab, main_exit_head=main_head)
     ]
     budget_txt = f"{settings.budget:.1%} disagreement budget" + (
         f" at {settings.confidence:.0%} confidence" if settings.confidence else ""

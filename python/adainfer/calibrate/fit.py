@@ -320,3 +320,22 @@ def calibrate(
         training_settled_fraction=float(y.mean()),
         **(info or {}),
     )
+
+
+def calibrate_auto(
+    calibration: LayerFeatures, heldout: LayerFeatures, exit_head: str = "auto", **kwargs
+) -> StopClassifier:
+    """``calibrate`` with ``exit_head`` ``lens``, ``probe`` or ``auto``: both, and the one that runs
+    fewer layers on the held-out split within the budget (ties: the lens, which needs no probe
+    file). The held-out figures of both are kept in the chosen classifier's ``info``."""
+    if exit_head != "auto":
+        return calibrate(calibration, heldout, exit_head=exit_head, **kwargs)
+    candidates = {head: calibrate(calibration, heldout, exit_head=head, **kwargs) for head in ("lens", "probe")}
+    layers = {head: clf.info["heldout_mean_exit_layer"] for head, clf in candidates.items()}
+    best = "probe" if layers["probe"] < layers["lens"] else "lens"
+    summary = {
+        head: {"heldout_mean_exit_layer": layers[head], "min_layer": c.min_layer} for head, c in candidates.items()
+    }
+    return candidates[best].with_threshold(
+        candidates[best].threshold, exit_head_choice={"chosen": best, "by": "held-out mean exit layer", **summary}
+    )
