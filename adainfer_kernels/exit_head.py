@@ -15,6 +15,11 @@ the (rows, V) logits (docs/architecture.md, "The exit head"). Backends (``backen
   also O(R x chunk) working memory.
 - ``ADAINFER_BACKEND=reference``: ``reference.exit_head_ref`` (materialises the logits; debugging).
 
+Gemma / Gemma2 (``ExitHead.norm = "rms_offset"``): Gemma's RMSNorm (fp32 throughout, times
+``1 + weight``, one rounding) is applied by ``head.decode_rows`` with Hugging Face's own ops, on
+(R, d) rows, and the kernels get pre-normed rows (as for ``project_out``), so it is bit-identical
+to ``GemmaRMSNorm`` on every backend.
+
 Dtype policy (every backend): the model's dtype in, fp32 statistics out. The norm rounds where
 Hugging Face rounds (Llama: fp32 statistics, cast to the input dtype, then the weight, cast; OPT:
 LayerNorm in fp32, cast once); its statistics are fp32 (Triton) or double (CPU) sums, so an element
@@ -54,13 +59,13 @@ from adainfer_kernels import _native
 from adainfer_kernels._cache import IdentityCache
 from adainfer_kernels.backend import exit_head_backend
 from adainfer_kernels.head import (
-    NORM_CODES,
     ExitHead,
     ExitSignals,
     LinearScore,
     check_exit_head_inputs,
     decode_rows,
     empty_signals,
+    kernel_rows,
 )
 from adainfer_kernels.reference import exit_head_ref
 
@@ -149,14 +154,13 @@ def _exit_head_cpu(
         return _finish(*_stats_torch(x, wt, head.subset_bias), hidden, head, score)
 
     packed = _PACKED.get((head.weight, head.vocab_subset), lambda: _pack(head, cdt))
-    if head.project_out is None:  # the op applies the norm itself (HF's numerics)
-        rows, norm, nw, nb = hidden, NORM_CODES[head.norm], head.norm_weight, head.norm_bias
-    else:
-        rows, norm, nw, nb = decode_rows(hidden, head), 0, None, None
+    # The op applies rms / layer norms itself (HF's numerics); Gemma's norm and project_out come pre-applied.
+    rows, norm = kernel_rows(hidden, head)
+    nw, nb = (head.norm_weight, head.norm_bias) if norm else (None, None)
     top, gap, pos = torch.ops.adainfer.exit_head_cpu(
         rows, packed, head.n_candidates, norm, nw, nb, float(head.eps), head.subset_bias
     )
-    if head.project_out is not None:  # non-finite rows of the caller's hidden states, not of the projection
+    if rows is not hidden:  # non-finite rows of the caller's hidden states, not of the normed/projected rows
         bad = ~torch.isfinite(hidden).all(dim=1)
         top = torch.where(bad, float("nan"), top)
         gap = torch.where(bad, float("nan"), gap)

@@ -4,6 +4,8 @@ Math, per row r of the hidden states h (R, d) and candidate c (a row of W, or a 
 
     x_r      = norm(h_r)                       rms: w * (h_r * rsqrt(mean(h_r^2) + eps)) (HF Llama casts)
                                                layer: (h_r - mu) * rsqrt(var + eps) * w + b; none: h_r
+                                               rms_offset (Gemma): (1 + w) * h_r * rsqrt(mean(h_r^2) + eps),
+                                               applied before the kernel (see below)
     z_rc     = <x_r, W_c> (+ bias_c)           fp32 accumulation, never stored
     M_r      = max_c z_rc,  S_r = sum_c exp(z_rc - M_r),  T_r = second largest z_rc (a tie counts twice)
     top_prob = 1 / S_r,     gap = (1 - exp(T_r - M_r)) / S_r,     argmax = lowest c with z_rc == M_r
@@ -42,10 +44,13 @@ for RMSNorm, after the affine map for LayerNorm), so the LM head sees what the m
 The bf16 rounding is done with integer ops (round to nearest even) because the interpreter's
 fp32 -> bf16 cast truncates. eps is a runtime argument (never a constexpr: no recompile per value).
 
-OPT's ``project_out`` is applied before the kernel (norm + projection in torch on (R, d), HF's own
-ops), not folded into W: folding would stream a (V, d) matrix instead of (V, d_out) (2x the bytes for
-OPT-350m, d = 1024 vs 512) and change the rounding; projecting first reads ``project_out`` once
-(d*d_out, 2% of W for OPT-350m) and costs R*d*d_out FLOPs.
+OPT's ``project_out`` and Gemma's RMSNorm (``norm="rms_offset"``: everything in fp32, times
+``1 + w``, one rounding at the end) are applied before the kernel by ``head.decode_rows`` (torch
+on (R, d), HF's own ops, so bit-identical to HF), and the kernel runs without a norm; the merge
+kernel still checks the caller's hidden states for inf/NaN. ``project_out`` is not folded into W:
+folding would stream a (V, d) matrix instead of (V, d_out) (2x the bytes for OPT-350m, d = 1024 vs
+512) and change the rounding; projecting first reads ``project_out`` once (d*d_out, 2% of W for
+OPT-350m) and costs R*d*d_out FLOPs.
 
 References: FlashAttention-2 / flash-decoding (split-K with a merge pass), Liger-Kernel's fused
 linear cross-entropy (online softmax over vocabulary tiles), the Triton matmul tutorial.
@@ -63,13 +68,12 @@ import triton
 import triton.language as tl
 
 from adainfer_kernels.head import (
-    NORM_CODES,
     ExitHead,
     ExitSignals,
     LinearScore,
     check_exit_head_inputs,
-    decode_rows,
     empty_signals,
+    kernel_rows,
 )
 
 VARIANTS = ("splitv", "rowtile")
@@ -434,11 +438,8 @@ def exit_head_triton(
     if n_rows == 0:
         return empty_signals(dev, score is not None)
 
-    if head.project_out is None:
-        x, norm_code = hidden, NORM_CODES[head.norm]
-    else:
-        # Norm + project_out in torch on (R, d) (Hugging Face's ops), then a norm-free kernel.
-        x, norm_code = decode_rows(hidden, head), 0
+    # Gemma's norm, or any norm + project_out: in torch on (R, d) (Hugging Face's ops), then a norm-free kernel.
+    x, norm_code = kernel_rows(hidden, head)
     if x.stride(-1) != 1:
         x = x.contiguous()
     w = head.weight if head.weight.stride(-1) == 1 else head.weight.contiguous()

@@ -38,6 +38,8 @@ def make_head(
     device: str = "cpu",
 ) -> ExitHead:
     """A random head whose logits have standard deviation ~logit_scale (like a real LM's).
+    ``norm="rms_offset"`` (Gemma) draws the stored weight w of the ``1 + w`` scale
+    in [-0.5, 0.5) (the same draws as the other norms' weights in [0.5, 1.5)).
 
     The weight is drawn on ``device`` (a (128256, 4096) head takes seconds to draw on a CPU)."""
     g = torch.Generator().manual_seed(seed)
@@ -47,6 +49,8 @@ def make_head(
     nw = nb = None
     if norm != "none":
         nw = torch.rand(d_norm, generator=g) + 0.5
+        if norm == "rms_offset":
+            nw = nw - 1.0
     if norm == "layer":
         nb = torch.randn(d_norm, generator=g) * 0.1
     proj = torch.randn(d, d_in, generator=g) / math.sqrt(d_in) if d_in is not None else None

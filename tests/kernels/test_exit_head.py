@@ -322,6 +322,151 @@ def test_strided_hidden(backend):
         assert torch.equal(got.argmax, want.argmax)
 
 
+# ---- Gemma / Gemma2: the rms_offset norm, on every backend ----
+
+# (norm, logit_scale, subset, subset bias)
+GEMMA_CASES = {
+    "gemma": ("rms_offset", 4.0, None, False),
+    "gemma_subset_bias": ("rms_offset", 6.0, 37, True),
+}
+
+
+def _gemma_head(case: str, dtype: torch.dtype, d: int = 64, n_vocab: int = 3001, seed: int = 21) -> ExitHead:
+    norm, scale, subset, bias = GEMMA_CASES[case]
+    return make_head(d, n_vocab, dtype, norm, subset=subset, bias=bias, logit_scale=scale, seed=seed)
+
+
+@pytest.mark.parametrize("case", sorted(GEMMA_CASES))
+@pytest.mark.parametrize("dt", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("backend", ["splitv", "rowtile", *CPU_IMPLS, "reference"])
+def test_gemma_norm_matches_reference(backend, dt, case):
+    """Every backend against the fp64 (fp32 inputs) / fp32 (bf16, fp16 inputs) reference, 2x-PyTorch rule,
+    argmax exact off near-ties; 4 rows for splitv (one row block), 17 for the others."""
+    dtype = DTYPES[dt]
+    head = _gemma_head(case, dtype)
+    hidden = make_hidden(4 if backend == "splitv" else 17, head, dtype, seed=22)
+    check_signals(run_backend(backend, hidden, head, SCORE), hidden, head, SCORE)
+
+
+@pytest.mark.parametrize("backend", ["splitv", "rowtile", *CPU_IMPLS])
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+def test_gemma_paths_reproduce_hf_rounding(backend, dt):
+    """Gemma's norm rounded exactly as HF rounds it, then fp32 logits: within 2e-5 of that computation
+    in fp64, far tighter than the 2x-PyTorch rule."""
+    dtype = DTYPES[dt]
+    head = _gemma_head("gemma_subset_bias", dtype, seed=23)
+    hidden = make_hidden(5, head, dtype, seed=24)
+    got = run_backend(backend, hidden, head, SCORE)
+    want = hf_numerics_signals(hidden, head, SCORE)
+    for name in ("top_prob", "gap", "score"):
+        err = (getattr(got, name) - getattr(want, name)).abs().max().item()
+        assert err <= 2e-5, f"{backend} {name}: max err {err:.3e} vs the HF-rounded fp32-logit reference"
+    assert torch.equal(got.argmax, want.argmax)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning", "ignore:All-NaN slice:RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gemma_non_finite_rows_get_nan_signals(backend):
+    """Gemma's norm is applied before the kernels: the inf/NaN check still reads the caller's rows."""
+    head = _gemma_head("gemma", torch.bfloat16, seed=25)
+    hidden = make_hidden(6, head, torch.bfloat16)
+    hidden[1, 3] = float("nan")
+    hidden[4, 63] = float("-inf")
+    got = run_backend(backend, hidden, head, SCORE)
+    assert got.argmax[[1, 4]].tolist() == [-1, -1]
+    for t in (got.top_prob, got.gap, got.score):
+        assert torch.isnan(t[[1, 4]]).all() and not torch.isnan(t[[0, 2, 3, 5]]).any()
+    assert (got.argmax[[0, 2, 3, 5]] >= 0).all()
+
+
+# The bit-for-bit and model-level checks import transformers (tests only; adainfer_kernels never does).
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+@pytest.mark.parametrize("dt", ["fp32", "bf16", "fp16"])
+def test_rms_offset_is_bit_identical_to_hf_gemma_rmsnorm(family, dt):
+    if family == "gemma":
+        from transformers.models.gemma.modeling_gemma import GemmaRMSNorm as Norm
+    else:
+        from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm as Norm
+    from adainfer_kernels.head import decode_rows
+    from adainfer_kernels.reference import apply_norm_ref
+
+    dtype = DTYPES[dt]
+    d = 96
+    g = torch.Generator().manual_seed(26)
+    norm = Norm(d, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, generator=g) * 0.5)  # trained Gemma weights sit around 0 (scale 1 + w)
+    norm = norm.to(dtype)
+    x = (torch.randn(33, d, generator=g) * (1 + 20 * torch.rand(33, 1, generator=g)) + 0.3).to(dtype)
+    with torch.no_grad():
+        want = norm(x)
+        head = ExitHead(
+            weight=torch.zeros(10, d, dtype=dtype), norm="rms_offset", norm_weight=norm.weight.detach(), eps=norm.eps
+        )
+        for name, got in (("decode_rows", decode_rows(x, head)), ("apply_norm_ref", apply_norm_ref(x, head))):
+            assert got.dtype == want.dtype
+            diff = (got.float() - want.float()).abs()
+            assert torch.equal(got, want), f"{name}: {int((diff > 0).sum())} elements differ, max {diff.max():.3e}"
+
+
+def _tiny_gemma(family: str):
+    """A tiny random Gemma (fp32, eager), its final norm's input at the last position and its own
+    last-position logits. The tied embedding is scaled up to logits of a real LM's spread."""
+    import transformers
+
+    torch.manual_seed(27)
+    kw = dict(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        attn_implementation="eager",
+    )
+    model = transformers.GemmaForCausalLM(transformers.GemmaConfig(**kw))
+    model.eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+        model.model.norm.weight.normal_(0.0, 0.3)
+    seen = {}
+    hook = model.model.norm.register_forward_pre_hook(lambda mod, args: seen.update(h=args[0]))
+    ids = torch.randint(0, 1000, (6, 9), generator=torch.Generator().manual_seed(28))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+    finally:
+        hook.remove()
+    return model, seen["h"][:, -1].contiguous(), logits
+
+
+@pytest.mark.parametrize("family", ["gemma"])
+def test_exit_head_reproduces_a_gemma_models_own_decode(family):
+    """The ExitHead of a real (tiny, random) Gemma: the reference's logits are the model's own (norm,
+    tied LM head), and every backend's signals are those of the model's logits."""
+    from adainfer_kernels.reference import head_logits_ref, signals_from_logits
+
+    model, hidden, logits = _tiny_gemma(family)
+    cfg = model.config
+    head = ExitHead(
+        weight=model.lm_head.weight.detach(),
+        norm="rms_offset",
+        norm_weight=model.model.norm.weight.detach(),
+        eps=cfg.rms_norm_eps,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(head_logits_ref(hidden, head), logits, rtol=1e-5, atol=1e-5)
+    top, gap, pos = signals_from_logits(logits)
+    for backend in ("splitv", "rowtile", *CPU_IMPLS):
+        got = run_backend(backend, hidden, head, None)
+        assert torch.equal(got.argmax, pos), f"{backend}: {got.argmax.tolist()} vs the model's {pos.tolist()}"
+        torch.testing.assert_close(got.top_prob, top, rtol=0, atol=2e-5, msg=f"{backend} top_prob")
+        torch.testing.assert_close(got.gap, gap, rtol=0, atol=2e-5, msg=f"{backend} gap")
+
+
 # ---- the public entry point ----
 
 
@@ -438,6 +583,16 @@ BAD_INPUTS = {
         lambda h, hd: (h, _with(hd, vocab_subset=torch.tensor([1, 2]), subset_bias=torch.zeros(2).half()), None),
         TypeError,
         "fp32",
+    ),
+    "rms_offset_weight_missing": (
+        lambda h, hd: (h, _with(hd, norm="rms_offset", norm_weight=None), None),
+        ValueError,
+        "needs norm_weight",
+    ),
+    "rms_offset_with_bias": (
+        lambda h, hd: (h, _with(hd, norm="rms_offset", norm_bias=hd.norm_weight), None),
+        ValueError,
+        "only used with",
     ),
     "score_type": (lambda h, hd: (h, hd, (1.0, 2.0, 0.0)), TypeError, "LinearScore"),
     "score_nan": (lambda h, hd: (h, hd, LinearScore(float("nan"), 1.0, 0.0)), ValueError, "finite"),
