@@ -66,7 +66,8 @@ def aot_specs() -> list:
     """``aot.KernelSpec``s of both kernels: every (dtype, config) of ``aot_configs``.
 
     Each config is compiled with every optional feature on (LayerNorm with bias, subset, subset
-    bias): the longest code path, so its register count is the worst case of that config.
+    bias, logit soft-capping): the longest code path, so its register count is the worst case of
+    that config.
     RMSNorm is also compiled for the largest tile of each variant (no norm is a subset of both).
     """
     jobs = [(dtype, cfg, 2) for dtype, cfg in aot_configs()]
@@ -93,12 +94,14 @@ def aot_specs() -> list:
             "stride_hr": "i32",
             "stride_wv": "i32",
             "eps": "fp32",
+            "softcap": "fp32",
         }
         for name in (
             "NORM",
             "HAS_NB",
             "HAS_SUBSET",
             "HAS_BIAS",
+            "HAS_SOFTCAP",
             "USE_DOT",
             "DOT_FP32",
             "BLOCK_R",
@@ -116,6 +119,7 @@ def aot_specs() -> list:
                     "HAS_NB": norm == 2,
                     "HAS_SUBSET": True,
                     "HAS_BIAS": True,
+                    "HAS_SOFTCAP": True,
                     "USE_DOT": cfg.variant == "rowtile",
                     "DOT_FP32": False,
                     "BLOCK_R": cfg.block_r,
@@ -125,7 +129,7 @@ def aot_specs() -> list:
                 num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,
                 divisible_by_16=_ALIGNED_ARGS if cfg.aligned else (),
-                label=f"exit_head[{cfg.variant} {t} R{cfg.block_r} V{cfg.block_v} D{cfg.block_d} norm{norm}"
+                label=f"exit_head[{cfg.variant} {t} R{cfg.block_r} V{cfg.block_v} D{cfg.block_d} norm{norm} softcap"
                 + ("" if cfg.aligned else " unaligned")
                 + "]",
             )

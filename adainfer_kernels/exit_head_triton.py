@@ -6,7 +6,8 @@ Math, per row r of the hidden states h (R, d) and candidate c (a row of W, or a 
                                                layer: (h_r - mu) * rsqrt(var + eps) * w + b; none: h_r
                                                rms_offset (Gemma): (1 + w) * h_r * rsqrt(mean(h_r^2) + eps),
                                                applied before the kernel (see below)
-    z_rc     = <x_r, W_c> (+ bias_c)           fp32 accumulation, never stored
+    y_rc     = <x_r, W_c>                      fp32 accumulation, never stored
+    z_rc     = y_rc (+ bias_c)                 or, soft-capped (Gemma2): cap * tanh(y_rc / cap) (+ bias_c)
     M_r      = max_c z_rc,  S_r = sum_c exp(z_rc - M_r),  T_r = second largest z_rc (a tie counts twice)
     top_prob = 1 / S_r,     gap = (1 - exp(T_r - M_r)) / S_r,     argmax = lowest c with z_rc == M_r
     score    = w_top_prob * top_prob + w_gap * gap + bias        (the LinearScore, optional)
@@ -43,6 +44,17 @@ to the input dtype exactly where Hugging Face rounds it (after the normalisation
 for RMSNorm, after the affine map for LayerNorm), so the LM head sees what the model's LM head sees.
 The bf16 rounding is done with integer ops (round to nearest even) because the interpreter's
 fp32 -> bf16 cast truncates. eps is a runtime argument (never a constexpr: no recompile per value).
+
+Soft-capping (``HAS_SOFTCAP``; ``softcap`` is a runtime fp32 argument like eps) caps the fp32 logits
+of each tile in registers, before the bias, the mask and the statistics: ``cap * tanh(y * (1 / cap))``
+with the reciprocal rounded once per program (``div_rn``). That is within an ulp of y / cap and is
+what PyTorch's CUDA division by a scalar does for Gemma2's ``logits / cap``; a division per logit
+also made ptxas spill registers in the fp32 unaligned rowtile config on sm_90a. tanh is ``_tanh``,
+Cephes' single-precision tanhf: an odd polynomial below |y| = 0.625, (1 - e) / (1 + e) with
+e = exp(-2|y|) above (nothing overflows); max relative error 2e-7 against fp64, the same code on
+the GPU and in the interpreter (which has no tanh of its own). tanh is monotone, so the top-2
+order is the uncapped one (up to ties the capped fp32 values create), but the sum-exp needs the
+capped values. It costs ~20 FLOPs and one exp per logit against 2d FLOPs for the inner product.
 
 OPT's ``project_out`` and Gemma's RMSNorm (``norm="rms_offset"``: everything in fp32, times
 ``1 + w``, one rounding at the end) are applied before the kernel by ``head.decode_rows`` (torch
@@ -98,6 +110,23 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _tanh(y):
+    """tanh of fp32 values (Cephes tanhf): odd polynomial for |y| < 0.625, else (1 - e) / (1 + e)
+    with e = exp(-2|y|) in (0, 0.29] (no overflow; |y| = inf gives 1)."""
+    a = tl.abs(y)
+    s = tl.minimum(a, 0.625)  # the polynomial's argument, kept finite where it is not used
+    z = s * s
+    p = -5.70498872745e-3 * z + 2.06390887954e-2
+    p = p * z - 5.37397155531e-2
+    p = p * z + 1.33314422036e-1
+    p = p * z - 3.33332819422e-1
+    small = p * z * s + s
+    e = tl.exp(-2.0 * a)
+    t = tl.where(a < 0.625, small, (1.0 - e) / (1.0 + e))
+    return tl.where(y < 0, -t, t)
+
+
+@triton.jit
 def _load_normed(
     h_ptr, row_off, rmask, kk, kmask, nw_ptr, nb_ptr, mean, rstd, NORM: tl.constexpr, HAS_NB: tl.constexpr
 ):
@@ -122,7 +151,7 @@ def _load_normed(
     return tl.where(m2, xn, 0.0)
 
 
-@triton.jit(do_not_specialize=["n_rows", "eps"])
+@triton.jit(do_not_specialize=["n_rows", "eps", "softcap"])
 def _exit_head_kernel(
     h_ptr,  # (n_rows, d) hidden states, unit stride along d
     w_ptr,  # (V, d) LM-head weight, unit stride along d
@@ -141,10 +170,12 @@ def _exit_head_kernel(
     stride_hr,
     stride_wv,
     eps,
+    softcap,  # fp32 final-logit soft-cap (HAS_SOFTCAP)
     NORM: tl.constexpr,  # 0 none, 1 rms, 2 layer
     HAS_NB: tl.constexpr,
     HAS_SUBSET: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     USE_DOT: tl.constexpr,  # rowtile (tl.dot) or splitv (broadcast FMA)
     DOT_FP32: tl.constexpr,  # feed tl.dot fp32 operands (the interpreter's bf16 dot is wrong)
     BLOCK_R: tl.constexpr,
@@ -188,6 +219,7 @@ def _exit_head_kernel(
             sv += tl.sum(xc * xc, axis=1)
         rstd = 1.0 / tl.sqrt(sv / d + eps)
 
+    inv_cap = tl.math.div_rn(1.0, softcap)  # HAS_SOFTCAP: y * (1 / cap), as torch's CUDA y / cap does
     m_run = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     s_run = tl.zeros([BLOCK_R], dtype=tl.float32)
     i_run = tl.zeros([BLOCK_R], dtype=tl.int32)
@@ -218,6 +250,8 @@ def _exit_head_kernel(
             else:
                 acc += tl.sum(xn[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         z = acc
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z * inv_cap)
         if HAS_BIAS:
             z += tl.load(bias_ptr + cand, mask=cmask, other=0.0)[None, :]
         z = tl.where(cmask[None, :], z, float("-inf"))
@@ -464,7 +498,8 @@ def exit_head_triton(
     sb = head.subset_bias.contiguous() if head.subset_bias is not None else None
     # Triton launches on the current CUDA device: make it the tensors' device.
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        return _launch(x, w, nw, nb, ids, sb, chk, score, norm_code, cfg, n_rb, splits, per_split, float(head.eps))
+        cap = head.logit_softcap
+        return _launch(x, w, nw, nb, ids, sb, chk, score, norm_code, cfg, n_rb, splits, per_split, float(head.eps), cap)
 
 
 MERGE_BLOCK_R = 16
@@ -487,6 +522,7 @@ def _launch(
     splits: int,
     per_split: int,
     eps: float,
+    softcap: float | None = None,
 ) -> ExitSignals:
     """Allocate the partials and outputs and launch both kernels (inputs already prepared):
     x (R, d) rows fed to the LM head, w (V, d), chk (R, d_in) the caller's rows (inf/NaN check)."""
@@ -516,10 +552,12 @@ def _launch(
         x.stride(0),
         w.stride(0),
         eps,
+        float(softcap) if softcap is not None else 1.0,
         NORM=norm_code,
         HAS_NB=nb is not None,
         HAS_SUBSET=ids is not None,
         HAS_BIAS=sb is not None,
+        HAS_SOFTCAP=softcap is not None,
         USE_DOT=cfg.variant == "rowtile",
         DOT_FP32=_interpreting(),
         BLOCK_R=cfg.block_r,

@@ -46,6 +46,10 @@ class ExitHead:
         vocab_subset: (K,) int64 row ids of ``weight`` to decode onto (e.g. a task's label tokens),
             or None for the full vocabulary. Ids must be distinct.
         subset_bias: (K,) fp32 added to the subset logits before the softmax statistics, or None.
+        logit_softcap: final-logit soft-capping (Gemma2's ``config.final_logit_softcapping``, e.g.
+            30.0), or None for none: each candidate logit is ``cap * tanh(<x, W_c> / cap)``
+            (computed in fp32 inside the vocabulary pass), then ``subset_bias`` is added. A
+            finite float > 0.
     """
 
     weight: torch.Tensor
@@ -56,6 +60,7 @@ class ExitHead:
     project_out: torch.Tensor | None = None
     vocab_subset: torch.Tensor | None = None
     subset_bias: torch.Tensor | None = None
+    logit_softcap: float | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -124,6 +129,7 @@ class ExitSignals:
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLT_MAX = 3.4028234663852886e38
+_FLT_MIN = 1.1754943508222875e-38  # smallest normal fp32: a smaller cap is 0 or subnormal in fp32
 
 
 def _check_model_tensor(name: str, t: object, hidden: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -148,8 +154,9 @@ def check_exit_head_inputs(hidden: torch.Tensor, head: ExitHead, score: LinearSc
     hidden not 2-D or not bf16/fp16/fp32; mismatched d, V, dtypes or devices; norm tensors missing,
     misplaced or of the wrong shape; non-finite or negative eps; vocabulary subset ids not 1-D
     integers, empty, out of range or duplicated; subset bias without a subset, of the wrong shape or
-    not fp32; a score that is not a ``LinearScore`` or has non-finite coefficients; inputs that
-    require grad while autograd is recording (the exit head has no backward).
+    not fp32; a logit soft-cap that is not a finite float > 0; a score that is not a ``LinearScore``
+    or has non-finite coefficients; inputs that require grad while autograd is recording (the exit
+    head has no backward).
 
     The subset-id range and duplicate checks read the ids (a host sync on CUDA): their result is
     cached per subset tensor (identity and version), so a head built once costs one sync.
@@ -228,6 +235,15 @@ def check_exit_head_inputs(hidden: torch.Tensor, head: ExitHead, score: LinearSc
             raise TypeError(f"subset_bias must be fp32, got {b.dtype} (use subset_bias.float())")
         if b.device != hidden.device:
             raise ValueError(f"subset_bias is on {b.device} but hidden is on {hidden.device}")
+
+    cap = head.logit_softcap
+    if cap is not None and (
+        isinstance(cap, bool) or not isinstance(cap, (int, float)) or not _FLT_MIN <= float(cap) <= _FLT_MAX
+    ):
+        raise ValueError(
+            f"logit_softcap must be None or a finite float > 0 (e.g. Gemma2's final_logit_softcapping, 30.0), "
+            f"got {cap!r}"
+        )
 
     if score is not None:
         if not isinstance(score, LinearScore):

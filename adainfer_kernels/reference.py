@@ -47,12 +47,19 @@ def apply_norm_ref(hidden: torch.Tensor, head: ExitHead, upcast: bool = False) -
 
 
 def head_logits_ref(hidden: torch.Tensor, head: ExitHead, upcast: bool = False) -> torch.Tensor:
-    """(R, K) fp32 logits over the candidates (subset rows of W, bias added), materialised."""
+    """(R, K) fp32 logits over the candidates (subset rows of W, soft-capped, bias added), materialised.
+
+    The soft-cap runs where Gemma2's forward runs it, on the LM head's output in its dtype
+    (the model dtype, fp32 with ``upcast``): ``cap * tanh(z / cap)``, then the subset bias.
+    """
     x = apply_norm_ref(hidden, head, upcast)
     w = head.weight if head.vocab_subset is None else head.weight[head.vocab_subset]
     if upcast:
         w = w.float()
-    logits = (x @ w.t()).float()
+    z = x @ w.t()
+    if head.logit_softcap is not None:
+        z = torch.tanh(z / head.logit_softcap) * head.logit_softcap
+    logits = z.float()
     if head.subset_bias is not None:
         logits = logits + head.subset_bias.float()
     return logits
