@@ -1,4 +1,4 @@
-"""The fused exit head: norm -> LM head -> softmax statistics -> top-2 gap -> linear score.
+"""The fused exit head: norm -> LM head (-> soft-cap) -> softmax statistics -> top-2 gap -> linear score.
 
 ``exit_head(hidden, head, score)`` decodes each row's hidden state through the model's own
 final norm and LM head (the "logit lens") and returns, per row, the top-1 probability, the top-1
@@ -14,6 +14,18 @@ the (rows, V) logits (docs/architecture.md, "The exit head"). Backends (``backen
   vocabulary in chunks with ``torch.mm`` on a cached fp32 W^T and merges the same statistics:
   also O(R x chunk) working memory.
 - ``ADAINFER_BACKEND=reference``: ``reference.exit_head_ref`` (materialises the logits; debugging).
+
+Gemma / Gemma2 (``ExitHead.norm = "rms_offset"``, ``ExitHead.logit_softcap``): Gemma's RMSNorm
+(fp32 throughout, times ``1 + weight``, one rounding) is applied by ``head.decode_rows`` with
+Hugging Face's own ops, on (R, d) rows, and the kernels get pre-normed rows (as for
+``project_out``), so it is bit-identical to ``GemmaRMSNorm`` on every backend. Soft-capping,
+``z_c = cap * tanh(<x, W_c> / cap)`` before the subset bias, runs inside every backend's vocabulary
+pass on the fp32 logits (Triton: in registers; native CPU op: on its L2-sized logits buffer,
+vectorised; torch fallback: on each chunk), never on (R, V) logits. tanh is monotone, so the
+argmax and the top-2 order are those of the uncapped logits up to ties that the cap's fp32
+rounding creates (the ties rule applies to the capped values); the sum-exp runs over the capped
+values. The fused paths cap fp32 logits, whereas Hugging Face's bf16 Gemma2 caps bf16 logits
+(rounded before and after the tanh): the fused head is again the closer one to the fp32 reference.
 
 Dtype policy (every backend): the model's dtype in, fp32 statistics out. The norm rounds where
 Hugging Face rounds (Llama: fp32 statistics, cast to the input dtype, then the weight, cast; OPT:
@@ -54,13 +66,13 @@ from adainfer_kernels import _native
 from adainfer_kernels._cache import IdentityCache
 from adainfer_kernels.backend import exit_head_backend
 from adainfer_kernels.head import (
-    NORM_CODES,
     ExitHead,
     ExitSignals,
     LinearScore,
     check_exit_head_inputs,
     decode_rows,
     empty_signals,
+    kernel_rows,
 )
 from adainfer_kernels.reference import exit_head_ref
 
@@ -146,17 +158,17 @@ def _exit_head_cpu(
     if impl == "torch":
         x = decode_rows(hidden, head).to(cdt)
         wt = _TRANSPOSED.get((head.weight, head.vocab_subset), lambda: _transposed_fp32(head))
-        return _finish(*_stats_torch(x, wt, head.subset_bias), hidden, head, score)
+        return _finish(*_stats_torch(x, wt, head.subset_bias, head.logit_softcap), hidden, head, score)
 
     packed = _PACKED.get((head.weight, head.vocab_subset), lambda: _pack(head, cdt))
-    if head.project_out is None:  # the op applies the norm itself (HF's numerics)
-        rows, norm, nw, nb = hidden, NORM_CODES[head.norm], head.norm_weight, head.norm_bias
-    else:
-        rows, norm, nw, nb = decode_rows(hidden, head), 0, None, None
+    # The op applies rms / layer norms itself (HF's numerics); Gemma's norm and project_out come pre-applied.
+    rows, norm = kernel_rows(hidden, head)
+    nw, nb = (head.norm_weight, head.norm_bias) if norm else (None, None)
+    cap = float(head.logit_softcap) if head.logit_softcap is not None else None
     top, gap, pos = torch.ops.adainfer.exit_head_cpu(
-        rows, packed, head.n_candidates, norm, nw, nb, float(head.eps), head.subset_bias
+        rows, packed, head.n_candidates, norm, nw, nb, float(head.eps), head.subset_bias, cap
     )
-    if head.project_out is not None:  # non-finite rows of the caller's hidden states, not of the projection
+    if rows is not hidden:  # non-finite rows of the caller's hidden states, not of the normed/projected rows
         bad = ~torch.isfinite(hidden).all(dim=1)
         top = torch.where(bad, float("nan"), top)
         gap = torch.where(bad, float("nan"), gap)
@@ -182,12 +194,15 @@ def _transposed_fp32(head: ExitHead) -> torch.Tensor:
     return w.float().t().contiguous()
 
 
-def _stats_torch(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+def _stats_torch(
+    x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, softcap: float | None = None
+) -> tuple[torch.Tensor, ...]:
     """The torch fallback: (max, sumexp, pos, second) per row over the candidates in chunks.
 
-    ``wt`` is the (d, K) fp32 transposed (subset) head. Same statistics and tie rule as the native
-    op: within a chunk ``max`` returns the first position of the maximum; across chunks a later
-    chunk wins only with a strictly larger max.
+    ``wt`` is the (d, K) fp32 transposed (subset) head; ``softcap`` caps each chunk's fp32 logits
+    (``cap * tanh(z / cap)``) before the bias. Same statistics and tie rule as the native op:
+    within a chunk ``max`` returns the first position of the maximum; across chunks a later chunk
+    wins only with a strictly larger max.
     """
     n_rows, n_cand = x.shape[0], wt.shape[1]
     xf = x.float()
@@ -199,6 +214,8 @@ def _stats_torch(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None) -
     for c0 in range(0, n_cand, step):
         c1 = min(n_cand, c0 + step)
         z = xf @ wt[:, c0:c1]  # fp32 products of the model-dtype values, fp32 logits
+        if softcap is not None:
+            z.div_(softcap).tanh_().mul_(softcap)
         if bias is not None:
             z += bias[c0:c1]
         c_max, c_pos = z.max(dim=1)
@@ -263,6 +280,7 @@ def _register_fakes() -> None:
         norm_bias: torch.Tensor | None,
         eps: float,
         bias: torch.Tensor | None,
+        softcap: float | None = None,
     ) -> tuple[torch.Tensor, ...]:
         r = hidden.shape[0]
         f = hidden.new_empty((r,), dtype=torch.float32)

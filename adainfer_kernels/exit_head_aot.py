@@ -66,14 +66,18 @@ def aot_specs() -> list:
     """``aot.KernelSpec``s of both kernels: every (dtype, config) of ``aot_configs``.
 
     Each config is compiled with every optional feature on (LayerNorm with bias, subset, subset
-    bias): the longest code path, so its register count is the worst case of that config.
-    RMSNorm is also compiled for the largest tile of each variant (no norm is a subset of both).
+    bias, logit soft-capping): the longest code path, meant as the worst case of that config.
+    ptxas is not monotone in the code, though (a shorter soft-cap variant once spilled where a
+    longer one did not), so the largest tile of each variant (bf16) is also compiled on the two
+    real paths that are not that superset: Llama's (RMSNorm, no cap) and Gemma2's (the norm applied
+    before the kernel, soft-cap on).
     """
-    jobs = [(dtype, cfg, 2) for dtype, cfg in aot_configs()]
+    jobs = [(dtype, cfg, 2, True) for dtype, cfg in aot_configs()]
     for n_rows in (SPLITV_MAX_ROWS, 64):
-        jobs.append((torch.bfloat16, pick_config(n_rows, torch.bfloat16), 1))
+        cfg = pick_config(n_rows, torch.bfloat16)
+        jobs += [(torch.bfloat16, cfg, 1, False), (torch.bfloat16, cfg, 0, True)]
     specs = []
-    for dtype, cfg, norm in jobs:
+    for dtype, cfg, norm, softcap in jobs:
         t = _TRITON_DTYPES[dtype]
         sig = {
             "h_ptr": f"*{t}",
@@ -93,12 +97,14 @@ def aot_specs() -> list:
             "stride_hr": "i32",
             "stride_wv": "i32",
             "eps": "fp32",
+            "softcap": "fp32",
         }
         for name in (
             "NORM",
             "HAS_NB",
             "HAS_SUBSET",
             "HAS_BIAS",
+            "HAS_SOFTCAP",
             "USE_DOT",
             "DOT_FP32",
             "BLOCK_R",
@@ -116,6 +122,7 @@ def aot_specs() -> list:
                     "HAS_NB": norm == 2,
                     "HAS_SUBSET": True,
                     "HAS_BIAS": True,
+                    "HAS_SOFTCAP": softcap,
                     "USE_DOT": cfg.variant == "rowtile",
                     "DOT_FP32": False,
                     "BLOCK_R": cfg.block_r,
@@ -126,6 +133,7 @@ def aot_specs() -> list:
                 num_stages=cfg.num_stages,
                 divisible_by_16=_ALIGNED_ARGS if cfg.aligned else (),
                 label=f"exit_head[{cfg.variant} {t} R{cfg.block_r} V{cfg.block_v} D{cfg.block_d} norm{norm}"
+                + (" softcap" if softcap else "")
                 + ("" if cfg.aligned else " unaligned")
                 + "]",
             )

@@ -4,7 +4,10 @@ Math, per row r of the hidden states h (R, d) and candidate c (a row of W, or a 
 
     x_r      = norm(h_r)                       rms: w * (h_r * rsqrt(mean(h_r^2) + eps)) (HF Llama casts)
                                                layer: (h_r - mu) * rsqrt(var + eps) * w + b; none: h_r
-    z_rc     = <x_r, W_c> (+ bias_c)           fp32 accumulation, never stored
+                                               rms_offset (Gemma): (1 + w) * h_r * rsqrt(mean(h_r^2) + eps),
+                                               applied before the kernel (see below)
+    y_rc     = <x_r, W_c>                      fp32 accumulation, never stored
+    z_rc     = y_rc (+ bias_c)                 or, soft-capped (Gemma2): cap * tanh(y_rc / cap) (+ bias_c)
     M_r      = max_c z_rc,  S_r = sum_c exp(z_rc - M_r),  T_r = second largest z_rc (a tie counts twice)
     top_prob = 1 / S_r,     gap = (1 - exp(T_r - M_r)) / S_r,     argmax = lowest c with z_rc == M_r
     score    = w_top_prob * top_prob + w_gap * gap + bias        (the LinearScore, optional)
@@ -42,10 +45,24 @@ for RMSNorm, after the affine map for LayerNorm), so the LM head sees what the m
 The bf16 rounding is done with integer ops (round to nearest even) because the interpreter's
 fp32 -> bf16 cast truncates. eps is a runtime argument (never a constexpr: no recompile per value).
 
-OPT's ``project_out`` is applied before the kernel (norm + projection in torch on (R, d), HF's own
-ops), not folded into W: folding would stream a (V, d) matrix instead of (V, d_out) (2x the bytes for
-OPT-350m, d = 1024 vs 512) and change the rounding; projecting first reads ``project_out`` once
-(d*d_out, 2% of W for OPT-350m) and costs R*d*d_out FLOPs.
+Soft-capping (``HAS_SOFTCAP``; ``softcap`` is a runtime fp32 argument like eps) caps the fp32 logits
+of each tile in registers, before the bias, the mask and the statistics: ``cap * tanh(y * (1 / cap))``
+with the reciprocal rounded once per program (``div_rn``). That is within an ulp of y / cap and is
+what PyTorch's CUDA division by a scalar does for Gemma2's ``logits / cap``; a division per logit
+also made ptxas spill registers in the fp32 unaligned rowtile config on sm_90a. tanh is ``_tanh``,
+Cephes' single-precision tanhf: an odd polynomial below |y| = 0.625, (1 - e) / (1 + e) with
+e = exp(-2|y|) above (nothing overflows); max relative error 2e-7 against fp64, the same code on
+the GPU and in the interpreter (which has no tanh of its own). tanh is monotone, so the top-2
+order is the uncapped one (up to ties the capped fp32 values create), but the sum-exp needs the
+capped values. It costs ~20 FLOPs and one exp per logit against 2d FLOPs for the inner product.
+
+OPT's ``project_out`` and Gemma's RMSNorm (``norm="rms_offset"``: everything in fp32, times
+``1 + w``, one rounding at the end) are applied before the kernel by ``head.decode_rows`` (torch
+on (R, d), HF's own ops, so bit-identical to HF), and the kernel runs without a norm; the merge
+kernel still checks the caller's hidden states for inf/NaN. ``project_out`` is not folded into W:
+folding would stream a (V, d) matrix instead of (V, d_out) (2x the bytes for OPT-350m, d = 1024 vs
+512) and change the rounding; projecting first reads ``project_out`` once (d*d_out, 2% of W for
+OPT-350m) and costs R*d*d_out FLOPs.
 
 References: FlashAttention-2 / flash-decoding (split-K with a merge pass), Liger-Kernel's fused
 linear cross-entropy (online softmax over vocabulary tiles), the Triton matmul tutorial.
@@ -63,13 +80,12 @@ import triton
 import triton.language as tl
 
 from adainfer_kernels.head import (
-    NORM_CODES,
     ExitHead,
     ExitSignals,
     LinearScore,
     check_exit_head_inputs,
-    decode_rows,
     empty_signals,
+    kernel_rows,
 )
 
 VARIANTS = ("splitv", "rowtile")
@@ -91,6 +107,23 @@ def _round_to(x, DTYPE: tl.constexpr):
     else:
         y = x
     return y
+
+
+@triton.jit
+def _tanh(y):
+    """tanh of fp32 values (Cephes tanhf): odd polynomial for |y| < 0.625, else (1 - e) / (1 + e)
+    with e = exp(-2|y|) in (0, 0.29] (no overflow; |y| = inf gives 1)."""
+    a = tl.abs(y)
+    s = tl.minimum(a, 0.625)  # the polynomial's argument, kept finite where it is not used
+    z = s * s
+    p = -5.70498872745e-3 * z + 2.06390887954e-2
+    p = p * z - 5.37397155531e-2
+    p = p * z + 1.33314422036e-1
+    p = p * z - 3.33332819422e-1
+    small = p * z * s + s
+    e = tl.exp(-2.0 * a)
+    t = tl.where(a < 0.625, small, (1.0 - e) / (1.0 + e))
+    return tl.where(y < 0, -t, t)
 
 
 @triton.jit
@@ -118,7 +151,7 @@ def _load_normed(
     return tl.where(m2, xn, 0.0)
 
 
-@triton.jit(do_not_specialize=["n_rows", "eps"])
+@triton.jit(do_not_specialize=["n_rows", "eps", "softcap"])
 def _exit_head_kernel(
     h_ptr,  # (n_rows, d) hidden states, unit stride along d
     w_ptr,  # (V, d) LM-head weight, unit stride along d
@@ -137,10 +170,12 @@ def _exit_head_kernel(
     stride_hr,
     stride_wv,
     eps,
+    softcap,  # fp32 final-logit soft-cap (HAS_SOFTCAP)
     NORM: tl.constexpr,  # 0 none, 1 rms, 2 layer
     HAS_NB: tl.constexpr,
     HAS_SUBSET: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     USE_DOT: tl.constexpr,  # rowtile (tl.dot) or splitv (broadcast FMA)
     DOT_FP32: tl.constexpr,  # feed tl.dot fp32 operands (the interpreter's bf16 dot is wrong)
     BLOCK_R: tl.constexpr,
@@ -184,6 +219,7 @@ def _exit_head_kernel(
             sv += tl.sum(xc * xc, axis=1)
         rstd = 1.0 / tl.sqrt(sv / d + eps)
 
+    inv_cap = tl.math.div_rn(1.0, softcap)  # HAS_SOFTCAP: y * (1 / cap), as torch's CUDA y / cap does
     m_run = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     s_run = tl.zeros([BLOCK_R], dtype=tl.float32)
     i_run = tl.zeros([BLOCK_R], dtype=tl.int32)
@@ -214,6 +250,8 @@ def _exit_head_kernel(
             else:
                 acc += tl.sum(xn[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         z = acc
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z * inv_cap)
         if HAS_BIAS:
             z += tl.load(bias_ptr + cand, mask=cmask, other=0.0)[None, :]
         z = tl.where(cmask[None, :], z, float("-inf"))
@@ -434,11 +472,8 @@ def exit_head_triton(
     if n_rows == 0:
         return empty_signals(dev, score is not None)
 
-    if head.project_out is None:
-        x, norm_code = hidden, NORM_CODES[head.norm]
-    else:
-        # Norm + project_out in torch on (R, d) (Hugging Face's ops), then a norm-free kernel.
-        x, norm_code = decode_rows(hidden, head), 0
+    # Gemma's norm, or any norm + project_out: in torch on (R, d) (Hugging Face's ops), then a norm-free kernel.
+    x, norm_code = kernel_rows(hidden, head)
     if x.stride(-1) != 1:
         x = x.contiguous()
     w = head.weight if head.weight.stride(-1) == 1 else head.weight.contiguous()
@@ -463,7 +498,8 @@ def exit_head_triton(
     sb = head.subset_bias.contiguous() if head.subset_bias is not None else None
     # Triton launches on the current CUDA device: make it the tensors' device.
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        return _launch(x, w, nw, nb, ids, sb, chk, score, norm_code, cfg, n_rb, splits, per_split, float(head.eps))
+        cap = head.logit_softcap
+        return _launch(x, w, nw, nb, ids, sb, chk, score, norm_code, cfg, n_rb, splits, per_split, float(head.eps), cap)
 
 
 MERGE_BLOCK_R = 16
@@ -486,6 +522,7 @@ def _launch(
     splits: int,
     per_split: int,
     eps: float,
+    softcap: float | None = None,
 ) -> ExitSignals:
     """Allocate the partials and outputs and launch both kernels (inputs already prepared):
     x (R, d) rows fed to the LM head, w (V, d), chk (R, d_in) the caller's rows (inf/NaN check)."""
@@ -515,10 +552,12 @@ def _launch(
         x.stride(0),
         w.stride(0),
         eps,
+        float(softcap) if softcap is not None else 1.0,
         NORM=norm_code,
         HAS_NB=nb is not None,
         HAS_SUBSET=ids is not None,
         HAS_BIAS=sb is not None,
+        HAS_SOFTCAP=softcap is not None,
         USE_DOT=cfg.variant == "rowtile",
         DOT_FP32=_interpreting(),
         BLOCK_R=cfg.block_r,

@@ -6,7 +6,8 @@ tokens) with an additive bias per subset row (the per-layer label-bias correctio
 ``LinearScore`` is the stop rule's decision function over the features (``NEVER_STOP`` and
 ``ALWAYS_STOP`` are its two constant forms). ``ExitSignals`` is what ``exit_head`` returns, one
 entry per row. ``decode_rows`` is the norm + ``project_out`` part of the decode path, with Hugging
-Face's ops, shared by every backend.
+Face's ops, shared by every backend; ``kernel_rows`` says what a fused kernel is fed (the caller's
+rows and the kernel's norm code, or rows ``decode_rows`` already normed).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import torch
 
 from adainfer_kernels._cache import IdentityCache
 
-NormKind = Literal["rms", "layer", "none"]
-NORM_KINDS: tuple[str, ...] = ("rms", "layer", "none")
-NORM_CODES = {"none": 0, "rms": 1, "layer": 2}  # the kernels' encoding of ExitHead.norm
+NormKind = Literal["rms", "rms_offset", "layer", "none"]
+NORM_KINDS: tuple[str, ...] = ("rms", "rms_offset", "layer", "none")
+# The kernels' encoding of the norms they apply themselves. "rms_offset" (Gemma) is not among them:
+# decode_rows applies it with Hugging Face's ops and the kernels get pre-normed rows (kernel_rows).
+NORM_CODES = {"none": 0, "rms": 1, "layer": 2}
 FEATURES: tuple[str, ...] = ("top_prob", "gap")
 
 
@@ -31,8 +34,11 @@ class ExitHead:
     Attributes:
         weight: (V, d_out) LM-head weight (tied embeddings are fine), bf16/fp16/fp32.
         norm: ``"rms"`` (Llama RMSNorm: fp32 statistics, cast back to the input dtype, then the
-            weight), ``"layer"`` (LayerNorm with bias, OPT) or ``"none"``.
-        norm_weight: (d,) norm weight, required unless ``norm == "none"``.
+            weight), ``"rms_offset"`` (Gemma / Gemma2 RMSNorm: everything in fp32, times
+            ``1 + weight``, one rounding to the input dtype at the end), ``"layer"`` (LayerNorm
+            with bias, OPT) or ``"none"``.
+        norm_weight: (d,) norm weight, required unless ``norm == "none"`` (for ``"rms_offset"``
+            the stored weight w of ``1 + w``, as in the model's state dict).
         norm_bias: (d,) LayerNorm bias (``"layer"`` only; None means zero).
         eps: the norm's epsilon.
         project_out: (d_out, d) weight of a bias-free linear map applied after the norm (OPT's
@@ -40,6 +46,10 @@ class ExitHead:
         vocab_subset: (K,) int64 row ids of ``weight`` to decode onto (e.g. a task's label tokens),
             or None for the full vocabulary. Ids must be distinct.
         subset_bias: (K,) fp32 added to the subset logits before the softmax statistics, or None.
+        logit_softcap: final-logit soft-capping (Gemma2's ``config.final_logit_softcapping``, e.g.
+            30.0), or None for none: each candidate logit is ``cap * tanh(<x, W_c> / cap)``
+            (computed in fp32 inside the vocabulary pass), then ``subset_bias`` is added. A
+            finite float > 0.
     """
 
     weight: torch.Tensor
@@ -50,6 +60,7 @@ class ExitHead:
     project_out: torch.Tensor | None = None
     vocab_subset: torch.Tensor | None = None
     subset_bias: torch.Tensor | None = None
+    logit_softcap: float | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -118,6 +129,7 @@ class ExitSignals:
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLT_MAX = 3.4028234663852886e38
+_FLT_MIN = 1.1754943508222875e-38  # smallest normal fp32: a smaller cap is 0 or subnormal in fp32
 
 
 def _check_model_tensor(name: str, t: object, hidden: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -142,8 +154,9 @@ def check_exit_head_inputs(hidden: torch.Tensor, head: ExitHead, score: LinearSc
     hidden not 2-D or not bf16/fp16/fp32; mismatched d, V, dtypes or devices; norm tensors missing,
     misplaced or of the wrong shape; non-finite or negative eps; vocabulary subset ids not 1-D
     integers, empty, out of range or duplicated; subset bias without a subset, of the wrong shape or
-    not fp32; a score that is not a ``LinearScore`` or has non-finite coefficients; inputs that
-    require grad while autograd is recording (the exit head has no backward).
+    not fp32; a logit soft-cap that is not a finite float > 0; a score that is not a ``LinearScore``
+    or has non-finite coefficients; inputs that require grad while autograd is recording (the exit
+    head has no backward).
 
     The subset-id range and duplicate checks read the ids (a host sync on CUDA): their result is
     cached per subset tensor (identity and version), so a head built once costs one sync.
@@ -187,14 +200,16 @@ def check_exit_head_inputs(hidden: torch.Tensor, head: ExitHead, score: LinearSc
 
     if head.norm == "none":
         if head.norm_weight is not None or head.norm_bias is not None:
-            raise ValueError("norm='none' takes no norm_weight or norm_bias; set norm='rms' or 'layer' to use them")
+            raise ValueError(
+                "norm='none' takes no norm_weight or norm_bias; set norm='rms', 'rms_offset' or 'layer' to use them"
+            )
     else:
         if head.norm_weight is None:
             raise ValueError(f"norm={head.norm!r} needs norm_weight of shape ({d},)")
         _check_model_tensor("head.norm_weight", head.norm_weight, hidden, (d,))
         if head.norm_bias is not None:
             if head.norm != "layer":
-                raise ValueError("norm_bias is only used with norm='layer' (RMSNorm has no bias)")
+                raise ValueError(f"norm_bias is only used with norm='layer' (norm={head.norm!r} has no bias)")
             _check_model_tensor("head.norm_bias", head.norm_bias, hidden, (d,))
         eps = head.eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= float(eps) <= _FLT_MAX:
@@ -220,6 +235,15 @@ def check_exit_head_inputs(hidden: torch.Tensor, head: ExitHead, score: LinearSc
             raise TypeError(f"subset_bias must be fp32, got {b.dtype} (use subset_bias.float())")
         if b.device != hidden.device:
             raise ValueError(f"subset_bias is on {b.device} but hidden is on {hidden.device}")
+
+    cap = head.logit_softcap
+    if cap is not None and (
+        isinstance(cap, bool) or not isinstance(cap, (int, float)) or not _FLT_MIN <= float(cap) <= _FLT_MAX
+    ):
+        raise ValueError(
+            f"logit_softcap must be None or a finite float > 0 (e.g. Gemma2's final_logit_softcapping, 30.0), "
+            f"got {cap!r}"
+        )
 
     if score is not None:
         if not isinstance(score, LinearScore):
@@ -263,16 +287,35 @@ def _subset_range(ids: torch.Tensor) -> tuple[int, int]:
 
 def decode_rows(hidden: torch.Tensor, head: ExitHead) -> torch.Tensor:
     """(R, d_out) input of the LM head: the norm and ``project_out`` with Hugging Face's ops, in
-    the model dtype (Llama RMSNorm: fp32 statistics, cast back, then the weight)."""
+    the model dtype (Llama RMSNorm: fp32 statistics, cast back, then the weight; Gemma RMSNorm:
+    fp32 throughout, times ``1 + weight``, cast back once)."""
     x = hidden
     if head.norm == "rms":
         var = x.float().pow(2).mean(-1, keepdim=True)
         x = head.norm_weight * (x.float() * torch.rsqrt(var + head.eps)).to(x.dtype)
+    elif head.norm == "rms_offset":
+        # GemmaRMSNorm.forward, op for op (bit-identical to it on every device).
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + head.eps)
+        x = (out * (1.0 + head.norm_weight.float())).type_as(x)
     elif head.norm == "layer":
         x = torch.nn.functional.layer_norm(x, (x.shape[-1],), head.norm_weight, head.norm_bias, head.eps)
     if head.project_out is not None:
         x = x @ head.project_out.t()
     return x
+
+
+def kernel_rows(hidden: torch.Tensor, head: ExitHead) -> tuple[torch.Tensor, int]:
+    """(rows, norm code) to feed a fused kernel that applies the ``NORM_CODES`` norms itself.
+
+    The caller's rows and the head's norm code when the kernel can apply the norm (``rms``,
+    ``layer``, ``none``) and there is no ``project_out``; otherwise the (R, d_out) rows of
+    ``decode_rows`` (norm + projection with Hugging Face's ops, in torch on R rows) and code 0.
+    The caller keeps checking its own ``hidden`` for inf/NaN rows.
+    """
+    if head.project_out is None and head.norm in NORM_CODES:
+        return hidden, NORM_CODES[head.norm]
+    return decode_rows(hidden, head), 0
 
 
 def empty_signals(device: torch.device, with_score: bool) -> ExitSignals:

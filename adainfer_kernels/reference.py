@@ -18,7 +18,9 @@ def apply_norm_ref(hidden: torch.Tensor, head: ExitHead, upcast: bool = False) -
     """The model's final norm (+ ``project_out``) exactly as Hugging Face computes it.
 
     Llama's RMSNorm: statistics in fp32, the normalised value cast back to the input dtype, then
-    multiplied by the weight. OPT's LayerNorm: ``F.layer_norm`` with weight and bias.
+    multiplied by the weight. Gemma's RMSNorm (``rms_offset``): normalised and multiplied by
+    ``1 + weight`` in fp32 (fp64 for fp64 inputs), one cast back to the input dtype at the end.
+    OPT's LayerNorm: ``F.layer_norm`` with weight and bias.
     With ``upcast=True`` every step runs in fp32 (the error-free reference of FlashAttention's rule).
     """
     x = hidden.float() if upcast else hidden
@@ -27,6 +29,11 @@ def apply_norm_ref(hidden: torch.Tensor, head: ExitHead, upcast: bool = False) -
         normed = (x.float() * torch.rsqrt(var + head.eps)).to(x.dtype)
         w = head.norm_weight.float() if upcast else head.norm_weight
         x = w * normed
+    elif head.norm == "rms_offset":
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for an fp64 evaluation
+        xa = x.to(acc)
+        scale = 1.0 + head.norm_weight.to(acc)
+        x = (xa * torch.rsqrt(xa.pow(2).mean(-1, keepdim=True) + head.eps) * scale).to(x.dtype)
     elif head.norm == "layer":
         w = head.norm_weight.float() if upcast else head.norm_weight
         b = head.norm_bias
@@ -40,12 +47,19 @@ def apply_norm_ref(hidden: torch.Tensor, head: ExitHead, upcast: bool = False) -
 
 
 def head_logits_ref(hidden: torch.Tensor, head: ExitHead, upcast: bool = False) -> torch.Tensor:
-    """(R, K) fp32 logits over the candidates (subset rows of W, bias added), materialised."""
+    """(R, K) fp32 logits over the candidates (subset rows of W, soft-capped, bias added), materialised.
+
+    The soft-cap runs where Gemma2's forward runs it, on the LM head's output in its dtype
+    (the model dtype, fp32 with ``upcast``): ``cap * tanh(z / cap)``, then the subset bias.
+    """
     x = apply_norm_ref(hidden, head, upcast)
     w = head.weight if head.vocab_subset is None else head.weight[head.vocab_subset]
     if upcast:
         w = w.float()
-    logits = (x @ w.t()).float()
+    z = x @ w.t()
+    if head.logit_softcap is not None:
+        z = torch.tanh(z / head.logit_softcap) * head.logit_softcap
+    logits = z.float()
     if head.subset_bias is not None:
         logits = logits + head.subset_bias.float()
     return logits

@@ -10,6 +10,9 @@ so that load on a shared machine hits all alike):
     fused       ``exit_head`` (CPU: the native op; CUDA: the Triton kernels)
     fused_torch CPU only: the chunked torch fallback used when ``_C`` lacks the op (first shape
                 only unless ``--fallback all``: it keeps an fp32 W^T, 2 GB for (4096, 128256))
+    fused_nocap with ``--softcap CAP`` (Gemma2: 30): ``exit_head`` on the same head without the cap,
+                so that the cost of soft-capping is a ratio measured in the same run; the rows'
+                ``op`` names the norm and the cap (``exit_head[rms_offset softcap=30]``)
 
 Reported: median ms (p20, p80, min), GB/s of W streamed (W's bytes / time), ratios vs reference
 and vs the faster GEMM from the medians and (starred) from the fastest runs, peak extra memory
@@ -23,6 +26,7 @@ Targets (issue 3): CPU fused within 1.2x of the bare GEMM and >= 2x faster than 
 R >= 8 on (576, 49152); GPU >= 85% of HBM roofline at R <= 64 and >= 1.5x the reference at R = 256.
 
     python bench/bench_exit_head.py [--quick] [--reps N] [--shapes 576x49152,4096x32000] [--dtypes fp32,bf16]
+                                    [--norm rms_offset] [--softcap 30]
 """
 
 from __future__ import annotations
@@ -50,10 +54,21 @@ FULL_SHAPES = [(576, 49152), (4096, 32000), (4096, 128256)]
 ROWS = [1, 8, 64, 256]
 
 
-def make_case(d: int, n_vocab: int, dtype: torch.dtype, device: str) -> ExitHead:
+def make_case(
+    d: int, n_vocab: int, dtype: torch.dtype, device: str, norm: str = "rms", softcap: float | None = None
+) -> ExitHead:
     g = torch.Generator(device="cpu").manual_seed(0)
     w = (torch.randn(n_vocab, d, generator=g) * (4.0 / math.sqrt(d))).to(dtype)
-    return ExitHead(weight=w.to(device), norm="rms", norm_weight=torch.ones(d, dtype=dtype, device=device), eps=1e-5)
+    # Unit scale either way: Gemma's rms_offset multiplies by 1 + weight.
+    nw = (torch.zeros if norm == "rms_offset" else torch.ones)(d, dtype=dtype, device=device)
+    return ExitHead(weight=w.to(device), norm=norm, norm_weight=nw, eps=1e-5, logit_softcap=softcap)
+
+
+def op_label(head: ExitHead) -> str:
+    if head.norm == "rms" and head.logit_softcap is None:
+        return "exit_head"
+    cap = "" if head.logit_softcap is None else f" softcap={head.logit_softcap:g}"
+    return f"exit_head[{head.norm}{cap}]"
 
 
 def providers(head: ExitHead, hidden: torch.Tensor, fallback: bool = True) -> dict[str, Callable[[], object]]:
@@ -71,6 +86,9 @@ def providers(head: ExitHead, hidden: torch.Tensor, fallback: bool = True) -> di
             out["fused_torch"] = lambda: _exit_head_cpu(hidden, head, CLS, impl="torch")
     else:
         out["fused"] = lambda: exit_head(hidden, head, CLS)
+    if head.logit_softcap is not None:
+        plain = ExitHead(**{**head.__dict__, "logit_softcap": None})
+        out["fused_nocap"] = lambda: exit_head(hidden, plain, CLS)
     return out
 
 
@@ -131,10 +149,20 @@ def _quantiles(ts: list[float]) -> tuple[float, float, float, float]:
 
 
 def bench_case(
-    d: int, n_vocab: int, dt: str, n_rows: int, device: str, reps: int, hbm_gbs: float, fallback: bool
+    d: int,
+    n_vocab: int,
+    dt: str,
+    n_rows: int,
+    device: str,
+    reps: int,
+    hbm_gbs: float,
+    fallback: bool,
+    norm: str = "rms",
+    softcap: float | None = None,
 ) -> list[dict]:
     dtype = DTYPES[dt]
-    head = _HEADS.setdefault((d, n_vocab, dt, device), make_case(d, n_vocab, dtype, device))
+    key = (d, n_vocab, dt, device, norm, softcap)
+    head = _HEADS.get(key) or _HEADS.setdefault(key, make_case(d, n_vocab, dtype, device, norm, softcap))
     g = torch.Generator(device="cpu").manual_seed(1)
     hidden = torch.randn(n_rows, d, generator=g).to(dtype).to(device)
     fns = providers(head, hidden, fallback)
@@ -164,9 +192,9 @@ def bench_case(
     for name, (med, p20, p80, best) in stats.items():
         gbs = w_bytes / (med * 1e-3) / 1e9
         row = {
-            "op": "exit_head",
+            "op": op_label(head),
             "provider": name,
-            "impl": (cpu_impl() if device == "cpu" else "triton") if name == "fused" else name,
+            "impl": (cpu_impl() if device == "cpu" else "triton") if name in ("fused", "fused_nocap") else name,
             "dtype": dt,
             "d": d,
             "V": n_vocab,
@@ -236,6 +264,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default="first",
         help="time the CPU torch fallback on the first shape (default), every shape, or none",
     )
+    p.add_argument("--norm", choices=("rms", "rms_offset"), default="rms", help="the head's norm (rms_offset: Gemma)")
+    p.add_argument("--softcap", type=float, default=None, help="final-logit soft-cap (Gemma2: 30); adds fused_nocap")
     p.add_argument("--no-record", action="store_true", help="do not append to bench/results/")
     args = p.parse_args(argv)
     if args.threads:
@@ -257,7 +287,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for dt in dts:
             for n_rows in rows_list:
                 fallback = args.fallback == "all" or (args.fallback == "first" and (d, n_vocab) == shapes[0])
-                out += bench_case(d, n_vocab, dt, n_rows, args.device, reps, args.hbm_gbs, fallback)
+                out += bench_case(
+                    d, n_vocab, dt, n_rows, args.device, reps, args.hbm_gbs, fallback, args.norm, args.softcap
+                )
             _HEADS.clear()
             print_table([r for r in out if r["d"] == d and r["V"] == n_vocab and r["dtype"] == dt])
             print(flush=True)

@@ -1,10 +1,11 @@
 // The exit head's CPU path: per-row softmax statistics of x @ W^T without the (rows, V) logits.
 //
 //   exit_head_cpu_pack(weight [n, d]) -> packed          once per head (cached by the Python side)
-//   exit_head_cpu(hidden [R, d], packed, n, norm, norm_weight?, norm_bias?, eps, bias?)
+//   exit_head_cpu(hidden [R, d], packed, n, norm, norm_weight?, norm_bias?, eps, bias?, softcap?)
 //       -> (top_prob [R] f32, gap [R] f32, pos [R] i64)  every exit check
 //
-// x = norm(hidden) as Hugging Face rounds it, z = x @ W^T (+ bias) over the n candidates, then per
+// x = norm(hidden) as Hugging Face rounds it, y = x @ W^T over the n candidates, z = y, or with a
+// soft-cap (Gemma2's final_logit_softcapping) z = cap * tanh(y / cap), then z += bias; then per
 // row M = max z, S = sum exp(z - M), T = second largest z (a tie counts twice), pos = lowest
 // position of M: top_prob = 1 / S, gap = (1 - exp(T - M)) / S. Rows holding inf/NaN: NaN and
 // pos -1. The norm and the finishing run here, not as torch ops: a handful of tiny ATen ops per
@@ -15,9 +16,10 @@
 // they are, bf16 panels in the VNNI layout of oneDNN's batch-reduce GEMM (cpublas::pack, K padded
 // to even). The candidates are split into tasks of a few blocks; each task multiplies its panels
 // with brgemm (AMX for bf16, AVX-512 for fp32; fp32 accumulation, fp32 logits) into a small
-// buffer that stays in L2 (<= 1 MiB, <= 2048 columns) and reduces it at once: max, position, second
-// and sum-exp per row. Tasks run in parallel (at::parallel_for) and their partials are merged in
-// task order, so the result does not depend on the number of threads. W is streamed once.
+// buffer that stays in L2 (<= 1 MiB, <= 2048 columns) and reduces it at once: soft-cap (vectorised
+// tanh, exit_head_cpu_rowstats.h), bias, then max, position, second and sum-exp per row. Tasks run
+// in parallel (at::parallel_for) and their partials are merged in task order, so the result does
+// not depend on the number of threads. W is streamed once.
 //
 // brgemm needs oneDNN's ukernel support on this CPU (AVX-512 or AMX): exit_head_cpu_supported
 // probes it once per dtype, and the Python side falls back to chunked torch GEMMs without it.
@@ -133,17 +135,34 @@ struct Stats {
 #endif
 
 using RowStatsFn = Stats (*)(const float*, int64_t);
+using SoftcapFn = void (*)(float*, int64_t, float);
 
 // The widest copy this CPU runs (picked once).
-RowStatsFn row_stats_fn() {
-  static const RowStatsFn fn = [] {
+int isa_level() {
+  static const int level = [] {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    if (__builtin_cpu_supports("avx512f")) return &rs_avx512::row_stats;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &rs_avx2::row_stats;
+    if (__builtin_cpu_supports("avx512f")) return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
 #endif
-    return &rs_base::row_stats;
+    return 0;
   }();
-  return fn;
+  return level;
+}
+
+RowStatsFn row_stats_fn() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (isa_level() == 2) return &rs_avx512::row_stats;
+  if (isa_level() == 1) return &rs_avx2::row_stats;
+#endif
+  return &rs_base::row_stats;
+}
+
+SoftcapFn softcap_fn() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (isa_level() == 2) return &rs_avx512::softcap_inplace;
+  if (isa_level() == 1) return &rs_avx2::softcap_inplace;
+#endif
+  return &rs_base::softcap_inplace;
 }
 
 // Merge b (later candidates) into a: on equal maxima a's lower position stays, second = max (gap 0).
@@ -256,9 +275,11 @@ void prepare_rows(const at::Tensor& h, int64_t norm, const MT* g, const MT* b, d
   }
 }
 
-// Per-row statistics of x (R, kp) against the packed panels, merged over the tasks.
+// Per-row statistics of x (R, kp) against the packed panels, merged over the tasks; softcap > 0
+// caps the logits (before the bias), 0 leaves them as they are.
 template <typename T>
-void stats_impl(const T* xa, int64_t rows, const at::Tensor& packed, int64_t n_cand, const float* bias, Stats* out) {
+void stats_impl(const T* xa, int64_t rows, const at::Tensor& packed, int64_t n_cand, const float* bias, float softcap,
+                Stats* out) {
 #if ADAINFER_HAS_BRGEMM
   const int64_t kp = packed.size(1) / kBlockN, n_blocks = packed.size(0);
   const T* wp = packed.const_data_ptr<T>();
@@ -268,6 +289,7 @@ void stats_impl(const T* xa, int64_t rows, const at::Tensor& packed, int64_t n_c
   const int64_t ldc = per_task * kBlockN;
   std::vector<Stats> partial(n_tasks * rows);
   const RowStatsFn row_stats = row_stats_fn();
+  const SoftcapFn cap_logits = softcap_fn();
   at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> buf(rows * ldc);
     for (int64_t task = t0; task < t1; ++task) {
@@ -280,6 +302,7 @@ void stats_impl(const T* xa, int64_t rows, const at::Tensor& packed, int64_t n_c
       }
       for (int64_t r = 0; r < rows; ++r) {
         float* c = buf.data() + r * ldc;
+        if (softcap > 0.f) cap_logits(c, cols, softcap);
         if (bias != nullptr)
           for (int64_t j = 0; j < cols; ++j) c[j] += bias[c0 + j];
         Stats st = row_stats(c, cols);
@@ -295,7 +318,7 @@ void stats_impl(const T* xa, int64_t rows, const at::Tensor& packed, int64_t n_c
     out[r] = acc;
   }
 #else
-  (void)xa, (void)rows, (void)packed, (void)n_cand, (void)bias, (void)out;
+  (void)xa, (void)rows, (void)packed, (void)n_cand, (void)bias, (void)softcap, (void)out;
   TORCH_CHECK(false, "exit_head_cpu: built without cpublas::brgemm");
 #endif
 }
@@ -308,7 +331,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& h
                                                              int64_t n_cand, int64_t norm,
                                                              const std::optional<at::Tensor>& norm_weight,
                                                              const std::optional<at::Tensor>& norm_bias, double eps,
-                                                             const std::optional<at::Tensor>& bias) {
+                                                             const std::optional<at::Tensor>& bias,
+                                                             std::optional<double> softcap) {
   TORCH_CHECK(hidden.device().is_cpu() && packed.device().is_cpu(), "exit_head_cpu: hidden and packed must be CPU tensors");
   TORCH_CHECK(hidden.dim() == 2 && hidden.size(1) > 0, "exit_head_cpu: hidden must be 2-D (R, d), got shape ",
               hidden.sizes());
@@ -345,6 +369,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& h
     bias_ptr = bc.const_data_ptr<float>();
   }
 
+  float cap = 0.f;  // 0: no soft-cap
+  if (softcap.has_value()) {
+    cap = static_cast<float>(*softcap);
+    TORCH_CHECK(std::isfinite(*softcap) && std::isnormal(cap) && cap > 0.f,
+                "exit_head_cpu: softcap must be a finite float > 0 (or None for no soft-capping), got ", *softcap);
+  }
+
   const int64_t rows = hidden.size(0);
   const at::Tensor h = hidden.contiguous();
   at::Tensor x = at::empty({rows, kp}, hidden.options().dtype(ct));
@@ -360,9 +391,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& h
         prepare_rows<scalar_t, float>(h, norm, gp, bp, eps, kp, x.mutable_data_ptr<float>(), bad.data());
     });
     if (ct == at::kFloat)
-      stats_impl<float>(x.const_data_ptr<float>(), rows, packed, n_cand, bias_ptr, st.data());
+      stats_impl<float>(x.const_data_ptr<float>(), rows, packed, n_cand, bias_ptr, cap, st.data());
     else
-      stats_impl<at::BFloat16>(x.const_data_ptr<at::BFloat16>(), rows, packed, n_cand, bias_ptr, st.data());
+      stats_impl<at::BFloat16>(x.const_data_ptr<at::BFloat16>(), rows, packed, n_cand, bias_ptr, cap, st.data());
   }
   auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor top = at::empty({rows}, f32), gap = at::empty({rows}, f32);
@@ -389,7 +420,7 @@ TORCH_LIBRARY_FRAGMENT(adainfer, m) {
   m.def("exit_head_cpu_pack(Tensor weight) -> Tensor");
   m.def(
       "exit_head_cpu(Tensor hidden, Tensor packed, int n_cand, int norm, Tensor? norm_weight, Tensor? norm_bias, "
-      "float eps, Tensor? bias) -> (Tensor, Tensor, Tensor)");
+      "float eps, Tensor? bias, float? softcap=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(adainfer, CPU, m) {

@@ -34,10 +34,13 @@ def make_head(
     bias: bool = False,
     d_in: int | None = None,
     logit_scale: float = 4.0,
+    softcap: float | None = None,
     seed: int = 0,
     device: str = "cpu",
 ) -> ExitHead:
-    """A random head whose logits have standard deviation ~logit_scale (like a real LM's).
+    """A random head whose logits have standard deviation ~logit_scale (like a real LM's), before
+    any soft-cap. ``norm="rms_offset"`` (Gemma) draws the stored weight w of the ``1 + w`` scale
+    in [-0.5, 0.5) (the same draws as the other norms' weights in [0.5, 1.5)).
 
     The weight is drawn on ``device`` (a (128256, 4096) head takes seconds to draw on a CPU)."""
     g = torch.Generator().manual_seed(seed)
@@ -47,6 +50,8 @@ def make_head(
     nw = nb = None
     if norm != "none":
         nw = torch.rand(d_norm, generator=g) + 0.5
+        if norm == "rms_offset":
+            nw = nw - 1.0
     if norm == "layer":
         nb = torch.randn(d_norm, generator=g) * 0.1
     proj = torch.randn(d, d_in, generator=g) / math.sqrt(d_in) if d_in is not None else None
@@ -68,6 +73,7 @@ def make_head(
         project_out=cast(proj),
         vocab_subset=ids,
         subset_bias=sb,
+        logit_softcap=softcap,
     )
 
 
@@ -89,6 +95,7 @@ def _double_head(head: ExitHead) -> ExitHead:
         project_out=cast(head.project_out),
         vocab_subset=head.vocab_subset,
         subset_bias=head.subset_bias,
+        logit_softcap=head.logit_softcap,
     )
 
 
@@ -156,10 +163,13 @@ def check_signals(got: ExitSignals, hidden: torch.Tensor, head: ExitHead, score:
 
 
 def hf_numerics_signals(hidden: torch.Tensor, head: ExitHead, score: LinearScore | None) -> ExitSignals:
-    """Hugging Face's norm (rounded to the model dtype) and fp32 logits: what the fused paths compute."""
+    """Hugging Face's norm (rounded to the model dtype) and fp32 logits: what the fused paths compute
+    (the logits and the soft-cap evaluated in fp64)."""
     x = apply_norm_ref(hidden, head, upcast=False).double()
     w = head.weight if head.vocab_subset is None else head.weight[head.vocab_subset]
     z = x @ w.double().t()
+    if head.logit_softcap is not None:
+        z = head.logit_softcap * torch.tanh(z / head.logit_softcap)
     if head.subset_bias is not None:
         z = z + head.subset_bias.double()
     top, gap, pos = signals_from_logits(z)

@@ -17,6 +17,8 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from exit_head_helpers import (
     DTYPES,
     SCORE,
@@ -28,7 +30,7 @@ from exit_head_helpers import (
 
 from adainfer_kernels import exit_head
 from adainfer_kernels.exit_head import _PACKED, _exit_head_cpu, _native_supports, clear_cache
-from adainfer_kernels.exit_head_triton import exit_head_triton, pick_config
+from adainfer_kernels.exit_head_triton import _tanh, exit_head_triton, pick_config
 from adainfer_kernels.head import ExitHead, ExitSignals, LinearScore
 from adainfer_kernels.reference import exit_head_ref
 
@@ -201,6 +203,25 @@ def test_native_cpu_op_registration():
         ops.exit_head_cpu(h.bfloat16(), packed, 130, 0, None, None, 1e-5, None)
 
 
+def test_native_cpu_op_softcap_argument():
+    if not HAS_NATIVE[torch.float32]:
+        pytest.skip("the native CPU exit head is unavailable here")
+    ops = torch.ops.adainfer
+    w = torch.randn(130, 64) * 2.0
+    packed = ops.exit_head_cpu_pack(w)
+    h = torch.randn(5, 64)
+    torch.library.opcheck(ops.exit_head_cpu.default, (h, packed, 130, 0, None, None, 1e-5, torch.randn(130), 3.0))
+    # softcap=None (the default) is the uncapped op; a cap changes the result.
+    plain = ops.exit_head_cpu(h, packed, 130, 0, None, None, 1e-5, None)
+    default = ops.exit_head_cpu(h, packed, 130, 0, None, None, 1e-5, None, None)
+    capped = ops.exit_head_cpu(h, packed, 130, 0, None, None, 1e-5, None, 3.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain, default, strict=True))
+    assert (plain[0] - capped[0]).abs().max() > 1e-2
+    for bad in (0.0, -1.0, float("inf"), float("nan"), 1e-40):
+        with pytest.raises(RuntimeError, match="softcap must be a finite float > 0"):
+            ops.exit_head_cpu(h, packed, 130, 0, None, None, 1e-5, None, bad)
+
+
 def test_cpu_prepared_weight_cache_reuses_invalidates_and_dies_with_the_weight():
     if not HAS_NATIVE[torch.float32]:
         pytest.skip("the native CPU exit head is unavailable here")
@@ -322,6 +343,250 @@ def test_strided_hidden(backend):
         assert torch.equal(got.argmax, want.argmax)
 
 
+# ---- Gemma / Gemma2: the rms_offset norm and final-logit soft-capping, on every backend ----
+
+# (norm, logit_softcap, logit_scale, subset, subset bias). The logit scales put the top logits well
+# into the cap's curved part (e.g. 27 capped vs 46 uncapped at cap 30) while top_prob stays 0.3-0.9,
+# so the tolerance rule is not dominated by its atol.
+GEMMA_CASES = {
+    "gemma": ("rms_offset", None, 4.0, None, False),
+    "gemma2": ("rms_offset", 30.0, 10.0, None, False),
+    "gemma2_subset_bias": ("rms_offset", 30.0, 12.0, 37, True),
+    "layer_softcap_subset": ("layer", 15.0, 6.0, 300, False),
+    "rms_softcap_subset_bias": ("rms", 10.0, 4.0, 37, True),
+}
+
+
+def _gemma_head(case: str, dtype: torch.dtype, d: int = 64, n_vocab: int = 3001, seed: int = 21) -> ExitHead:
+    norm, cap, scale, subset, bias = GEMMA_CASES[case]
+    return make_head(d, n_vocab, dtype, norm, subset=subset, bias=bias, logit_scale=scale, softcap=cap, seed=seed)
+
+
+@pytest.mark.parametrize("case", sorted(GEMMA_CASES))
+@pytest.mark.parametrize("dt", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("backend", ["splitv", "rowtile", *CPU_IMPLS, "reference"])
+def test_gemma_norm_and_softcap_match_reference(backend, dt, case):
+    """Every backend against the fp64 (fp32 inputs) / fp32 (bf16, fp16 inputs) reference, 2x-PyTorch rule,
+    argmax exact off near-ties; 4 rows for splitv (one row block), 17 for the others."""
+    dtype = DTYPES[dt]
+    head = _gemma_head(case, dtype)
+    hidden = make_hidden(4 if backend == "splitv" else 17, head, dtype, seed=22)
+    check_signals(run_backend(backend, hidden, head, SCORE), hidden, head, SCORE)
+
+
+@pytest.mark.parametrize("backend", ["splitv", "rowtile", *CPU_IMPLS])
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+def test_gemma_paths_reproduce_hf_rounding_and_fp32_softcap(backend, dt):
+    """Gemma's norm rounded exactly as HF rounds it, fp32 logits, the cap applied to them: within 2e-5 of
+    that computation in fp64, far tighter than the 2x-PyTorch rule (HF's own bf16 caps bf16 logits)."""
+    dtype = DTYPES[dt]
+    head = _gemma_head("gemma2_subset_bias", dtype, seed=23)
+    hidden = make_hidden(5, head, dtype, seed=24)
+    got = run_backend(backend, hidden, head, SCORE)
+    want = hf_numerics_signals(hidden, head, SCORE)
+    for name in ("top_prob", "gap", "score"):
+        err = (getattr(got, name) - getattr(want, name)).abs().max().item()
+        assert err <= 2e-5, f"{backend} {name}: max err {err:.3e} vs the HF-rounded fp32-logit reference"
+    assert torch.equal(got.argmax, want.argmax)
+
+
+@pytest.mark.parametrize("backend", ["splitv", "rowtile", *CPU_IMPLS])
+def test_softcap_changes_the_signals(backend):
+    """The cap is really applied: the same head without it gives very different probabilities."""
+    head = _gemma_head("gemma2", torch.float32)
+    hidden = make_hidden(4, head, torch.float32, seed=22)
+    capped = run_backend(backend, hidden, head, SCORE)
+    plain = run_backend(backend, hidden, ExitHead(**{**head.__dict__, "logit_softcap": None}), SCORE)
+    assert (capped.top_prob - plain.top_prob).abs().max().item() > 0.1
+    check_signals(capped, hidden, head, SCORE)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_cpu_gemma2_real_size(impl, dt):
+    """SmolLM2-sized head (576, 49152) with Gemma's norm and Gemma2's cap of 30."""
+    dtype = DTYPES[dt]
+    head = make_head(576, 49152, dtype, "rms_offset", logit_scale=10.0, softcap=30.0, seed=576)
+    hidden = make_hidden(8, head, dtype)
+    check_signals(run_backend(impl, hidden, head, SCORE), hidden, head, SCORE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_softcap_saturation_ties_pick_the_lower_position(backend, dt, monkeypatch):
+    """Logits 20 (position 5) and 21 (position 4500) both cap to exactly 1.0 at cap 1: a tie that the
+    cap creates, so the lower position wins (not the uncapped argmax) and the gap is 0."""
+    dtype = DTYPES[dt]
+    monkeypatch.setattr(exit_head_mod, "_chunk", lambda n_rows: 1024)  # the tie straddles torch chunks
+    head, hidden = _tie_head(dtype, 5000, (4500,))
+    w = head.weight.clone()
+    w[5, :4] = torch.tensor([3.0, 3.0, 3.0, 2.0], dtype=dtype)  # 3 + 6 + 9 + 2 = 20
+    head = ExitHead(weight=w, norm="none", logit_softcap=1.0)
+    got = run_backend(backend, hidden, head, SCORE)
+    assert got.argmax.tolist() == [5, 5], f"{backend}: {got.argmax.tolist()}"
+    assert got.gap.tolist() == [0.0, 0.0], f"{backend}: gap {got.gap.tolist()}"
+    ref = exit_head_ref(hidden, head, SCORE)
+    torch.testing.assert_close(got.top_prob, ref.top_prob, rtol=1e-5, atol=1e-6)
+    uncapped = run_backend(backend, hidden, ExitHead(weight=w, norm="none"), SCORE)
+    assert uncapped.argmax.tolist() == [4500, 4500]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning", "ignore:All-NaN slice:RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gemma_non_finite_rows_get_nan_signals(backend):
+    """Gemma's norm is applied before the kernels: the inf/NaN check still reads the caller's rows."""
+    head = _gemma_head("gemma2", torch.bfloat16, seed=25)
+    hidden = make_hidden(6, head, torch.bfloat16)
+    hidden[1, 3] = float("nan")
+    hidden[4, 63] = float("-inf")
+    got = run_backend(backend, hidden, head, SCORE)
+    assert got.argmax[[1, 4]].tolist() == [-1, -1]
+    for t in (got.top_prob, got.gap, got.score):
+        assert torch.isnan(t[[1, 4]]).all() and not torch.isnan(t[[0, 2, 3, 5]]).any()
+    assert (got.argmax[[0, 2, 3, 5]] >= 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_values_through_two_candidates(backend):
+    """Logits (y, 0) capped at 1 and 0.5, y across both branches of the kernels' tanh: top_prob is
+    sigmoid(|z|) and the gap tanh(|z| / 2) of z = cap * tanh(y / cap), to 3e-7 (measured here: <= 9e-8 on
+    every backend). A 1e-4 error in one tanh coefficient moves them by ~2e-6."""
+    d = 64
+    y = torch.linspace(-3.0, 3.0, 601)
+    hidden = torch.zeros(601, d)
+    hidden[:, 0] = y
+    w = torch.zeros(2, d)
+    w[0, 0] = 1.0
+    for cap in (1.0, 0.5):
+        got = run_backend(backend, hidden, ExitHead(weight=w, norm="none", logit_softcap=cap), None)
+        z = (cap * torch.tanh(y.double() / cap)).abs()
+        err_top = (got.top_prob.double() - 1.0 / (1.0 + torch.exp(-z))).abs().max().item()
+        err_gap = (got.gap.double() - torch.tanh(z / 2)).abs().max().item()
+        assert max(err_top, err_gap) <= 3e-7, f"cap {cap}: max err top_prob {err_top:.2e}, gap {err_gap:.2e}"
+        assert torch.equal(got.argmax, (y < 0).long())  # y = 0 is a tie: position 0
+
+
+@triton.jit
+def _tanh_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(y_ptr + offs, _tanh(tl.load(x_ptr + offs, mask=m, other=0.0)), mask=m)
+
+
+def test_triton_tanh_matches_fp64():
+    """The kernels' tanh (Cephes tanhf, also in csrc/exit_head_cpu_rowstats.h) on a dense grid, both
+    branches, tiny, huge and infinite arguments: relative error <= 3e-7 against fp64."""
+    grid = torch.linspace(-12.0, 12.0, 48001)
+    tiny = torch.logspace(-30, 0, 3001)
+    special = torch.tensor([0.0, -0.0, 0.625, -0.625, 0.62499994, 1e30, -1e30, float("inf"), float("-inf")])
+    x = torch.cat([grid, tiny, -tiny, special]).float()
+    y = torch.empty_like(x)
+    _tanh_kernel[(triton.cdiv(x.numel(), 4096),)](x, y, x.numel(), BLOCK=4096)
+    want = torch.tanh(x.double())
+    rel = ((y.double() - want).abs() / want.abs().clamp(min=1e-300)).nan_to_num(0.0)
+    worst = int(rel.argmax())
+    assert rel.max().item() <= 3e-7, f"max rel err {rel.max().item():.3e} at x = {x[worst].item()!r}"
+    nonzero = x != 0
+    assert torch.equal(torch.signbit(y[nonzero]), torch.signbit(x[nonzero])), "tanh is odd: the sign follows x"
+    assert (y[~nonzero] == 0).all()
+
+
+# The bit-for-bit and model-level checks import transformers (tests only; adainfer_kernels never does).
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+@pytest.mark.parametrize("dt", ["fp32", "bf16", "fp16"])
+def test_rms_offset_is_bit_identical_to_hf_gemma_rmsnorm(family, dt):
+    if family == "gemma":
+        from transformers.models.gemma.modeling_gemma import GemmaRMSNorm as Norm
+    else:
+        from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm as Norm
+    from adainfer_kernels.head import decode_rows
+    from adainfer_kernels.reference import apply_norm_ref
+
+    dtype = DTYPES[dt]
+    d = 96
+    g = torch.Generator().manual_seed(26)
+    norm = Norm(d, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, generator=g) * 0.5)  # trained Gemma weights sit around 0 (scale 1 + w)
+    norm = norm.to(dtype)
+    x = (torch.randn(33, d, generator=g) * (1 + 20 * torch.rand(33, 1, generator=g)) + 0.3).to(dtype)
+    with torch.no_grad():
+        want = norm(x)
+        head = ExitHead(
+            weight=torch.zeros(10, d, dtype=dtype), norm="rms_offset", norm_weight=norm.weight.detach(), eps=norm.eps
+        )
+        for name, got in (("decode_rows", decode_rows(x, head)), ("apply_norm_ref", apply_norm_ref(x, head))):
+            assert got.dtype == want.dtype
+            diff = (got.float() - want.float()).abs()
+            assert torch.equal(got, want), f"{name}: {int((diff > 0).sum())} elements differ, max {diff.max():.3e}"
+
+
+def _tiny_gemma(family: str):
+    """A tiny random Gemma / Gemma2 (fp32, eager), its final norm's input at the last position and its
+    own last-position logits. The tied embedding is scaled so that the logits reach the cap's curve."""
+    import transformers
+
+    torch.manual_seed(27)
+    kw = dict(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        attn_implementation="eager",
+    )
+    if family == "gemma":
+        model = transformers.GemmaForCausalLM(transformers.GemmaConfig(**kw))
+    else:
+        cfg = transformers.Gemma2Config(**kw, final_logit_softcapping=10.0, sliding_window=8)
+        model = transformers.Gemma2ForCausalLM(cfg)
+    model.eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+        model.model.norm.weight.normal_(0.0, 0.3)
+    seen = {}
+    hook = model.model.norm.register_forward_pre_hook(lambda mod, args: seen.update(h=args[0]))
+    ids = torch.randint(0, 1000, (6, 9), generator=torch.Generator().manual_seed(28))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+    finally:
+        hook.remove()
+    return model, seen["h"][:, -1].contiguous(), logits
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_exit_head_reproduces_a_gemma_models_own_decode(family):
+    """The ExitHead of a real (tiny, random) Gemma / Gemma2: the reference's logits are the model's own
+    (norm, tied LM head, Gemma2's soft-cap), and every backend's signals are those of the model's logits."""
+    from adainfer_kernels.reference import head_logits_ref, signals_from_logits
+
+    model, hidden, logits = _tiny_gemma(family)
+    cfg = model.config
+    head = ExitHead(
+        weight=model.lm_head.weight.detach(),
+        norm="rms_offset",
+        norm_weight=model.model.norm.weight.detach(),
+        eps=cfg.rms_norm_eps,
+        logit_softcap=getattr(cfg, "final_logit_softcapping", None),
+    )
+    assert (head.logit_softcap is not None) == (family == "gemma2")
+    if head.logit_softcap is not None:
+        assert logits.abs().max() > 0.6 * head.logit_softcap  # the cap bends the top logits
+    with torch.no_grad():
+        torch.testing.assert_close(head_logits_ref(hidden, head), logits, rtol=1e-5, atol=1e-5)
+    top, gap, pos = signals_from_logits(logits)
+    for backend in ("splitv", "rowtile", *CPU_IMPLS):
+        got = run_backend(backend, hidden, head, None)
+        assert torch.equal(got.argmax, pos), f"{backend}: {got.argmax.tolist()} vs the model's {pos.tolist()}"
+        torch.testing.assert_close(got.top_prob, top, rtol=0, atol=2e-5, msg=f"{backend} top_prob")
+        torch.testing.assert_close(got.gap, gap, rtol=0, atol=2e-5, msg=f"{backend} gap")
+
+
 # ---- the public entry point ----
 
 
@@ -438,6 +703,28 @@ BAD_INPUTS = {
         lambda h, hd: (h, _with(hd, vocab_subset=torch.tensor([1, 2]), subset_bias=torch.zeros(2).half()), None),
         TypeError,
         "fp32",
+    ),
+    "softcap_zero": (lambda h, hd: (h, _with(hd, logit_softcap=0.0), None), ValueError, "logit_softcap"),
+    "softcap_negative": (lambda h, hd: (h, _with(hd, logit_softcap=-30.0), None), ValueError, "finite float > 0"),
+    "softcap_nan": (lambda h, hd: (h, _with(hd, logit_softcap=float("nan")), None), ValueError, "logit_softcap"),
+    "softcap_inf": (lambda h, hd: (h, _with(hd, logit_softcap=float("inf")), None), ValueError, "logit_softcap"),
+    "softcap_fp32_subnormal": (lambda h, hd: (h, _with(hd, logit_softcap=1e-40), None), ValueError, "logit_softcap"),
+    "softcap_bool": (lambda h, hd: (h, _with(hd, logit_softcap=True), None), ValueError, "logit_softcap"),
+    "softcap_str": (lambda h, hd: (h, _with(hd, logit_softcap="30"), None), ValueError, "logit_softcap"),
+    "softcap_tensor": (
+        lambda h, hd: (h, _with(hd, logit_softcap=torch.tensor(30.0)), None),
+        ValueError,
+        "logit_softcap",
+    ),
+    "rms_offset_weight_missing": (
+        lambda h, hd: (h, _with(hd, norm="rms_offset", norm_weight=None), None),
+        ValueError,
+        "needs norm_weight",
+    ),
+    "rms_offset_with_bias": (
+        lambda h, hd: (h, _with(hd, norm="rms_offset", norm_bias=hd.norm_weight), None),
+        ValueError,
+        "only used with",
     ),
     "score_type": (lambda h, hd: (h, hd, (1.0, 2.0, 0.0)), TypeError, "LinearScore"),
     "score_nan": (lambda h, hd: (h, hd, LinearScore(float("nan"), 1.0, 0.0)), ValueError, "finite"),

@@ -92,6 +92,18 @@ def test_ties_and_non_finite_rows(variant):
     torch.testing.assert_close(got.top_prob[[0]], ref.top_prob, rtol=1e-5, atol=1e-6)
 
 
+# Ordered by dtype: each (256000, 2304) head is drawn once.
+@pytest.mark.parametrize(
+    "dt,variant,n_rows",
+    [(dt, variant, n_rows) for dt in ("bf16", "fp32") for variant in ("splitv", "rowtile") for n_rows in (1, 8, 100)],
+)
+def test_gemma2_sized_head_with_rms_offset_and_softcap(dt, variant, n_rows):
+    """Gemma2-2B's decode shape (2304, 256000) with Gemma's norm and the final-logit cap of 30."""
+    head = _head(2304, 256000, dt, "rms_offset", logit_scale=10.0, softcap=30.0)
+    hidden = make_hidden(n_rows, head, DTYPES[dt])
+    check_signals(exit_head_triton(hidden, head, SCORE, variant=variant), hidden, head, SCORE)
+
+
 @pytest.mark.parametrize("n_splits", [1, 7, 100000])
 def test_split_counts(n_splits):
     head = _head(4096, 32000, "bf16")
