@@ -27,7 +27,7 @@ def test_info_json_reports_versions_and_backends():
     from adainfer.models import FAMILIES
 
     assert [f["model_type"] for f in info["model_families"]] == sorted(FAMILIES)
-    assert {"llama", "opt", "qwen2", "qwen3", "mistral", "phi3"} <= set(FAMILIES)
+    assert {"llama", "opt", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3"} <= set(FAMILIES)
 
 
 def test_info_table():

@@ -52,6 +52,8 @@ FAMILY_CONFIGS = {
     "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),  # q/k/v bias; 2 sliding layers
     "qwen3": dict(head_dim=16, use_sliding_window=True, sliding_window=4, max_window_layers=2),  # q/k norm
     "mistral": dict(sliding_window=4),
+    "gemma": dict(head_dim=16),  # embedding scale, (1 + w) RMSNorm
+    "gemma2": dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=16),  # + soft-capping
     "phi3": dict(partial_rotary_factor=0.5),  # fused qkv, partial rotary
 }
 

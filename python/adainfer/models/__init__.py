@@ -14,13 +14,13 @@ import dataclasses
 import torch
 from torch import nn
 
-from adainfer.models import llama, mistral, opt, phi3, qwen2, qwen3
+from adainfer.models import gemma, gemma2, llama, mistral, opt, phi3, qwen2, qwen3
 from adainfer.models.family import ModelFamily
 from adainfer_kernels.head import ExitHead
 
 __all__ = ["FAMILIES", "ModelFamily", "exit_head_for", "family_for", "supported_model_types"]
 
-_MODULES = (llama, opt, qwen2, qwen3, mistral, phi3)
+_MODULES = (llama, opt, qwen2, qwen3, mistral, gemma, gemma2, phi3)
 FAMILIES: dict[str, ModelFamily] = {m.FAMILY.model_type: m.FAMILY for m in _MODULES}
 
 

@@ -305,7 +305,7 @@ def label_logprobs(last: torch.Tensor, head: ExitHead) -> torch.Tensor:
     x = decode_rows(last, head).float()
     w = head.weight.index_select(0, head.vocab_subset).float()
     z = x @ w.t()
-    cap = getattr(head, "logit_softcap", None)
+    cap = head.logit_softcap
     if cap is not None:  # the model's own final-logit soft-capping comes before the label bias
         z = torch.tanh(z / cap) * cap
     if head.subset_bias is not None:
