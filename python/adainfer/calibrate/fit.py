@@ -223,6 +223,25 @@ def training_rows(
     return x, y
 
 
+# Probes depend on the calibration split, the target answers and C only (not on the budget, the
+# confidence or the stop classifier): one fit serves every variant and budget of a run.
+_PROBE_FITS: list[tuple[np.ndarray, bytes, float, tuple]] = []
+
+
+def _fitted_probes(calibration: LayerFeatures, goal: np.ndarray, c: float) -> tuple[ProbeHeads, np.ndarray]:
+    key = np.asarray(goal, dtype=np.int64).tobytes()
+    for hidden, k, kc, value in _PROBE_FITS:
+        if hidden is calibration.hidden and k == key and kc == c:
+            return value
+    value = (
+        fit_probes(calibration.hidden, goal, calibration.n_labels, c),
+        cross_fitted_logits(calibration.hidden, goal, calibration.n_labels, c),
+    )
+    _PROBE_FITS.insert(0, (calibration.hidden, key, c, value))
+    del _PROBE_FITS[4:]
+    return value
+
+
 def calibrate(
     calibration: LayerFeatures,
     heldout: LayerFeatures,
@@ -276,8 +295,7 @@ def calibrate(
         if calibration.hidden is None or heldout.hidden is None:
             raise ValueError("probe exit heads need features collected with keep_hidden=True")
         goal = target_answer(calibration, vocab_mode, bias, target)
-        probe = fit_probes(calibration.hidden, goal, calibration.n_labels, probe_c)
-        probe_cal = cross_fitted_logits(calibration.hidden, goal, calibration.n_labels, probe_c)
+        probe, probe_cal = _fitted_probes(calibration, goal, probe_c)
     elif exit_head != "lens":
         raise ValueError(f"unknown exit head {exit_head!r} (exit heads: lens, probe)")
     x, y = training_rows(calibration, vocab_mode, bias, target, use_layer, probe_logits=probe_cal)
