@@ -59,21 +59,27 @@ def test_take_at_exit():
 
 
 def _brute_force(decision, pred, budget, confidence=None):
-    """Every (m, t) over all distinct thresholds, with the simple simulation."""
+    """Every (m, t) over all distinct thresholds, with the simple simulation. With a confidence,
+    each m's thresholds are tested from the safest down and only those before the first failure
+    count (fixed-sequence testing)."""
     n, n_layers = decision.shape
     best = (n * n_layers, None, n_layers)
     for m in range(1, n_layers):
         checked = np.zeros(n_layers, bool)
         checked[m - 1 : n_layers - 1] = True
         vals = np.unique(decision[:, m - 1 : n_layers - 1])
-        for t in np.r_[vals, vals.min() - 1.0]:
+        for t in np.sort(np.r_[vals, vals.min() - 1.0])[::-1]:  # the safest (highest) threshold first
             exits = simulate_exits(decision - t, checked)
             dis = int((take_at_exit(pred, exits) != pred[:, -1]).sum())
+            if exits.sum() == n * n_layers:
+                continue  # nothing stops at this threshold: the "never" baseline, not a test
             ok = (
                 dis <= np.floor(budget * n + 1e-9)
                 if confidence is None
                 else (clopper_pearson_upper(dis, n, confidence) <= budget)
             )
+            if not ok and confidence is not None:
+                break
             if ok and exits.sum() < best[0]:
                 best = (int(exits.sum()), t, m)
     return best

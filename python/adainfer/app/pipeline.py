@@ -81,7 +81,7 @@ class RunSettings:
     k_shot: int = 4
     template: str = "plain"
     label_words: tuple[str, ...] | None = None
-    sizes: dict[str, int] = field(default_factory=lambda: {"calibration": 100, "heldout": 400, "test": 300})
+    sizes: dict[str, int] = field(default_factory=lambda: {"calibration": 400, "heldout": 400, "test": 300})
     min_confidence: float = 1.0
     seed: int = 0
     budget: float = 0.01

@@ -70,7 +70,10 @@ def choose_threshold(
         decision: (N, L) decision values d_ik before the threshold (NaN never stops).
         pred: (N, L) answers per layer; the full model's answer is ``pred[:, -1]``.
         budget: the largest disagreement rate allowed, in [0, 1).
-        confidence: if given (e.g. 0.95), bound the rate by its Clopper-Pearson upper bound.
+        confidence: if given (e.g. 0.9), certify the rate by its Clopper-Pearson upper bound, walking
+            each first layer's thresholds from the safest down and stopping at the first that fails
+            (fixed-sequence testing): with one candidate first layer, the chosen rule's true
+            disagreement rate is <= budget with probability >= confidence over the draw of ``pred``'s rows.
         min_layers: candidate first checked layers (default 1..L-1).
 
     Returns:
@@ -113,7 +116,12 @@ def choose_threshold(
         run = n * n_layers + np.cumsum(layers - prev)
         dis = np.cumsum(disagree_at[rows, layers - 1] - disagree_at[rows, prev - 1])
         ends = np.nonzero(np.r_[vals[1:] != vals[:-1], True])[0]
-        ok = ends[_feasible(dis[ends], n, budget, confidence)]
+        feasible = _feasible(dis[ends], n, budget, confidence)
+        if confidence is not None:
+            # Fixed-sequence testing (Learn then Test): thresholds from the safest down, certified
+            # until the first that fails, so the family of tests holds at the confidence level.
+            feasible &= np.cumprod(feasible).astype(bool)
+        ok = ends[feasible]
         if ok.size == 0:
             continue
         # fewest layers run; ties: larger m (fewer checks), then the first (largest) threshold
@@ -319,8 +327,15 @@ def calibrate(
         exit_head=exit_head,
         probe=probe,
     )
-    top, gap, answer = layer_signals(heldout, vocab_mode, bias, probe=probe)
     layers = np.arange(1, heldout.n_layers + 1)[None, :]
+    if confidence is not None and (min_layers is None or len(min_layers) > 1):
+        # A guarantee needs the first checked layer fixed before the held-out rows are looked at:
+        # choose it on the calibration split (out-of-fold probe signals for probes), then certify
+        # the threshold on held-out.
+        top_c, gap_c, answer_c = layer_signals(calibration, vocab_mode, bias, probe_logits=probe_cal)
+        first = choose_threshold(clf.decision(top_c, gap_c, layers), answer_c, budget, min_layers=min_layers)
+        min_layers = [first.min_layer] if first.threshold is not None else min_layers
+    top, gap, answer = layer_signals(heldout, vocab_mode, bias, probe=probe)
     choice = choose_threshold(
         clf.decision(top, gap, layers), answer, budget, confidence=confidence, min_layers=min_layers
     )
