@@ -280,6 +280,10 @@ def scatter_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) ->
     choice = _backend(out.device)
     if choice == "native" and not _needs_autograd(out, values):
         torch.ops.adainfer.scatter_rows.default(out, rows, values)
+        # The op writes through its own kernel: tell autograd that ``out`` changed, so that a graph
+        # that saved ``out`` before refuses to backward through stale values (as for index_copy_).
+        if not torch.is_inference(out):
+            torch.autograd.graph.increment_version(out)
         return out
     _check_scatter(out, rows, values)
     _check_scatter_memory(out, values)

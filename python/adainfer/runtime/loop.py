@@ -98,7 +98,9 @@ class ExitStats:
             answer_prob=torch.full((batch,), float("nan"), device=device),
         )
         if label_token_ids is not None:
-            stats.label_token_ids = label_token_ids.to(device)
+            # a fresh copy: the policy's tensor may have been made under inference_mode, and this
+            # call may need autograd (indices get saved for backward when answers are delivered)
+            stats.label_token_ids = label_token_ids.to(device).clone()
             stats.answer_label = torch.full((batch,), -1, dtype=torch.int64, device=device)
             stats.label_logprobs = torch.full((batch, label_token_ids.numel()), float("nan"), device=device)
         return stats
@@ -258,7 +260,42 @@ class LayerLoop:
         self._head_modules = modules_owning(model, head_tensors)
 
     def start(self) -> LayerPass:
+        """A new pass, after following any change of the model's parts since the last one."""
+        self.refresh()
         return _MaskedPass(self) if self.config.mode == "mask" else _CompactPass(self)
+
+    def refresh(self) -> None:
+        """Follow the model's current parts: its decoder layers (a layer added or removed) and
+        its exit head (``resize_token_embeddings``, a new LM head or norm), read off the live
+        modules; a classifier fitted for the model as it was is refused with its own error."""
+        layers = list(self.family.layers(self.model)._modules.values())
+        head = self.family.exit_head(self.model)
+        same_layers = len(layers) == len(self.layers) and all(a is b for a, b in zip(layers, self.layers, strict=True))
+        same_head = all(
+            getattr(head, f) is getattr(self.base_head, f)
+            for f in ("weight", "norm_weight", "norm_bias", "project_out")
+        ) and (head.norm, head.eps, head.logit_softcap) == (
+            self.base_head.norm,
+            self.base_head.eps,
+            self.base_head.logit_softcap,
+        )
+        if same_layers and same_head:
+            return
+        check = getattr(getattr(self.policy, "classifier", None), "check_compatible", None)
+        if check is not None:
+            check(self.model)  # e.g. the vocabulary or the layer count changed under the classifier
+        if not same_layers:
+            if not layers:
+                raise RuntimeError("the model has no decoder layers left: nothing to run")
+            self.layers = layers
+            self.num_layers = len(layers)
+            self.checked = frozenset(self.policy.layers_to_check(self.num_layers)) & self.config.checked_layers(
+                self.num_layers
+            )
+        if not same_head:
+            self.base_head = head
+            tensors = (head.weight, head.norm_weight, head.norm_bias, head.project_out)
+            self._head_modules = modules_owning(self.model, tensors)
 
     @torch.no_grad()  # a stop decision is not differentiable; the exit head refuses autograd inputs
     def check(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor, stats: ExitStats) -> torch.Tensor:
@@ -467,7 +504,7 @@ class _MaskedPass(LayerPass):
         self.stats.layer_rows += h.shape[0]
         if self.frozen is not None:
             # Finished rows keep their exit state; the next layer sees it again (so its K/V are the
-            # state-propagated ones, exactly as in compact mode).
+            # state-propagated ones, exactly as in compact mode). Out of place: autograd-safe.
             h = torch.where(self.done[:, None, None], self.frozen, h)
         k = i + 1
         if not self._checked(k):
@@ -478,8 +515,8 @@ class _MaskedPass(LayerPass):
         stop = self.loop.check(k, h.index_select(0, live), live, self.stats)
         new = live[stop]
         if new.numel():
-            self.frozen = h.clone() if self.frozen is None else self.frozen
-            self.frozen.index_copy_(0, new, h.index_select(0, new))
-            self.done.index_fill_(0, new, True)
+            now = torch.zeros_like(self.done).index_fill_(0, new, True)
+            self.frozen = h if self.frozen is None else torch.where(now[:, None, None], h, self.frozen)
+            self.done = self.done | now
             self.stats.exit_layers.index_fill_(0, new, k)
         return h

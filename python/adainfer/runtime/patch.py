@@ -16,6 +16,7 @@ touched: weights, state dict, parameters and the class stay as they are.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import threading
 import types
@@ -133,56 +134,78 @@ class AdaInferHandle:
 
     @property
     def last_stats(self) -> ExitStats | None:
-        """Statistics of the last forward call (in ``generate``: the last step)."""
+        """Statistics of this thread's last forward call (in ``generate``: the last step).
+
+        Thread-safety: one patched model may be called from several threads at once (a server's
+        pool): each call runs its own pass and ``last_stats`` is per thread; ``history`` collects
+        every thread's calls in completion order; ``enabled`` and ``remove()`` affect all threads
+        (do not remove the patch while another thread runs the model)."""
+        stats = getattr(self._local, "last_stats", None)
+        if stats is not None:
+            return stats
         return self.history[-1] if self.history else None
 
     def reset_stats(self) -> None:
         self.history.clear()
+        self._local.last_stats = None
 
     @property
     def checked_layers(self) -> frozenset[int]:
         return self.loop.checked
 
     # -- installing and removing -------------------------------------------------------------
-    def _install(self) -> None:
-        original = (
-            self._saved_forward if self._saved_forward is not None else type(self._inner).forward.__get__(self._inner)
-        )
-        original_model = (
-            self._saved_model_forward
-            if self._saved_model_forward is not None
-            else type(self.model).forward.__get__(self.model)
-        )
-        handle = self
+    def _original_forward(self):
+        """The decoder's forward as it was before the patch, bound to the decoder."""
+        if self._saved_forward is not None:
+            return self._saved_forward
+        return type(self._inner).forward.__get__(self._inner)
 
+    def _original_model_forward(self):
+        if self._saved_model_forward is not None:
+            return self._saved_model_forward
+        return type(self.model).forward.__get__(self.model)
+
+    def _decoder_forward(self, args, kwargs):
+        original = self._original_forward()
+        if not self.enabled:
+            return original(*args, **kwargs)
+        self._validate_call(args, kwargs)
+        layer_pass = self.loop.start()
+        self._local.layer_pass = layer_pass
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            self._local.layer_pass = None
+        if not layer_pass.complete:
+            raise RuntimeError(
+                f"the decoder ran {layer_pass.steps_run} of {self.loop.num_layers} layers: the AdaInfer loop "
+                "needs every layer to run once per forward"
+            )
+        self.history.append(layer_pass.stats)
+        self._local.last_stats = layer_pass.stats
+        self._local.finished_pass = layer_pass
+        return out
+
+    def _model_forward(self, args, kwargs):
+        self._local.finished_pass = None
+        out = self._original_model_forward()(*args, **kwargs)
+        layer_pass = getattr(self._local, "finished_pass", None)
+        self._local.finished_pass = None
+        if layer_pass is not None and getattr(out, "logits", None) is not None:
+            out.logits = deliver_answers(layer_pass.stats, out.logits, self._full_depth_bias())
+        return out
+
+    def _install(self) -> None:
+        # The wrappers find their handle through the module they are bound to (never a closure):
+        # a deep copy of the model then runs its own copied handle, weights and layers.
         def forward(inner_self, *args, **kwargs):
-            if not handle.enabled:
-                return original(*args, **kwargs)
-            handle._validate_call(args, kwargs)
-            layer_pass = handle.loop.start()
-            handle._local.layer_pass = layer_pass
-            try:
-                out = original(*args, **kwargs)
-            finally:
-                handle._local.layer_pass = None
-            if not layer_pass.complete:
-                raise RuntimeError(
-                    f"the decoder ran {layer_pass.steps_run} of {handle.loop.num_layers} layers: the AdaInfer loop "
-                    "needs every layer to run once per forward"
-                )
-            handle.history.append(layer_pass.stats)
-            handle._local.finished_pass = layer_pass
-            return out
+            return inner_self.__dict__[_ATTR]._decoder_forward(args, kwargs)
 
         def model_forward(model_self, *args, **kwargs):
-            handle._local.finished_pass = None
-            out = original_model(*args, **kwargs)
-            layer_pass = handle._local.finished_pass
-            handle._local.finished_pass = None
-            if layer_pass is not None and getattr(out, "logits", None) is not None:
-                out.logits = deliver_answers(layer_pass.stats, out.logits, handle._full_depth_bias())
-            return out
+            return model_self.__dict__[_ATTR]._model_forward(args, kwargs)
 
+        original = self._original_forward()
+        original_model = self._original_model_forward()
         # generate() and our own callers read the forward's signature (logits_to_keep, cache=...):
         # the wrappers show the originals' signatures.
         forward.__signature__ = _unbound_signature(original)
@@ -191,7 +214,21 @@ class AdaInferHandle:
         self.model.forward = types.MethodType(model_forward, self.model)
         self._layers.__class__ = _LoopLayers
         self._layers.__dict__[_ATTR] = self
+        self._inner.__dict__[_ATTR] = self
         self.model.__dict__[_ATTR] = self
+
+    def __deepcopy__(self, memo):
+        """A deep copy of a patched model is patched on its own copied weights, with fresh stats."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "_local":
+                new._local = threading.local()
+            elif key == "history":
+                new.history = type(value)() if not hasattr(value, "maxlen") else type(value)(maxlen=value.maxlen)
+            else:
+                setattr(new, key, copy.deepcopy(value, memo))
+        return new
 
     def remove(self) -> None:
         """Undo the patch: the model runs its original code again."""
@@ -207,6 +244,7 @@ class AdaInferHandle:
             del self.model.forward
         self._layers.__class__ = nn.ModuleList
         del self._layers.__dict__[_ATTR]
+        self._inner.__dict__.pop(_ATTR, None)
         del self.model.__dict__[_ATTR]
 
     # -- per-call validation -----------------------------------------------------------------
