@@ -22,6 +22,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # more at 400); the lens does not care. Held-out 400 resolves a 1% budget in steps of 0.25%.
 DEMO_SIZES = {"calibration": 400, "heldout": 400, "test": 300}
 BIAS_CHOICES = ["auto", "none", "content-free", "mean", "balanced"]
+CONFIDENCE_HELP = (
+    "certify the budget at this confidence (Clopper-Pearson, fixed-sequence thresholds; default 0.9); "
+    "0: the point estimate on the held-out split, which does not hold on new data"
+)
 BIAS_HELP = "per-layer label-bias estimator (auto: balanced for 2 labels, else mean)"
 QUICK_SIZES = {"calibration": 16, "heldout": 16, "test": 16}
 
@@ -212,7 +216,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         method=args.method,
         target=args.target,
         budget=args.budget,
-        confidence=args.confidence,
+        confidence=args.confidence or None,
         bias_method=bias,
         content_free=cf,
         vocab_mode=args.vocab,
@@ -349,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_demo.add_argument("--out", default="adainfer-results", help="output folder (results.json, PNGs)")
     p_demo.add_argument("--budget", type=float, default=0.01, help="disagreement budget with the full model")
-    p_demo.add_argument("--confidence", type=float, help="hold the budget at this Clopper-Pearson confidence")
+    p_demo.add_argument("--confidence", type=float, default=0.9, help=CONFIDENCE_HELP)
     p_demo.add_argument("--bias", default="auto", choices=BIAS_CHOICES, help=BIAS_HELP)
     p_demo.add_argument("--min-confidence", type=float, default=1.0, help="keep tweets with this annotator agreement")
     p_demo.add_argument("--template", default="plain", help="prompt template (see research/prompt_search.md)")
@@ -369,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_args(p_cal)
     p_cal.add_argument("--out", required=True, help="classifier JSON to write")
     p_cal.add_argument("--budget", type=float, default=0.01, help="disagreement budget with the full model")
-    p_cal.add_argument("--confidence", type=float, help="hold the budget at this Clopper-Pearson confidence")
+    p_cal.add_argument("--confidence", type=float, default=0.9, help=CONFIDENCE_HELP)
     p_cal.add_argument("--target", default="consistency", choices=["consistency", "gold"])
     p_cal.add_argument("--method", default="svm", choices=["svm", "logreg", "gap"])
     p_cal.add_argument("--bias", default="auto", choices=BIAS_CHOICES, help=BIAS_HELP)

@@ -47,7 +47,7 @@ class Variant:
     bias_method: str = "auto"
     vocab_mode: str = "labels"
     target: str = "consistency"
-    confidence: float | None = None  # None: the run's setting
+    confidence: float | None = None  # None: the run's setting; 0: the point estimate (no bound)
     main: bool = False
     exit_head: str = "lens"
 
@@ -60,8 +60,8 @@ def demo_variants(
     variants = [
         Variant("svm + bias", bias_method=bias_method, main=main_exit_head == "lens"),
         Variant("probe svm + bias", bias_method=bias_method, exit_head="probe", main=main_exit_head == "probe"),
-        Variant(f"probe, {bound:.0%} bound", bias_method=bias_method, exit_head="probe", confidence=bound),
-        Variant(f"svm + bias, {bound:.0%} bound", bias_method=bias_method, confidence=bound),
+        Variant("probe, no bound", bias_method=bias_method, exit_head="probe", confidence=0.0),
+        Variant("svm + bias, no bound", bias_method=bias_method, confidence=0.0),
         Variant("svm, raw", bias_method="none"),
         Variant("logreg + bias", method="logreg", bias_method=bias_method),
         Variant("svm gold + bias", bias_method=bias_method, target="gold"),
@@ -85,7 +85,9 @@ class RunSettings:
     min_confidence: float = 1.0
     seed: int = 0
     budget: float = 0.01
-    confidence: float | None = None
+    # 0.9: the budget is certified at 90% confidence (research/probe_curve.md: the point estimate
+    # kept 1% on new data in only 5-9 of 20 re-draws); 0 or None: the point estimate on held-out
+    confidence: float | None = 0.9
     bias_method: str = "auto"
     batch_size: int = 32
     full_vocab: bool = True
@@ -139,7 +141,7 @@ def run_variant(
         method=variant.method,
         target=variant.target,
         budget=settings.budget,
-        confidence=settings.confidence if variant.confidence is None else variant.confidence,
+        confidence=_confidence(settings.confidence if variant.confidence is None else variant.confidence),
         bias_method=variant.bias_method,
         content_free=feats.get("content-free"),
         vocab_mode=variant.vocab_mode,
@@ -169,11 +171,16 @@ def choose_exit_head(feats: dict[str, LayerFeatures], settings: RunSettings) -> 
         feats["heldout"],
         method="svm",
         budget=settings.budget,
-        confidence=settings.confidence,
+        confidence=_confidence(settings.confidence),
         bias_method=settings.bias_method,
         content_free=feats.get("content-free"),
     )
     return clf.exit_head
+
+
+def _confidence(value: float | None) -> float | None:
+    """0 (or None) means the point estimate on held-out; else the certification level."""
+    return value if value else None
 
 
 def budget_sweep(feats: dict[str, LayerFeatures], variant: Variant, budgets=SWEEP_BUDGETS) -> list[dict]:
