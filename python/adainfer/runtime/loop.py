@@ -255,6 +255,8 @@ class LayerPass:
             raise RuntimeError(f"the AdaInfer loop runs the layers once, in order; the decoder called layer {i} next")
         if i == 0:
             batch = h.shape[0]
+            if hasattr(self.loop.policy, "begin_pass"):  # optional in ExitPolicy (ForcedExits checks B)
+                self.loop.policy.begin_pass(batch)
             exit_layers = torch.full((batch,), self.loop.num_layers, dtype=torch.int64, device=h.device)
             self.stats = ExitStats(exit_layers=exit_layers, num_layers=self.loop.num_layers, mode=self.mode)
             self._begin(h, kwargs)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import types
+from collections import deque
 from collections.abc import Iterator
 
 import torch
@@ -83,7 +84,11 @@ class _LoopLayers(nn.ModuleList):
 
 
 class AdaInferHandle:
-    """A patched model: its exit statistics, and ``remove()`` to restore it bit for bit."""
+    """A patched model: its exit statistics, and ``remove()`` to restore it bit for bit.
+
+    ``history`` holds the ``ExitStats`` of the last ``config.history`` forward calls (default 1024;
+    in ``generate`` one per step), oldest first; ``last_stats`` is the newest.
+    """
 
     def __init__(self, model: nn.Module, policy: ExitPolicy, config: AdaInferConfig) -> None:
         self.model = model
@@ -91,7 +96,9 @@ class AdaInferHandle:
         self.policy = policy
         self.family = family_for(model)
         self.loop = LayerLoop(model, self.family, policy, config, exit_head_for(model))
-        self.history: list[ExitStats] = []
+        # The last ``config.history`` calls' statistics, oldest dropped first (bounded: a server
+        # calls forward for ever). A sequence: len(), indexing and iteration as before.
+        self.history: deque[ExitStats] = deque(maxlen=config.history)
         self.enabled = config.enabled
         self._local = threading.local()  # the pass running in this thread, if any
         self._inner = self.family.decoder(model)
