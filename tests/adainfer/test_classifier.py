@@ -35,7 +35,7 @@ def _clf(**kw) -> StopClassifier:
         label_words=(" negative", " positive"),
         label_bias=tuple((0.1 * k, -0.1 * k) for k in range(30)),
         bias_method="mean",
-        info={"task": "tweet-sentiment"},
+        info={"task": {"task": "tweet-sentiment", "k_shot": 4}, "budget": 0.01},
     )
     base.update(kw)
     return StopClassifier(**base)
@@ -274,3 +274,86 @@ def test_policy_head_for_a_layer_carries_the_label_subset_and_bias():
     with torch.inference_mode():
         sig = exit_head_ref(torch.randn(3, 16), head, score)
     assert set(sig.argmax.tolist()) <= {7, 42} and sig.score.shape == (3,)
+
+
+# -- values the float64 loader accepts but the float32 runtime cannot hold; info; nesting ------------------
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda d: d["weights"].update(gap=1e39), "weights.gap 1e.39 does not fit in float32"),
+        (lambda d: d["weights"].update(top_prob=-1e39), "weights.top_prob -1e.39 does not fit in float32"),
+        (lambda d: d["weights"].update(layer=1e39), "weights.layer 1e.39 does not fit in float32"),
+        (lambda d: d.update(intercept=1e39), "intercept 1e.39 does not fit in float32"),
+        (lambda d: d.update(threshold=-1e39), "threshold -1e.39 does not fit in float32"),
+        (lambda d: d["label_bias"][4].__setitem__(1, 1e39), "label_bias row 5 holds 1e.39, which does not fit"),
+        # each value fits alone; the folded bias from layer 27 on (intercept + 27 w_layer - threshold) does not
+        (lambda d: d.update(intercept=1e38, weights={"top_prob": 1.0, "gap": 1.0, "layer": 9e36}), "of layer 27 "),
+    ],
+)
+def test_values_beyond_float32_are_refused_at_load(tmp_path, edit, match):
+    with pytest.raises(ClassifierFileError, match=match) as err:
+        StopClassifier.load(_edited(tmp_path, edit))
+    assert "re-run `adainfer calibrate`" in str(err.value)
+
+
+def test_constructor_refuses_values_beyond_float32():
+    with pytest.raises(ClassifierFileError, match=r"weight w_gap 1e\+39 does not fit in float32"):
+        _clf(w_gap=1e39)
+    with pytest.raises(ClassifierFileError, match="label_bias holds a value that does not fit in float32"):
+        _clf(label_bias=tuple((1e39, 0.0) for _ in range(30)))
+    # the largest float32 magnitudes are fine
+    _clf(w_top_prob=3.4e38, w_gap=-3.4e38, w_layer=0.0, intercept=0.0, threshold=0.0)
+
+
+@pytest.mark.parametrize(
+    ("info", "match"),
+    [
+        ("tweet-sentiment", r"info must be a JSON object \(or null\), got str"),
+        (3, "info must be a JSON object .* got int"),
+        ([1, 2], "info must be a JSON object .* got list"),
+        ({"task": "tweet-sentiment"}, "info.task must be dict or null, got str"),
+        ({"budget": "0.01"}, "info.budget must be int or float, got str"),
+        ({"budget": 1.5}, r"info.budget must be in \[0, 1\)"),
+        ({"confidence": 0}, r"info.confidence must be in \(0, 1\) or null"),
+        ({"task": {"k_shot": "4"}}, "info.task.k_shot must be int, got str"),
+        ({"task": {"k_shot": -1}}, "info.task.k_shot must be >= 0"),
+        ({"task": {"k_shot": True}}, "info.task.k_shot must be int, got bool"),
+        ({"task": {"template": 7}}, "info.task.template must be str"),
+        ({"task": {"sizes": [300, 300]}}, "info.task.sizes must be dict"),
+        ({"task": {"sizes": {"test": -5}}}, "info.task.sizes.test must be a positive int"),
+        ({"task": {"sizes": {"test": "300"}}}, "info.task.sizes.test must be a positive int"),
+        ({"task": {"sizes": {"train": 300}}}, "info.task.sizes has split 'train'"),
+        ({"task": {"label_words_arg": "neg=bad"}}, "info.task.label_words_arg must be list or null"),
+        ({"task": {"label_words_arg": [1, 2]}}, "info.task.label_words_arg must be a list of strings"),
+        ({"task": {"min_confidence": 2}}, r"info.task.min_confidence must be in \[0, 1\]"),
+        ({"task": {"encoding": ["latin-1"]}}, "info.task.encoding must be str or null"),
+    ],
+)
+def test_info_of_the_wrong_type_is_refused_at_load(tmp_path, info, match):
+    with pytest.raises(ClassifierFileError, match=match):
+        StopClassifier.load(_edited(tmp_path, lambda d: d.update(info=info)))
+
+
+def test_info_null_and_free_form_keys_load(tmp_path):
+    assert StopClassifier.load(_edited(tmp_path, lambda d: d.update(info=None))).info == {}
+    free = {"note": ["anything", {"goes": 1}], "budget": 0.0, "task": {"task": "x.csv", "custom": [1]}}
+    assert StopClassifier.load(_edited(tmp_path, lambda d: d.update(info=free))).info == free
+
+
+@pytest.mark.parametrize("depth", [100, 100_000])
+def test_deeply_nested_json_is_a_file_error(tmp_path, depth):
+    path = tmp_path / "deep.json"
+    text = json.dumps(_clf().to_dict())
+    path.write_text(text[:-1] + ', "extra": ' + "[" * depth + "]" * depth + "}")
+    with pytest.raises(ClassifierFileError, match="nested"):
+        StopClassifier.load(path)
+
+
+def test_a_directory_and_other_header_values_are_file_errors(tmp_path):
+    with pytest.raises(ClassifierFileError, match="is a directory: pass the classifier JSON file"):
+        StopClassifier.load(tmp_path)
+    for version in (True, 1.0, "1"):
+        with pytest.raises(ClassifierFileError, match=r"version .* is not supported"):
+            StopClassifier.load(_edited(tmp_path, lambda d, v=version: d.update(version=v)))
+    with pytest.raises(ClassifierFileError, match="bias_method 'median' is not one of"):
+        StopClassifier.load(_edited(tmp_path, lambda d: d.update(bias_method="median")))

@@ -165,3 +165,10 @@ def test_save_load_round_trip_without_pickle(tmp_path, make_features):
         assert "label_logits" in z.files
     sub = f.subset(np.array([3, 1]))
     assert sub.n_examples == 2 and sub.labels.tolist() == [f.labels[3], f.labels[1]]
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.0, True])
+def test_batch_size_must_be_a_positive_integer(batch_size):
+    # checked before the model or tokenizer is touched: -1 used to run no batch and return all-zero features
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        collect_features(None, None, PREFIX, SUFFIXES, None, LABEL_IDS, batch_size=batch_size, progress=False)

@@ -265,3 +265,88 @@ def test_low_precision_forced_exits_compact_equals_mask(dtype):
     torch.testing.assert_close(outs["compact"][0], outs["mask"][0], rtol=2e-2, atol=2e-2)
     # Greedy tokens could only differ where rounding flips a near-tie; none occurs for this input.
     assert torch.equal(outs["compact"][1], outs["mask"][1])
+
+
+# -- configuration edges ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"layers": [1.7]}, TypeError, r"checked layers must be an integer, got float \(1.7\)"),
+        ({"layers": [1, True]}, TypeError, "checked layers must be an integer, got True"),
+        ({"layers": "12"}, TypeError, "layers must be a sequence of integers"),
+        ({"layers": []}, ValueError, r"layers=\[\] checks no layer"),
+        ({"min_layer": 1.5}, TypeError, "min_layer must be an integer"),
+        ({"interval": 2.0}, TypeError, "interval must be an integer"),
+        ({"history": 0}, ValueError, "history must be >= 1"),
+        ({"history": 10.0}, TypeError, "history must be an integer"),
+        ({"enabled": "no"}, TypeError, "enabled must be True or False"),
+    ],
+)
+def test_config_refuses_non_integer_and_empty_values(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        AdaInferConfig(**kwargs)
+
+
+def test_config_layers_are_integers_read_once():
+    import numpy as np
+
+    assert AdaInferConfig(layers=np.array([3, 1])).layers == (1, 3)
+    assert AdaInferConfig(layers=torch.tensor([2, 1, 2])).checked_layers(4) == frozenset({1, 2})
+    # a generator is read once, in __post_init__: the config still checks its layers afterwards
+    assert AdaInferConfig(layers=(k for k in (1, 2))).checked_layers(4) == frozenset({1, 2})
+
+
+@pytest.mark.parametrize("min_layer", [4, 9])
+def test_min_layer_beyond_the_model_is_refused_when_applied(min_layer):
+    model = tiny_llama()  # 4 layers: 1..3 can be checked
+    config = AdaInferConfig(min_layer=min_layer)
+    with pytest.raises(ValueError, match=f"min_layer {min_layer} checks no layer of a 4-layer model"):
+        adainfer.apply(model, NeverExit([1, 2, 3]), config)
+    assert adainfer.handle_of(model) is None
+    assert AdaInferConfig(min_layer=3).checked_layers(4) == frozenset({3})
+
+
+@torch.inference_mode()
+def test_forced_exits_for_too_many_rows_is_an_error_at_the_first_forward():
+    model = tiny_llama()
+    batch = _batch(model)  # 4 rows
+    with adainfer.patched(model, ForcedExits([1, 2, 3, 1, 2, 3])) as handle:
+        with pytest.raises(ValueError, match="ForcedExits covers 6 rows but the batch has 4"):
+            model(**batch)
+        with pytest.raises(ValueError, match="covers 6 rows"):
+            model.generate(**batch, **GEN)
+    # exit layers that never trigger a check (4 == L) are still one per row
+    with adainfer.patched(model, ForcedExits([4] * 5)), pytest.raises(ValueError, match="covers 5 rows"):
+        model(**batch)
+    assert not handle.history
+
+
+@pytest.mark.parametrize(
+    ("exits", "error", "match"),
+    [
+        ([1.7, 2.0], TypeError, "exit_layers must be integers"),
+        ([0, 2], ValueError, r"counted from 1 .*got \[0\]"),
+        ([[1, 2]], ValueError, "must be 1-D"),
+    ],
+)
+def test_forced_exits_refuses_bad_layers(exits, error, match):
+    with pytest.raises(error, match=match):
+        ForcedExits(exits)
+
+
+@torch.inference_mode()
+def test_history_is_bounded_and_reads_as_a_sequence():
+    model = tiny_llama()
+    batch = _batch(model)
+    with adainfer.patched(model, ForcedExits([1, 2, 3, 4])) as handle:
+        assert handle.history.maxlen == 1024 == AdaInferConfig().history
+    with adainfer.patched(model, ForcedExits([1, 2, 3, 4]), AdaInferConfig(history=3)) as handle:
+        for _ in range(5):
+            model(**batch)
+        assert len(handle.history) == 3
+        assert handle.last_stats is handle.history[-1]
+        assert [s.exit_layers.tolist() for s in handle.history] == [[1, 2, 3, 4]] * 3
+        model.generate(**batch, **GEN)  # 6 steps: the last 3 are kept
+        assert len(handle.history) == 3
+        handle.reset_stats()
+        assert len(handle.history) == 0 and handle.last_stats is None

@@ -172,3 +172,70 @@ def test_user_file_errors(tmp_path):
         load_user_task(latin)
     with pytest.raises(ValueError, match="unknown task"):
         load_task("no-such-task")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_numeric_labels_with_a_blank_cell_stay_as_written(tmp_path, suffix):
+    sep = "," if suffix == ".csv" else "\t"
+    rows = [f"text {i}{sep}{i % 2}" for i in range(40)] + [f"no label{sep}", f"007{sep}1"]
+    path = tmp_path / f"numeric{suffix}"
+    path.write_text(f"text{sep}label\n" + "\n".join(rows) + "\n")
+    sizes = {"calibration": 4, "heldout": 4, "test": 4}
+    with pytest.warns(UserWarning, match="1 row.* blank 'label' label: skipped"):
+        task = load_user_task(path, k_shot=2, sizes=sizes)
+    assert task.label_names == ("0", "1")  # not "0.0" / "1.0" (pandas' float column)
+    assert task.label_words == ("0", "1")
+    texts = {e.text for split in task.splits.values() for e in split} | {d.text for d in task.demonstrations}
+    assert "no label" not in texts
+
+
+def test_text_is_read_as_written(tmp_path):
+    path = tmp_path / "codes.csv"
+    path.write_text("text,label\n" + "".join(f"{i:03d},{'ab'[i % 2]}\n" for i in range(40)))
+    task = load_user_task(path, k_shot=2, sizes={"calibration": 4, "heldout": 4, "test": 4})
+    texts = [e.text for split in task.splits.values() for e in split]
+    assert all(len(t) == 3 and t.isdigit() for t in texts), texts  # "007", not 7
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("header.csv", "text,label\n", "has a header row but no examples"),
+        ("header.tsv", "text\tlabel\n\n\n", "has a header row but no examples"),
+        ("empty.csv", "", "is empty"),
+        ("blank.jsonl", "\n  \n", "is empty"),
+        ("array.json", "[]\n", "holds no examples"),
+    ],
+)
+def test_files_without_examples_are_refused_clearly(tmp_path, name, content, match):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        load_user_task(path)
+
+
+def test_task_file_that_is_a_directory(tmp_path):
+    (tmp_path / "data.csv").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        load_user_task(tmp_path / "data.csv")
+
+
+def test_split_sizes_and_demonstrations_must_be_valid():
+    by_class = [[f"neg {i}" for i in range(50)], [f"pos {i}" for i in range(50)]]
+    with pytest.raises(ValueError, match=r"split 'test' must have a whole number of examples >= 0, got -4"):
+        balanced_splits(by_class, {"calibration": 10, "test": -4}, 8, seed=0)
+    with pytest.raises(ValueError, match=r"split 'test' of 1 examples is too small for 2 classes"):
+        balanced_splits(by_class, {"calibration": 10, "test": 1}, 8, seed=0)
+    with pytest.raises(ValueError, match="whole number"):
+        balanced_splits(by_class, {"test": 2.5}, 8, seed=0)
+    _, empty = balanced_splits(by_class, {"calibration": 10, "test": 0}, 8, seed=0)  # an empty split is allowed
+    assert empty["test"] == () and len(empty["calibration"]) == 10
+    with pytest.raises(ValueError, match="demonstrations must be an integer >= 0, got -2"):
+        draw_demonstrations(_pools(), -2, seed=0)
+
+
+def test_tweet_label_words_take_label_word_pairs():
+    task = tweet_sentiment(label_words=["positive=good", "negative=bad"], sizes={"calibration": 2, "test": 2})
+    assert task.label_words == ("bad", "good")
+    with pytest.raises(ValueError, match="missing"):
+        tweet_sentiment(label_words=["positive=good"], sizes={"calibration": 2})

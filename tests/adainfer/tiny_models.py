@@ -110,3 +110,61 @@ def decode_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
     if dec.project_out is not None:
         hidden = dec.project_out(hidden)
     return model.lm_head(hidden)
+
+
+# Words of the tiny model directory's tokenizer: the "user" and "plain" templates, the label words and
+# the texts the CLI tests write (any other word is [UNK]).
+TINY_WORDS = [
+    "Classify",
+    "each",
+    "text",
+    "as",
+    "one",
+    "of",
+    ":",
+    ",",
+    ".",
+    "Text",
+    "Label",
+    "Tweet",
+    "Sentiment",
+    "I",
+    "like",
+    "this",
+    "neg",
+    "pos",
+    "bad",
+    "good",
+    "negative",
+    "positive",
+    "great",
+    "awful",
+    "product",
+    "thing",
+    "number",
+    "review",
+    "stars",
+]
+
+
+def save_tiny_model_dir(path, layers: int = 4, seed: int = 0):
+    """A Hugging Face model directory (config, safetensors, tokenizer) of a tiny random Llama with a
+    word-level tokenizer, for ``adainfer calibrate/eval --model DIR``: the CLI end to end in seconds."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[UNK]", "[PAD]", "[EOS]"]
+    digits = [str(d) for d in range(10)]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys([*specials, *TINY_WORDS, *digits]))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]", padding_side="left"
+    )
+    model = tiny_llama(layers=layers, seed=seed)
+    model.config.pad_token_id = vocab["[PAD]"]
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -8,7 +8,9 @@ adainfer eval --model bundled|PATH --task tweet-sentiment|FILE --classifier clf.
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
+import math
 import os
 import sys
 import time
@@ -224,6 +226,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         label_words=rendered.label_forms,
         info=info,
     )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     clf.save(args.out)
     i = clf.info
     if "exit_head_choice" in i:
@@ -269,7 +272,7 @@ def _eval(args: argparse.Namespace) -> int:
     sizes = dict(stored.get("sizes") or {"calibration": 300, "heldout": 300, "test": 300})
     if args.n_test:
         sizes["test"] = args.n_test
-    task, _ = _load_task(args, sizes, stored)
+    task, task_kwargs = _load_task(args, sizes, stored)
     console.print(f"loading model {args.model} ...")
     loaded = load_model(args.model)
     console.print(_model_line(loaded))
@@ -312,37 +315,235 @@ def _eval(args: argparse.Namespace) -> int:
     if metrics["full_accuracy"] is not None:
         for line in target_lines(rows[0], budget):
             console.print("  " + line)
-    settings = RunSettings(task=args.task, sizes=sizes, budget=budget)
+    # what this run used (the options, else the classifier's stored task settings, else the defaults)
+    settings = RunSettings(
+        task=args.task,
+        k_shot=task_kwargs["k_shot"],
+        template=task_kwargs["template"],
+        label_words=rendered.label_forms,
+        sizes=sizes,
+        min_confidence=task_kwargs.get("min_confidence"),
+        seed=task_kwargs["seed"],
+        budget=budget,
+        confidence=clf.info.get("confidence"),
+        bias_method=clf.bias_method,
+        batch_size=args.batch_size,
+        full_vocab=clf.vocab_mode == "full",
+    )
+    task_settings = {**_jsonable(task_kwargs), "task": args.task, "label_words_arg": task_kwargs.get("label_words")}
+    extra = {"model": _model_line(loaded), "task": task_settings, "classifier_file": str(args.classifier)}
     out_dir = Path(args.out_dir)
-    write_outputs(out_dir, rows, {"test": test}, settings, {"model": _model_line(loaded)}, plots=not args.no_plots)
+    write_outputs(out_dir, rows, {"test": test}, settings, extra, plots=not args.no_plots)
     console.print(f"wrote {out_dir}/results.json")
     return 0
 
 
 # --------------------------------------------------------------------------------------------
+# Argument types: every value is checked when it is parsed, before any work (argparse reports a bad
+# one as `adainfer <cmd>: error: argument --x: <problem>`, exit 2). Defaults given as strings are
+# parsed by the same types.
+
+
+def _integer(lo: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; {what}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; {what}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _number(lo: float, hi: float, *, lo_open: bool, hi_open: bool, what: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; {what}") from None
+        above = value > lo if lo_open else value >= lo
+        below = value < hi if hi_open else value <= hi
+        if not (math.isfinite(value) and above and below):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; {what}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE = _integer(1, "use a positive integer")
+SPLIT_SIZE = _integer(1, "use a positive number of examples")
+NON_NEGATIVE = _integer(0, "use an integer >= 0")
+BUDGET = _number(0.0, 1.0, lo_open=False, hi_open=True, what="the disagreement budget is a rate in [0, 1), e.g. 0.01")
+CONFIDENCE = _number(
+    0.0, 1.0, lo_open=False, hi_open=True, what="the confidence is a level in [0, 1), e.g. 0.9 (0: the point estimate)"
+)
+AGREEMENT = _number(0.0, 1.0, lo_open=False, hi_open=False, what="annotator agreement is in [0, 1] (0 keeps all)")
+TASK_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+
+
+def _nonblank(what: str):
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{what} must not be blank")
+        return text
+
+    parse.__name__ = "text"
+    return parse
+
+
+def _label_word(text: str) -> str:
+    word = text.split("=", 1)[1] if "=" in text else text
+    if not word.strip():
+        raise argparse.ArgumentTypeError(f"label word {text!r} is blank: give one word per label (or label=word)")
+    return text
+
+
+def _encoding(text: str) -> str:
+    try:
+        codecs.lookup(text)
+    except LookupError:
+        raise argparse.ArgumentTypeError(f"unknown encoding {text!r} (e.g. utf-8, latin-1, cp1252)") from None
+    return text
+
+
+def _task(text: str) -> str:
+    from adainfer.app.tasks import BUNDLED_TASKS
+
+    if text in BUNDLED_TASKS:
+        return text
+    path = Path(text)
+    if path.suffix.lower() not in TASK_SUFFIXES and not path.exists():
+        raise argparse.ArgumentTypeError(
+            f"unknown task {text!r}: use a bundled task ({', '.join(BUNDLED_TASKS)}) or a "
+            f"{'/'.join(TASK_SUFFIXES)} file"
+        )
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"task file not found: {path}")
+    if path.is_dir() or path.suffix.lower() not in TASK_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{path} is not a task file: use a {'/'.join(TASK_SUFFIXES)} file")
+    return text
+
+
+def _model(text: str) -> str:
+    from adainfer.app.loading import BUNDLED_NAME
+
+    if text in ("bundled", BUNDLED_NAME):
+        return text
+    path = Path(text)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(f"GGUF file not found: {path}")
+    elif not (path / "config.json").is_file():
+        raise argparse.ArgumentTypeError(
+            f"{path} is not a Hugging Face model directory (no config.json) nor a .gguf file; or use 'bundled'"
+        )
+    return text
+
+
+def _classifier(text: str) -> str:
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{path} is a directory: pass the classifier JSON file (e.g. {path / 'classifier.json'})"
+        )
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"classifier file not found: {path} (write one with `adainfer calibrate`)")
+    return text
+
+
+def _writable_parent(path: Path) -> None:
+    """The nearest existing folder above ``path`` (created later) is a writable folder."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot create {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {path}: {parent} is not writable")
+
+
+def _output_dir(text: str) -> str:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is an existing file; the output is a folder: choose another path")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"cannot write into {path}: the folder is not writable")
+    else:
+        _writable_parent(path)
+    return text
+
+
+def _output_file(text: str) -> str:
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{path} is a folder: give the classifier file's path (e.g. {path / 'clf.json'})"
+        )
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot overwrite {path}: the file is not writable")
+    _writable_parent(path)
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every usage error is one line on stderr, ``adainfer <cmd>: error: <problem and fix>``, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _task_option_problem(args: argparse.Namespace) -> str | None:
+    """Options that apply to one kind of task only are refused for the other (they were ignored)."""
+    from adainfer.app.tasks import BUNDLED_TASKS
+
+    bundled = args.task in BUNDLED_TASKS
+    for option in ("text_column", "label_column", "encoding"):
+        if bundled and getattr(args, option) is not None:
+            return f"--{option.replace('_', '-')} applies to task files only, not to {args.task}"
+    if not bundled and args.min_confidence is not None:
+        return f"--min-confidence applies to the tweet-sentiment task only, not to a task file ({args.task})"
+    return None
 
 
 def _add_task_args(p: argparse.ArgumentParser) -> None:
+    from adainfer.app.tasks import TEMPLATES
+
     g = p.add_argument_group("task")
-    g.add_argument("--task", required=True, help="a bundled task (tweet-sentiment) or a .csv/.tsv/.jsonl/.json file")
-    g.add_argument("--text-column", help="text column of a task file (default: text)")
-    g.add_argument("--label-column", help="label column of a task file (default: label)")
+    g.add_argument(
+        "--task", required=True, type=_task, help="a bundled task (tweet-sentiment) or a .csv/.tsv/.jsonl/.json file"
+    )
+    g.add_argument("--text-column", type=_nonblank("--text-column"), help="text column of a task file (default: text)")
+    g.add_argument(
+        "--label-column", type=_nonblank("--label-column"), help="label column of a task file (default: label)"
+    )
     g.add_argument(
         "--label-words",
         nargs="+",
+        type=_label_word,
         help="answer words, one per label in sorted label order, or label=word pairs (default: the labels)",
     )
-    g.add_argument("--template", help="prompt template (plain, instruct, qa, chat, user)")
-    g.add_argument("--k-shot", type=int, help="demonstrations per prompt (default 4)")
-    g.add_argument("--seed", type=int, help="seed of the splits and demonstrations (default 0)")
-    g.add_argument("--encoding", help="encoding of a CSV task file (e.g. latin-1)")
-    g.add_argument("--min-confidence", type=float, help="tweet-sentiment: keep rows with annotator confidence >= this")
-    p.add_argument("--model", default="bundled", help="'bundled' or a Hugging Face model directory or .gguf file")
-    p.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--template", choices=sorted(TEMPLATES), help="prompt template (default: plain; user for files)")
+    g.add_argument("--k-shot", type=NON_NEGATIVE, help="demonstrations per prompt, >= 0 (default 4)")
+    g.add_argument("--seed", type=NON_NEGATIVE, help="seed of the splits and demonstrations, >= 0 (default 0)")
+    g.add_argument("--encoding", type=_encoding, help="encoding of a CSV/TSV task file (e.g. latin-1)")
+    g.add_argument(
+        "--min-confidence", type=AGREEMENT, help="tweet-sentiment: keep rows with annotator confidence >= this"
+    )
+    p.add_argument(
+        "--model", default="bundled", type=_model, help="'bundled' or a Hugging Face model directory or .gguf file"
+    )
+    p.add_argument("--batch-size", type=POSITIVE, default=32, help="prompts per forward pass (default 32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adainfer", description="AdaInfer early exit for Hugging Face decoder models")
+    from adainfer.app.tasks import TEMPLATES
+
+    parser = _Parser(prog="adainfer", description="AdaInfer early exit for Hugging Face decoder models")
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, the native extension and which backend each op uses")
     p_info.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -351,18 +552,29 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument(
         "--quick", action="store_true", help="tiny splits (16 each) and 2 shots: a smoke test, not a measurement"
     )
-    p_demo.add_argument("--out", default="adainfer-results", help="output folder (results.json, PNGs)")
-    p_demo.add_argument("--budget", type=float, default=0.01, help="disagreement budget with the full model")
-    p_demo.add_argument("--confidence", type=float, default=0.9, help=CONFIDENCE_HELP)
+    p_demo.add_argument(
+        "--out", default="adainfer-results", type=_output_dir, help="output folder (results.json, PNGs)"
+    )
+    p_demo.add_argument(
+        "--budget", type=BUDGET, default=0.01, help="disagreement budget with the full model, in [0, 1)"
+    )
+    p_demo.add_argument("--confidence", type=CONFIDENCE, default=0.9, help=CONFIDENCE_HELP)
     p_demo.add_argument("--bias", default="auto", choices=BIAS_CHOICES, help=BIAS_HELP)
-    p_demo.add_argument("--min-confidence", type=float, default=1.0, help="keep tweets with this annotator agreement")
-    p_demo.add_argument("--template", default="plain", help="prompt template (see research/prompt_search.md)")
-    p_demo.add_argument("--k-shot", type=int, default=4)
-    p_demo.add_argument("--n-test", type=int, help="test examples (default 300)")
-    p_demo.add_argument("--batch-size", type=int, default=32)
+    p_demo.add_argument(
+        "--min-confidence", type=AGREEMENT, default=1.0, help="keep tweets with this annotator agreement, in [0, 1]"
+    )
+    p_demo.add_argument(
+        "--template",
+        default="plain",
+        choices=sorted(TEMPLATES),
+        help="prompt template (see research/prompt_search.md)",
+    )
+    p_demo.add_argument("--k-shot", type=NON_NEGATIVE, default=4, help="demonstrations per prompt, >= 0")
+    p_demo.add_argument("--n-test", type=SPLIT_SIZE, help="test examples (default 300)")
+    p_demo.add_argument("--batch-size", type=POSITIVE, default=32, help="prompts per forward pass (default 32)")
     p_demo.add_argument(
         "--wallclock-prompts",
-        type=int,
+        type=NON_NEGATIVE,
         default=96,
         help="time the runtime (full vs AdaInfer) on this many test prompts (0: skip; default 96)",
     )
@@ -371,9 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_cal = sub.add_parser("calibrate", help="fit a stop classifier for a model and task, save it as JSON")
     _add_task_args(p_cal)
-    p_cal.add_argument("--out", required=True, help="classifier JSON to write")
-    p_cal.add_argument("--budget", type=float, default=0.01, help="disagreement budget with the full model")
-    p_cal.add_argument("--confidence", type=float, default=0.9, help=CONFIDENCE_HELP)
+    p_cal.add_argument("--out", required=True, type=_output_file, help="classifier JSON to write")
+    p_cal.add_argument("--budget", type=BUDGET, default=0.01, help="disagreement budget with the full model, in [0, 1)")
+    p_cal.add_argument("--confidence", type=CONFIDENCE, default=0.9, help=CONFIDENCE_HELP)
     p_cal.add_argument("--target", default="consistency", choices=["consistency", "gold"])
     p_cal.add_argument("--method", default="svm", choices=["svm", "logreg", "gap"])
     p_cal.add_argument("--bias", default="auto", choices=BIAS_CHOICES, help=BIAS_HELP)
@@ -386,24 +598,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode layer k through the model's LM head (lens) or a per-layer probe of the hidden state; "
         "auto: both, keep the one that saves more layers on the held-out split",
     )
-    p_cal.add_argument("--n-calibration", type=int, default=400, help="fits the stop rule (and the probes)")
-    p_cal.add_argument("--n-heldout", type=int, default=400, help="chooses the threshold under the budget")
-    p_cal.add_argument("--n-test", type=int, default=300, help="reserved for eval (kept disjoint)")
+    p_cal.add_argument("--n-calibration", type=SPLIT_SIZE, default=400, help="fits the stop rule and probes (400)")
+    p_cal.add_argument("--n-heldout", type=SPLIT_SIZE, default=400, help="examples to threshold on (default 400)")
+    p_cal.add_argument("--n-test", type=SPLIT_SIZE, default=300, help="reserved for eval (kept disjoint)")
 
     p_eval = sub.add_parser("eval", help="evaluate a saved classifier on a task's test split")
     _add_task_args(p_eval)
-    p_eval.add_argument("--classifier", required=True, help="classifier JSON from `adainfer calibrate`")
-    p_eval.add_argument("--n-test", type=int, help="test examples (default: as calibrated)")
     p_eval.add_argument(
-        "--wallclock-prompts", type=int, help="time the runtime on this many test prompts (0: skip; default: all)"
+        "--classifier", required=True, type=_classifier, help="classifier JSON from `adainfer calibrate`"
     )
-    p_eval.add_argument("--out-dir", default="adainfer-results", help="output folder (results.json, PNGs)")
+    p_eval.add_argument("--n-test", type=SPLIT_SIZE, help="test examples (default: as calibrated)")
+    p_eval.add_argument(
+        "--wallclock-prompts",
+        type=NON_NEGATIVE,
+        help="time the runtime on this many test prompts (0: skip; default: all)",
+    )
+    p_eval.add_argument(
+        "--out-dir", default="adainfer-results", type=_output_dir, help="output folder (results.json, PNGs)"
+    )
     p_eval.add_argument("--no-plots", action="store_true")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit status (2 for every user error, with one line on stderr)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: a usage error (2, reported) or --help (0)
+        return exc.code if isinstance(exc.code, int) else 2
+    problem = _task_option_problem(args) if args.command in ("calibrate", "eval") else None
+    if problem:
+        print(f"adainfer {args.command}: error: {problem}", file=sys.stderr)
+        return 2
     if args.command == "info":
         return _print_info(args.json)
     from adainfer.calibrate.classifier import ClassifierFileError
@@ -411,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"demo": _demo, "calibrate": _calibrate, "eval": _eval}
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, ClassifierFileError, KeyError) as exc:
+    except (ValueError, OSError, ClassifierFileError, KeyError) as exc:
         print(f"adainfer {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

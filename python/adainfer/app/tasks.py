@@ -330,6 +330,15 @@ def balanced_splits(
     """
     k = len(by_class)
     rng = random.Random(seed)
+    for s, n in sizes.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"split {s!r} must have a whole number of examples >= 0, got {n!r}")
+        if 0 < n < k:
+            raise ValueError(
+                f"split {s!r} of {n} examples is too small for {k} classes (the splits are balanced): use at least {k}"
+            )
+    if n_demo_pool < 0:
+        raise ValueError(f"n_demo_pool must be >= 0, got {n_demo_pool}")
     per_class = {s: n // k for s, n in sizes.items()}
     need = n_demo_pool + sum(per_class.values())
     have = min(len(texts) for texts in by_class)
@@ -362,6 +371,8 @@ def balanced_splits(
 def draw_demonstrations(pools: Sequence[Sequence[str]], k: int, seed: int) -> tuple[Example, ...]:
     """k demonstrations, balanced over the classes (counts differ by at most 1), in seeded order."""
     n_classes = len(pools)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"the number of demonstrations must be an integer >= 0, got {k!r}")
     rng = random.Random(seed + 1)
     counts = [k // n_classes + (1 if c < k % n_classes else 0) for c in rng.sample(range(n_classes), n_classes)]
     demos = []
@@ -460,13 +471,37 @@ def movie_reviews(
     )
 
 
-def _load_dataset(path: Path, kind: str, encoding: str | None = None):
+def _load_dataset(path: Path, kind: str, encoding: str | None = None, text_columns: Sequence[str] = ()):
+    """The file through ``datasets``; in a CSV/TSV the ``text_columns`` are read as strings, as
+    written (pandas would turn labels 0/1 with one blank cell into 0.0/1.0, and text "007" into 7)."""
     from datasets import load_dataset
 
     kwargs = {"encoding": encoding} if encoding and kind == "csv" else {}
     if kind == "tsv":
         kind, kwargs["sep"] = "csv", "\t"
+    if kind == "csv" and text_columns:
+        kwargs["converters"] = dict.fromkeys(text_columns, str)
     return load_dataset(kind, data_files=str(path), split="train", **kwargs)
+
+
+def _check_has_rows(path: Path, kind: str, encoding: str | None) -> None:
+    """Refuse an empty file, or a CSV/TSV with a header and no rows, before ``datasets`` reads it
+    (it raises 'Instruction "train" corresponds to no data!' there). Reads at most a few lines."""
+    need = 2 if kind in ("csv", "tsv") else 1  # a header and one row, or one JSON record
+    found = 0
+    try:
+        with path.open(encoding=encoding or "utf-8", errors="replace") as f:
+            for line in f:
+                found += bool(line.strip())
+                if found >= need:
+                    return
+    except LookupError:
+        raise ValueError(f"unknown encoding {encoding!r} (e.g. utf-8, latin-1)") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if found == 0:
+        raise ValueError(f"{path.name} is empty: write one example per row (a header row first in a CSV/TSV)")
+    raise ValueError(f"{path.name} has a header row but no examples: add one example per row below the header")
 
 
 def tweet_sentiment(
@@ -511,7 +546,7 @@ def tweet_sentiment(
     return ClassificationTask(
         name=TWEET_TASK,
         label_names=names,
-        label_words=tuple(label_words),
+        label_words=parse_label_words(label_words, names),
         template=get_template(template),
         demonstrations=draw_demonstrations(pools, k_shot, seed if demo_seed is None else demo_seed),
         splits=splits,
@@ -575,20 +610,28 @@ def load_user_task(
     kinds = {".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".json": "json"}
     if suffix not in kinds:
         raise ValueError(f"unsupported task file {path.name!r}: use .csv, .tsv, .jsonl or .json")
+    if path.is_dir():
+        raise ValueError(f"task file {path} is a directory: pass a .csv, .tsv, .jsonl or .json file")
+    _check_has_rows(path, suffix[1:], encoding)
     try:
-        ds = _load_dataset(path, kinds[suffix], encoding)
+        ds = _load_dataset(path, kinds[suffix], encoding, text_columns=(text_column, label_column))
     except Exception as exc:  # datasets wraps parser errors in its own exception types
         cause = exc
         while cause is not None and not isinstance(cause, UnicodeDecodeError):
             cause = cause.__cause__ or cause.__context__
         if cause is not None:
             raise ValueError(f"{path.name} is not valid {encoding or 'UTF-8'}: pass --encoding (e.g. latin-1)") from exc
+        if "corresponds to no data" in str(exc):  # datasets' words for a file without records
+            raise ValueError(f"{path.name} holds no examples: write one example per row") from exc
         raise ValueError(f"could not read {path.name} as {kinds[suffix].upper()}: {exc}") from exc
     columns = list(ds.column_names)
     for what, col in (("text", text_column), ("label", label_column)):
         if col not in columns:
             raise ValueError(f"{path.name} has no {what} column {col!r} (columns: {', '.join(columns)})")
-    labels = [None if v is None else str(v) for v in ds[label_column]]
+    labels = [None if v is None or not str(v).strip() else str(v) for v in ds[label_column]]
+    blank = sum(v is None for v in labels)
+    if blank:
+        warnings.warn(f"{blank} row(s) of {path.name} have a blank {label_column!r} label: skipped", stacklevel=2)
     label_names = tuple(sorted({v for v in labels if v is not None}))
     if len(label_names) < 2:
         raise ValueError(f"column {label_column!r} of {path.name} has {len(label_names)} distinct label(s)")

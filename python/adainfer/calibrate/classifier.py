@@ -23,6 +23,13 @@ Saved as JSON (never pickle) with a format version and the model's identity; a p
 beside it in a safetensors file (``clf.probe.safetensors`` for ``clf.json``) named in the JSON with
 its SHA-256 and size. Loading validates every field (and the probe file's hash and shapes) and
 ``check_compatible(model)`` refuses another model.
+
+The runtime computes the score in
+float32, so every weight, every folded per-layer bias and every label bias must be finite in float32
+(a value finite only in float64, like 1e39, would give the runtime inf/NaN scores while the float64
+simulation stops rows). ``info`` is free-form except for the keys the package reads back
+(``INFO_FIELDS``, ``TASK_INFO_FIELDS``: ``adainfer eval`` rebuilds the task from ``info["task"]``),
+whose types and ranges are checked too.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adainfer.calibrate.labelbias import BIAS_METHODS
 from adainfer.calibrate.probe import ProbeHeads
 from adainfer_kernels.head import ALWAYS_STOP, NEVER_STOP, LinearScore
 
@@ -48,6 +56,12 @@ EXIT_HEADS = ("lens", "probe")
 METHODS = ("svm", "logreg", "gap")
 TARGETS = ("consistency", "gold")
 VOCAB_MODES = ("labels", "full")
+SPLITS = ("calibration", "heldout", "test")  # the keys of info["task"]["sizes"]
+# The runtime's score is fp32 (the fused exit head): larger magnitudes overflow to inf there.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# A classifier file is ~4 levels deep (root, info, task, sizes); anything much deeper is not one,
+# and would overflow Python's recursion limit when decoded or re-encoded.
+MAX_JSON_DEPTH = 32
 
 
 class ClassifierFileError(ValueError):
@@ -253,13 +267,28 @@ class StopClassifier:
     @classmethod
     def load(cls, path: str | Path) -> StopClassifier:
         path = Path(path)
+        if path.is_dir():
+            raise ClassifierFileError(
+                f"{path} is a directory: pass the classifier JSON file (e.g. {path / 'classifier.json'})"
+            )
         try:
-            data = json.loads(path.read_text(), parse_constant=_reject_constant)
+            text = path.read_text()
         except FileNotFoundError:
             raise
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        except UnicodeDecodeError as exc:
+            raise ClassifierFileError(f"{path}: not a valid classifier JSON file ({exc})") from exc
+        except OSError as exc:
+            raise ClassifierFileError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+        try:
+            data = json.loads(text, parse_constant=_reject_constant)
+        except RecursionError:
+            raise ClassifierFileError(
+                f"{path}: not a classifier file (JSON nested deeper than Python can decode)"
+            ) from None
+        except (json.JSONDecodeError, ValueError) as exc:
             raise ClassifierFileError(f"{path}: not a valid classifier JSON file ({exc})") from exc
         try:
+            _check_depth(data)
             return cls.from_dict(data, folder=path.parent)
         except ClassifierFileError as exc:
             raise ClassifierFileError(f"{path}: {exc}") from None
@@ -274,9 +303,10 @@ class StopClassifier:
             raise ClassifierFileError(f"expected a JSON object, got {type(data).__name__}")
         if data.get("format") != FORMAT:
             raise ClassifierFileError(f"not a stop classifier (format {data.get('format')!r}, expected {FORMAT!r})")
-        if data.get("version") not in READ_VERSIONS:
+        version = data.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or version not in READ_VERSIONS:
             raise ClassifierFileError(
-                f"classifier format version {data.get('version')!r} is not supported (this version reads "
+                f"classifier format version {version!r} is not supported (this version reads "
                 f"{', '.join(map(str, READ_VERSIONS))}): re-run `adainfer calibrate`"
             )
         required = ("model", "method", "target", "vocab_mode", "weights", "intercept", "threshold", "min_layer")
@@ -316,7 +346,7 @@ class StopClassifier:
             label_words=None if words is None else tuple(_str_list(words, "label_words")),
             label_bias=None if bias is None else _matrix(bias),
             bias_method=_typed(data, "bias_method", str) if "bias_method" in data else "none",
-            info=data.get("info") or {},
+            info=_info(data.get("info")),
             exit_head=_typed(data, "exit_head", str) if "exit_head" in data else "lens",
             probe=_load_probe(data.get("probe"), folder),
         )
@@ -389,6 +419,36 @@ def _load_probe(meta, folder: str | Path | None) -> ProbeHeads | None:
     return ProbeHeads(weight=weight.astype(np.float32), bias=bias.astype(np.float32), c=c, n_fit=n_fit)
 
 
+def _check_depth(data) -> None:
+    """Refuse JSON nested deeper than ``MAX_JSON_DEPTH`` (iteratively: no recursion to overflow)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ClassifierFileError(
+                f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep: not a classifier file "
+                "(re-run `adainfer calibrate`)"
+            )
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+
+
+def _info(value) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ClassifierFileError(
+            f"info must be a JSON object (or null), got {type(value).__name__} ({_short(value)}): "
+            "fix the file or re-run `adainfer calibrate`"
+        )
+    return value
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _reject_constant(name: str):
     raise ClassifierFileError(f"{name} is not a valid number in a classifier file")
 
@@ -407,6 +467,11 @@ def _number(data: dict, key: str, where: str = "") -> float:
         raise ClassifierFileError(f"{where}{key} must be a number, got {type(value).__name__} ({value!r})")
     if not math.isfinite(value):
         raise ClassifierFileError(f"{where}{key} must be finite, got {value!r}")
+    if abs(value) > FLOAT32_MAX:
+        raise ClassifierFileError(
+            f"{where}{key} {value!r} does not fit in float32, the precision the runtime scores in "
+            f"(|x| <= {FLOAT32_MAX:.6g}): re-run `adainfer calibrate`"
+        )
     return float(value)
 
 
@@ -431,6 +496,11 @@ def _matrix(rows) -> tuple[tuple[float, ...], ...]:
         for v in r:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ClassifierFileError(f"label_bias row {k + 1} holds a non-finite or non-numeric value {v!r}")
+            if abs(v) > FLOAT32_MAX:
+                raise ClassifierFileError(
+                    f"label_bias row {k + 1} holds {v!r}, which does not fit in float32 (the exit head's bias): "
+                    "re-run `adainfer calibrate`"
+                )
             row.append(float(v))
         out.append(tuple(row))
     return tuple(out)
@@ -462,19 +532,41 @@ def _validate_probe(c: StopClassifier) -> None:
 def _validate(c: StopClassifier) -> None:
     """Consistency checks shared by the constructor and the loader (ClassifierFileError)."""
     ident = c.identity
+    for name in ("num_hidden_layers", "vocab_size", "hidden_size"):
+        value = getattr(ident, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ClassifierFileError(f"model.{name} must be int, got {type(value).__name__} ({value!r})")
     n_layers = ident.num_hidden_layers
     if n_layers < 1 or ident.vocab_size < 1 or ident.hidden_size < 1:
         raise ClassifierFileError(f"implausible model identity {asdict(ident)}")
     for name, allowed in (("method", METHODS), ("target", TARGETS), ("vocab_mode", VOCAB_MODES)):
         if getattr(c, name) not in allowed:
             raise ClassifierFileError(f"{name} {getattr(c, name)!r} is not one of {', '.join(allowed)}")
+    if c.bias_method not in BIAS_METHODS:
+        raise ClassifierFileError(f"bias_method {c.bias_method!r} is not one of {', '.join(BIAS_METHODS)}")
     for name in ("w_top_prob", "w_gap", "w_layer", "intercept"):
-        if not math.isfinite(getattr(c, name)):
-            raise ClassifierFileError(f"weight {name} is not finite ({getattr(c, name)!r})")
+        value = getattr(c, name)
+        if not math.isfinite(value):
+            raise ClassifierFileError(f"weight {name} is not finite ({value!r})")
+        if abs(value) > FLOAT32_MAX:
+            raise ClassifierFileError(
+                f"weight {name} {value!r} does not fit in float32, the precision the runtime scores in "
+                f"(|x| <= {FLOAT32_MAX:.6g}): re-run `adainfer calibrate`"
+            )
     if c.threshold is not None and not math.isfinite(c.threshold):
         raise ClassifierFileError(f"threshold is not finite ({c.threshold!r}); use null for 'never stop early'")
+    if isinstance(c.min_layer, bool) or not isinstance(c.min_layer, int):
+        raise ClassifierFileError(f"min_layer must be int, got {type(c.min_layer).__name__} ({c.min_layer!r})")
     if not 1 <= c.min_layer <= n_layers:
         raise ClassifierFileError(f"min_layer {c.min_layer} is outside 1..{n_layers}")
+    for k in c.checked_layers:
+        # the bias of the kernel's LinearScore at layer k (linear_score), in the runtime's float32
+        bias = c.intercept + c.w_layer * k - c.threshold
+        if not abs(bias) <= FLOAT32_MAX:
+            raise ClassifierFileError(
+                f"the score bias of layer {k} (intercept + w_layer * {k} - threshold = {bias!r}) does not fit "
+                f"in float32, the precision the runtime scores in: re-run `adainfer calibrate`"
+            )
     ids = c.label_token_ids
     if c.vocab_mode == "labels" and (ids is None or len(ids) < 2):
         raise ClassifierFileError("label mode needs at least 2 label_token_ids")
@@ -498,7 +590,71 @@ def _validate(c: StopClassifier) -> None:
             )
         if not all(math.isfinite(v) for r in c.label_bias for v in r):
             raise ClassifierFileError("label_bias holds a non-finite value")
+        if not all(abs(v) <= FLOAT32_MAX for r in c.label_bias for v in r):
+            raise ClassifierFileError("label_bias holds a value that does not fit in float32 (the exit head's bias)")
+    _validate_info(c.info)
     _validate_probe(c)
+
+
+# The keys of ``info`` that the package reads back, with their types and ranges (every other key is
+# free-form): ``adainfer eval`` reads the budget and rebuilds the task of ``info["task"]``.
+_NUMBER = (int, float)
+INFO_FIELDS = {
+    "budget": (_NUMBER, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "confidence": ((*_NUMBER, type(None)), lambda v: v is None or 0 < v < 1, "in (0, 1) or null"),
+    "task": ((dict, type(None)), None, ""),
+}
+TASK_INFO_FIELDS = {
+    "task": (str, None, ""),
+    "k_shot": (int, lambda v: v >= 0, ">= 0"),
+    "template": (str, None, ""),
+    "seed": (int, None, ""),
+    "sizes": (dict, None, ""),
+    "label_words": ((list, type(None)), None, ""),
+    "label_words_arg": ((list, type(None)), None, ""),
+    "min_confidence": (_NUMBER, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "text_column": (str, None, ""),
+    "label_column": (str, None, ""),
+    "encoding": ((str, type(None)), None, ""),
+}
+
+
+def _check_fields(values: dict, fields: dict, where: str) -> None:
+    for key, (kinds, ok, what) in fields.items():
+        if key not in values:
+            continue
+        value = values[key]
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise ClassifierFileError(
+                f"{where}{key} must be {names}, got {type(value).__name__} ({_short(value)}): "
+                "fix the file or re-run `adainfer calibrate`"
+            )
+        if ok is not None and not ok(value):
+            raise ClassifierFileError(f"{where}{key} must be {what}, got {value!r}: fix the file or re-run calibrate")
+
+
+def _validate_info(info) -> None:
+    """The keys of ``info`` the package interprets have the types and ranges it needs."""
+    if not isinstance(info, dict):
+        raise ClassifierFileError(f"info must be a dict (a JSON object), got {type(info).__name__} ({_short(info)})")
+    _check_fields(info, INFO_FIELDS, "info.")
+    task = info.get("task")
+    if task is None:
+        return
+    _check_fields(task, TASK_INFO_FIELDS, "info.task.")
+    for key in ("label_words", "label_words_arg"):
+        words = task.get(key)
+        if words is not None and not all(isinstance(w, str) for w in words):
+            raise ClassifierFileError(f"info.task.{key} must be a list of strings, got {_short(words)}")
+    sizes = task.get("sizes")
+    if sizes is not None:
+        for split, n in sizes.items():
+            if split not in SPLITS:
+                raise ClassifierFileError(f"info.task.sizes has split {split!r}; the splits are {', '.join(SPLITS)}")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ClassifierFileError(f"info.task.sizes.{split} must be a positive int, got {_short(n)}")
 
 
 # --------------------------------------------------------------------------------------------

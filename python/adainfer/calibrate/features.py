@@ -309,6 +309,9 @@ def collect_features(
 
     from adainfer.models import exit_head_for
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        # range(0, n, -1) is empty: no batch would run and every feature would stay 0
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     n = len(suffixes)
     n_layers = int(model.config.num_hidden_layers)
     label_ids = torch.as_tensor(list(label_token_ids), dtype=torch.int64)

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 MODES = ("compact", "mask")
+DEFAULT_HISTORY = 1024
+
+
+def _integer(name: str, value) -> int:
+    """``value`` as an int when it is an integer (int, numpy or 0-d torch integer; not bool or float)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} ({value!r})") from None
 
 
 @dataclass(frozen=True)
@@ -19,7 +31,8 @@ class AdaInferConfig:
     Attributes:
         min_layer: first layer checked (when ``layers`` is None).
         interval: check every ``interval``-th layer from ``min_layer`` on (when ``layers`` is None).
-        layers: explicit layers to check (overrides ``min_layer`` / ``interval``).
+        layers: explicit layers to check (overrides ``min_layer`` / ``interval``); integers, stored
+            as a sorted tuple.
         mode: ``"compact"`` (finished rows leave the batch; the remaining layers run on fewer rows)
             or ``"mask"`` (finished rows stay in the batch with their hidden state frozen: what other
             systems do, kept as the baseline that shows what compaction saves).
@@ -29,6 +42,8 @@ class AdaInferConfig:
             some tasks). Off by default: rows that never exit return the unpatched model's logits
             bit for bit. On, such rows' last-position logits become the corrected label
             log-probabilities, like an exited row's (see ``AdaInferHandle``).
+        history: how many forward calls' ``ExitStats`` the handle keeps (``handle.history``, oldest
+            dropped first; in ``generate`` one per step), so a long-running process does not grow.
     """
 
     min_layer: int = 1
@@ -37,27 +52,61 @@ class AdaInferConfig:
     mode: str = "compact"
     enabled: bool = True
     correct_full_depth: bool = False
+    history: int = DEFAULT_HISTORY
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not valid (use one of: {', '.join(MODES)})")
-        if self.min_layer < 1:
-            raise ValueError(f"min_layer must be >= 1 (layers are counted from 1), got {self.min_layer}")
-        if self.interval < 1:
-            raise ValueError(f"interval must be >= 1, got {self.interval}")
+        if not isinstance(self.enabled, bool):
+            raise TypeError(f"enabled must be True or False, got {self.enabled!r}")
+        min_layer = _integer("min_layer", self.min_layer)
+        if min_layer < 1:
+            raise ValueError(f"min_layer must be >= 1 (layers are counted from 1), got {min_layer}")
+        interval = _integer("interval", self.interval)
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}")
+        history = _integer("history", self.history)
+        if history < 1:
+            raise ValueError(f"history must be >= 1 (the number of ExitStats the handle keeps), got {history}")
+        object.__setattr__(self, "min_layer", min_layer)
+        object.__setattr__(self, "interval", interval)
+        object.__setattr__(self, "history", history)
         if self.layers is not None:
-            bad = [k for k in self.layers if int(k) < 1]
+            if isinstance(self.layers, (str, bytes)):
+                raise TypeError(f"layers must be a sequence of integers, got {self.layers!r}")
+            # a tuple, once: a generator would be empty the second time it is read
+            layers = tuple(sorted({_integer("checked layers", k) for k in self.layers}))
+            bad = [k for k in layers if k < 1]
             if bad:
                 raise ValueError(f"checked layers are counted from 1; got {bad}")
+            if not layers:
+                raise ValueError("layers=[] checks no layer: give at least one, or use enabled=False to turn exits off")
+            object.__setattr__(self, "layers", layers)
 
     def checked_layers(self, num_layers: int) -> frozenset[int]:
-        """The layers k (1 <= k < num_layers) after which rows are checked."""
+        """The layers k (1 <= k < num_layers) after which rows are checked.
+
+        Raises:
+            ValueError: a layer in ``layers`` is not below ``num_layers``, or ``min_layer`` leaves no
+                layer to check on a model of ``num_layers`` layers.
+        """
         if self.layers is not None:
-            too_deep = [k for k in self.layers if int(k) >= num_layers]
+            too_deep = [k for k in self.layers if k >= num_layers]
             if too_deep:
                 raise ValueError(
                     f"checked layers {too_deep} are not below the model's {num_layers} layers "
                     f"(the last layer is the model's own output and is never checked)"
                 )
-            return frozenset(int(k) for k in self.layers)
+            return frozenset(self.layers)
+        if num_layers < 2:
+            raise ValueError(
+                f"a {num_layers}-layer model has no layer to check (layer {num_layers} is the model's own output): "
+                "use enabled=False"
+            )
+        if self.min_layer >= num_layers:
+            raise ValueError(
+                f"min_layer {self.min_layer} checks no layer of a {num_layers}-layer model (layers 1..{num_layers - 1} "
+                f"can be checked; layer {num_layers} is the model's own output): use min_layer < {num_layers}, "
+                "or enabled=False to turn exits off"
+            )
         return frozenset(range(self.min_layer, num_layers, self.interval))

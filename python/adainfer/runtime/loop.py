@@ -372,8 +372,11 @@ class LayerPass:
         if i != self.steps_run:
             raise RuntimeError(f"the AdaInfer loop runs the layers once, in order; the decoder called layer {i} next")
         if i == 0:
+            batch = h.shape[0]
+            if hasattr(self.loop.policy, "begin_pass"):  # optional in ExitPolicy (ForcedExits checks B)
+                self.loop.policy.begin_pass(batch)
             labels = self.loop.policy.label_token_ids
-            self.stats = ExitStats.start(h.shape[0], self.loop.num_layers, self.mode, labels, h.device)
+            self.stats = ExitStats.start(batch, self.loop.num_layers, self.mode, labels, h.device)
             self._begin(h, kwargs)
         out = self._step(i, h, kwargs)
         self.steps_run = i + 1

@@ -20,6 +20,7 @@ import copy
 import inspect
 import threading
 import types
+from collections import deque
 from collections.abc import Iterator
 
 import torch
@@ -106,6 +107,9 @@ class AdaInferHandle:
       over the vocabulary and ``generate(max_new_tokens=1)`` all read the exit answer.
     - ``last_stats`` (``ExitStats``) holds each row's exit layer, answer token, answer probability,
       and in label mode its label index and label log-probabilities.
+
+    ``history`` holds the ``ExitStats`` of the last ``config.history`` forward calls (default 1024;
+    in ``generate`` one per step), oldest first; ``last_stats`` is the newest.
     """
 
     def __init__(self, model: nn.Module, policy: ExitPolicy, config: AdaInferConfig) -> None:
@@ -114,7 +118,9 @@ class AdaInferHandle:
         self.policy = policy
         self.family = family_for(model)
         self.loop = LayerLoop(model, self.family, policy, config, exit_head_for(model))
-        self.history: list[ExitStats] = []
+        # The last ``config.history`` calls' statistics, oldest dropped first (bounded: a server
+        # calls forward for ever). A sequence: len(), indexing and iteration as before.
+        self.history: deque[ExitStats] = deque(maxlen=config.history)
         self.enabled = config.enabled
         self._local = threading.local()  # the pass running in this thread, if any
         self._inner = self.family.decoder(model)

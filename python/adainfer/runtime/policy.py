@@ -39,6 +39,11 @@ class ExitPolicy(Protocol):
         """(K,) fp32 label-logit correction of the full model's answer, or None (used only when
         ``AdaInferConfig(correct_full_depth=True)``)."""
 
+    # Optional (the loop calls it when a policy defines it):
+    #     begin_pass(batch_size: int) -> None
+    # at the start of every forward pass (in generate: every step), before any layer runs, with the
+    # pass's batch size B. A policy built for one batch (ForcedExits) refuses another one there.
+
 
 class ClassifierPolicy:
     """AdaInfer's rule: stop a row at layer k when the classifier's score there is positive.
@@ -142,15 +147,24 @@ class ForcedExits:
     """Stops original batch row r at layer ``exit_layers[r]`` (values >= L mean never).
 
     Args:
-        exit_layers: (B,) int64 per-row exit layer, counted from 1, applied at every forward call
-            (in generation: at every step).
+        exit_layers: (B,) integer per-row exit layer, counted from 1, applied at every forward call
+            (in generation: at every step). A batch of another size than B is refused at its first
+            layer.
     """
 
     needs_signals = False  # the rows are known in advance: only the stopping rows are decoded
     label_token_ids = None
 
     def __init__(self, exit_layers) -> None:
-        self.exit_layers = torch.as_tensor(exit_layers, dtype=torch.int64)
+        values = torch.as_tensor(exit_layers)
+        if values.dim() != 1:
+            raise ValueError(f"exit_layers must be 1-D (one exit layer per batch row), got shape {tuple(values.shape)}")
+        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+            raise TypeError(f"exit_layers must be integers (layers are counted from 1), got {values.dtype}")
+        self.exit_layers = values.to(torch.int64)
+        if self.exit_layers.numel() and int(self.exit_layers.min()) < 1:
+            bad = self.exit_layers[self.exit_layers < 1][:5].tolist()
+            raise ValueError(f"exit layers are counted from 1 (use a value >= L for 'never'); got {bad}")
 
     def layers_to_check(self, num_layers: int) -> frozenset[int]:
         return frozenset(int(k) for k in self.exit_layers.unique().tolist() if 1 <= k < num_layers)
@@ -160,6 +174,13 @@ class ForcedExits:
 
     def full_depth_bias(self, num_layers: int) -> None:
         return None
+
+    def begin_pass(self, batch_size: int) -> None:
+        if batch_size != self.exit_layers.numel():
+            raise ValueError(
+                f"ForcedExits covers {self.exit_layers.numel()} rows but the batch has {batch_size}: "
+                "give one exit layer per batch row"
+            )
 
     def should_stop(self, layer: int, signals: ExitSignals | None, rows: torch.Tensor) -> torch.Tensor:
         if rows.numel() and int(rows.max()) >= self.exit_layers.numel():
