@@ -1,7 +1,7 @@
 """The ``adainfer`` command line: ``info``, ``demo`` (the main job), ``calibrate``, ``eval``.
 
 adainfer demo [--quick] [--out DIR]
-adainfer calibrate --model bundled|PATH --task tweet-sentiment|FILE --out clf.json [options]
+adainfer calibrate --model bundled|PATH --task tweet-sentiment|FILE|lmeval:NAME --out clf.json [options]
 adainfer eval --model bundled|PATH --task tweet-sentiment|FILE --classifier clf.json [options]
 """
 
@@ -150,8 +150,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _load_task(args: argparse.Namespace, sizes: dict[str, int], stored: dict | None = None):
+    from adainfer.app.lmeval_task import is_lmeval_spec, load_from_args
     from adainfer.app.tasks import load_task
 
+    if is_lmeval_spec(args.task):  # an lm-evaluation-harness task: its own prompts and label words
+        return load_from_args(args, sizes, stored)
     stored = stored or {}
 
     def pick(name, default):
@@ -318,7 +321,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _add_task_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task")
-    g.add_argument("--task", required=True, help="a bundled task (tweet-sentiment) or a .csv/.tsv/.jsonl/.json file")
+    g.add_argument(
+        "--task",
+        required=True,
+        help="a bundled task (tweet-sentiment), a .csv/.tsv/.jsonl/.json file, or lmeval:NAME (an lm-eval task)",
+    )
     g.add_argument("--text-column", help="text column of a task file (default: text)")
     g.add_argument("--label-column", help="label column of a task file (default: label)")
     g.add_argument(
@@ -331,6 +338,7 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="seed of the splits and demonstrations (default 0)")
     g.add_argument("--encoding", help="encoding of a CSV task file (e.g. latin-1)")
     g.add_argument("--min-confidence", type=float, help="tweet-sentiment: keep rows with annotator confidence >= this")
+    g.add_argument("--include-path", help="lmeval:NAME tasks: folder of the lm-eval task YAML files")
     p.add_argument("--model", default="bundled", help="'bundled' or a Hugging Face model directory or .gguf file")
     p.add_argument("--batch-size", type=int, default=32)
 
