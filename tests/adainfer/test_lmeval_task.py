@@ -48,3 +48,32 @@ def test_calibrate_cli_rejects_options_that_lm_eval_tasks_define_themselves(tmp_
     argv = ["calibrate", "--task", "lmeval:tiny_mc", "--include-path", str(tmp_path), "--out", str(tmp_path / "c.json")]
     assert adainfer_main([*argv, "--k-shot", "2"]) == 2
     assert "--k-shot do not apply to lm-eval tasks" in capsys.readouterr().err
+
+
+def test_calibrate_then_eval_on_an_lm_eval_task_from_the_command_line(tmp_path, capsys):
+    """`adainfer calibrate --task lmeval:NAME --include-path DIR`, then `eval` with the stored settings (no
+    --include-path again), on a tiny model saved as a Hugging Face folder."""
+    import json
+
+    from adainfer.app.cli import main
+    from adainfer.calibrate.classifier import StopClassifier
+    from tiny_models import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "model")
+    word_tokenizer().save_pretrained(tmp_path / "model")
+    write_task(tmp_path / "tasks", n_train=60, n_test=6)
+    model = ["--model", str(tmp_path / "model"), "--task", "lmeval:tiny_mc", "--batch-size", "16"]
+    sizes = ["--n-calibration", "24", "--n-heldout", "18", "--n-test", "18", "--budget", "0.2"]
+    clf_path = tmp_path / "clf.json"
+    rc = main(["calibrate", *model, "--include-path", str(tmp_path / "tasks"), "--out", str(clf_path), *sizes])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "task lmeval:tiny_mc: labels neg/pos/neu -> tokens ' neg'/' pos'/' neu' [5, 17, 40]" in out.out
+    clf = StopClassifier.load(clf_path)
+    assert clf.label_token_ids == tuple(LABELS)
+    assert clf.info["task"]["include_path"] == str((tmp_path / "tasks").resolve())
+    rc = main(["eval", *model, "--classifier", str(clf_path), "--out-dir", str(tmp_path / "out"), "--no-plots"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    metrics = json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]["metrics"]
+    assert metrics["n"] == 18 and metrics["runtime_prompts"] == 18 and 0.0 <= metrics["runtime_accuracy"] <= 1.0
