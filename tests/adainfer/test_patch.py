@@ -221,6 +221,27 @@ def test_output_flags_and_right_padding_are_refused():
         assert len(model(**batch, output_hidden_states=True).hidden_states) == 5
 
 
+@pytest.mark.parametrize("name", ["llama", "opt-pre-ln"])
+@torch.inference_mode()
+def test_rows_ending_in_the_pad_token_without_a_mask_are_refused(name):
+    """Right padding without an attention mask (what lm-eval's HFLM sends) would put the exit decision
+    on a pad token silently; with the mask, or without pad tokens at the end, the call runs."""
+    model = MODELS[name]("sdpa")
+    pad = model.config.pad_token_id
+    ids = _batch(model)["input_ids"].flip(1)  # right-padded: rows 1.. end in the pad token
+    with adainfer.patched(model, NeverExit([1])) as handle:
+        with pytest.raises(ValueError, match=r"row\(s\) \[1, 2, 3\] end in the pad token .* no attention_mask"):
+            model(input_ids=ids)
+        with pytest.raises(ValueError, match="end in the pad token"):
+            model(ids)  # positional
+        model(input_ids=ids[:1])  # row 0 has no padding
+        assert handle.last_stats.exit_layers.tolist() == [4]
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))  # the caller says the pad tokens are real input
+        assert (ids[:, -1] == pad).sum() == 3
+        handle.enabled = False  # exits off: the original code path, nothing checked
+        model(input_ids=ids)
+
+
 def test_bad_config_and_policy_are_refused():
     model = tiny_llama()
     with pytest.raises(ValueError, match="mode 'fast' is not valid"):

@@ -1,7 +1,7 @@
 """The ``adainfer`` command line: ``info``, ``demo`` (the main job), ``calibrate``, ``eval``.
 
 adainfer demo [--quick] [--out DIR]
-adainfer calibrate --model bundled|PATH --task tweet-sentiment|FILE --out clf.json [options]
+adainfer calibrate --model bundled|PATH --task tweet-sentiment|FILE|lmeval:NAME --out clf.json [options]
 adainfer eval --model bundled|PATH --task tweet-sentiment|FILE --classifier clf.json [options]
 """
 
@@ -158,8 +158,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _load_task(args: argparse.Namespace, sizes: dict[str, int], stored: dict | None = None):
-    from adainfer.app.tasks import load_task
+    from adainfer.app.lmeval_task import is_lmeval_spec, load_from_args
+    from adainfer.app.tasks import BUNDLED_TASKS, load_task
 
+    if is_lmeval_spec(args.task):  # an lm-evaluation-harness task: its own prompts and label words
+        return load_from_args(args, sizes, stored)
     stored = stored or {}
 
     def pick(name, default):
@@ -168,7 +171,8 @@ def _load_task(args: argparse.Namespace, sizes: dict[str, int], stored: dict | N
 
     kwargs = {
         "k_shot": pick("k_shot", 4),
-        "template": pick("template", "plain" if args.task == "tweet-sentiment" else "user"),
+        # a bundled task brings its own wording (tweets: plain, movie reviews: review); files: user
+        "template": pick("template", None if args.task in BUNDLED_TASKS else "user"),
         "sizes": sizes,
         "seed": pick("seed", 0),
     }
@@ -318,12 +322,12 @@ def _eval(args: argparse.Namespace) -> int:
     # what this run used (the options, else the classifier's stored task settings, else the defaults)
     settings = RunSettings(
         task=args.task,
-        k_shot=task_kwargs["k_shot"],
-        template=task_kwargs["template"],
+        k_shot=task_kwargs.get("k_shot", len(task.demonstrations)),
+        template=task_kwargs.get("template") or task.template.name,
         label_words=rendered.label_forms,
         sizes=sizes,
         min_confidence=task_kwargs.get("min_confidence"),
-        seed=task_kwargs["seed"],
+        seed=task_kwargs.get("seed", task.seed),
         budget=budget,
         confidence=clf.info.get("confidence"),
         bias_method=clf.bias_method,
@@ -413,13 +417,13 @@ def _encoding(text: str) -> str:
 def _task(text: str) -> str:
     from adainfer.app.tasks import BUNDLED_TASKS
 
-    if text in BUNDLED_TASKS:
-        return text
+    if text in BUNDLED_TASKS or text.startswith("lmeval:"):
+        return text  # lm-eval tasks are resolved (and their errors reported) when loaded
     path = Path(text)
     if path.suffix.lower() not in TASK_SUFFIXES and not path.exists():
         raise argparse.ArgumentTypeError(
-            f"unknown task {text!r}: use a bundled task ({', '.join(BUNDLED_TASKS)}) or a "
-            f"{'/'.join(TASK_SUFFIXES)} file"
+            f"unknown task {text!r}: use a bundled task ({', '.join(BUNDLED_TASKS)}), a "
+            f"{'/'.join(TASK_SUFFIXES)} file or lmeval:NAME"
         )
     if not path.exists():
         raise argparse.ArgumentTypeError(f"task file not found: {path}")
@@ -515,7 +519,10 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("task")
     g.add_argument(
-        "--task", required=True, type=_task, help="a bundled task (tweet-sentiment) or a .csv/.tsv/.jsonl/.json file"
+        "--task",
+        required=True,
+        type=_task,
+        help="a bundled task (tweet-sentiment, movie-reviews), a .csv/.tsv/.jsonl/.json file, or lmeval:NAME",
     )
     g.add_argument("--text-column", type=_nonblank("--text-column"), help="text column of a task file (default: text)")
     g.add_argument(
@@ -534,6 +541,7 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--min-confidence", type=AGREEMENT, help="tweet-sentiment: keep rows with annotator confidence >= this"
     )
+    g.add_argument("--include-path", help="lmeval:NAME tasks: folder of the lm-eval task YAML files")
     p.add_argument(
         "--model", default="bundled", type=_model, help="'bundled' or a Hugging Face model directory or .gguf file"
     )

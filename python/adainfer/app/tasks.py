@@ -656,9 +656,7 @@ def load_task(spec: str, **kwargs) -> ClassificationTask:
     if spec in BUNDLED_TASKS:
         user_only = ("text_column", "label_column", "encoding")
         build = tweet_sentiment if spec == TWEET_TASK else movie_reviews
-        kwargs = {k: v for k, v in kwargs.items() if k not in user_only}
-        if spec == MOVIE_TASK and kwargs.get("template") in (None, DEFAULT_TEMPLATE):
-            kwargs["template"] = "review"  # the tweet wording ("Tweet:") does not fit reviews
+        kwargs = {k: v for k, v in kwargs.items() if k not in user_only and not (k == "template" and v is None)}
         return build(**kwargs)
     if Path(spec).suffix.lower() in (".csv", ".tsv", ".jsonl", ".json") or Path(spec).exists():
         kwargs.pop("min_confidence", None)

@@ -269,6 +269,31 @@ class AdaInferHandle:
                 "AdaInfer decides on the last position of each row, but some rows end in padding: "
                 "use left padding (tokenizer.padding_side = 'left')"
             )
+        if mask is None:
+            _check_unmasked_padding(kwargs.get("input_ids", args[0] if args else None), self.model)
+
+
+def _check_unmasked_padding(input_ids, model: nn.Module) -> None:
+    """Refuse rows that end in the pad token when no attention mask says whether it is padding:
+    the exit decision would be taken on it silently (e.g. right-padded batches without a mask). Only
+    the model's own pad token ids are known here: padding with another id (lm-eval's HFLM pads with 0
+    whatever the pad token) is not detected."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
+        return
+    pad_ids = {getattr(model.config, "pad_token_id", None)}
+    pad_ids.add(getattr(getattr(model, "generation_config", None), "pad_token_id", None))
+    pad_ids = sorted(int(p) for p in pad_ids if isinstance(p, int))
+    if not pad_ids:
+        return
+    last = input_ids[:, -1]
+    rows = torch.isin(last, torch.tensor(pad_ids, device=last.device)).nonzero().flatten().tolist()
+    if rows:
+        raise ValueError(
+            f"row(s) {rows[:8]} end in the pad token (id {pad_ids}) and no attention_mask was given: AdaInfer "
+            "decides on each row's last position, which may be padding. Pass the attention_mask "
+            "(tokenizer(texts, padding=True, return_tensors='pt') returns it; pad on the left), or "
+            "attention_mask=torch.ones_like(input_ids) when that token is real input"
+        )
 
 
 def _as_policy(classifier_or_policy, config: AdaInferConfig) -> ExitPolicy:
