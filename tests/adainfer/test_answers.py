@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from adainfer import AdaInferConfig, LinearScorePolicy
-from adainfer.calibrate.classifier import ModelIdentity, StopClassifier
+from adainfer.calibrate.classifier import StopClassifier
 from adainfer.models import exit_head_for
-from tiny_models import left_padded_batch, tiny_llama
+from tiny_models import label_classifier, left_padded_batch, tiny_llama
 
 from adainfer_kernels.reference import exit_head_ref
 
@@ -27,24 +27,8 @@ def _policy():
 
 
 def _classifier(model, bias_scale: float = 0.05) -> StopClassifier:
-    """A label-mode StopClassifier with a per-layer label bias, stopping as ``_policy`` does."""
-    n_layers = model.config.num_hidden_layers
-    return StopClassifier(
-        identity=ModelIdentity.from_model(model),
-        method="logreg",
-        target="consistency",
-        vocab_mode="labels",
-        w_top_prob=4.0,
-        w_gap=0.0,
-        w_layer=0.0,
-        intercept=-1.6,
-        threshold=0.0,
-        min_layer=1,
-        label_token_ids=LABELS,
-        label_words=(" a", " b", " c"),
-        label_bias=tuple((bias_scale * k, -bias_scale * k, 0.0) for k in range(1, n_layers + 1)),
-        bias_method="mean",
-    )
+    """A label-mode StopClassifier with a per-layer label bias (tiny_models.label_classifier)."""
+    return label_classifier(model, LABELS, (" a", " b", " c"), bias_scale)
 
 
 @pytest.mark.parametrize("mode", ["compact", "mask"])

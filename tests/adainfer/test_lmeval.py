@@ -19,33 +19,17 @@ import numpy as np
 import pytest
 import torch
 from adainfer.app.lmeval_model import AdaInferLM, add_to_results, main
-from adainfer.calibrate.classifier import ModelIdentity, StopClassifier
+from adainfer.calibrate.classifier import StopClassifier
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from lmeval_helpers import CHOICES, LABELS, random_contexts, word_tokenizer, write_task
-from tiny_models import tiny_llama
+from tiny_models import label_classifier, tiny_llama
 
 
 def _classifier(model) -> StopClassifier:
     """Stops a row when its top label probability (with a small per-layer label bias) passes 0.4:
     on the contexts below some rows stop at layers 1-3 and some run all 4 (asserted)."""
-    n_layers = model.config.num_hidden_layers
-    return StopClassifier(
-        identity=ModelIdentity.from_model(model),
-        method="logreg",
-        target="consistency",
-        vocab_mode="labels",
-        w_top_prob=4.0,
-        w_gap=0.0,
-        w_layer=0.0,
-        intercept=-1.6,
-        threshold=0.0,
-        min_layer=1,
-        label_token_ids=tuple(LABELS),
-        label_words=tuple(" " + w for w in LABELS.values()),
-        label_bias=tuple((0.05 * k, -0.05 * k, 0.0) for k in range(1, n_layers + 1)),
-        bias_method="mean",
-    )
+    return label_classifier(model, LABELS, [" " + w for w in LABELS.values()])
 
 
 def _requests(contexts, choices=CHOICES, task="t", kind="loglikelihood") -> list[Instance]:

