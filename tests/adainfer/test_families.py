@@ -10,7 +10,7 @@ import pytest
 import torch
 from adainfer import AdaInferConfig, ForcedExits, NeverExit
 from adainfer.models import FAMILIES, exit_head_for, supported_model_types
-from tiny_models import FAMILY_CONFIGS, decode_hidden, left_padded_batch, tiny_family
+from tiny_models import FAMILY_CONFIGS, assert_rows_generate_as_alone, decode_hidden, left_padded_batch, tiny_family
 
 from adainfer_kernels.reference import head_logits_ref
 
@@ -104,17 +104,7 @@ def test_forced_exit_logits_equal_the_logit_lens_of_that_layer(name, mode):
 @torch.inference_mode()
 def test_a_row_generates_what_it_generates_alone(name):
     """Forced exits are batch-invariant: each row of a batch equals that row run alone (batch 1)."""
-    model = tiny_family(name, _attn(name))
-    batch = left_padded_batch(3, 8)
-    batch["attention_mask"][:] = 1  # no padding: the row alone sees the same positions
-    exits = [1, 3, 2]
-    with adainfer.patched(model, ForcedExits(exits)):
-        together = model.generate(**batch, **GEN)
-    for row, k in enumerate(exits):
-        single = {key: v[row : row + 1] for key, v in batch.items()}
-        with adainfer.patched(model, ForcedExits([k])):
-            alone = model.generate(**single, **GEN)
-        assert torch.equal(together[row], alone[0]), f"{name} row {row} (exit {k})"
+    assert_rows_generate_as_alone(tiny_family(name, _attn(name)))
 
 
 @pytest.mark.parametrize("name", NAMES)

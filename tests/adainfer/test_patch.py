@@ -7,7 +7,7 @@ import adainfer
 import pytest
 import torch
 from adainfer import AdaInferConfig, ForcedExits, NeverExit
-from tiny_models import decode_hidden, left_padded_batch, tiny_llama, tiny_opt
+from tiny_models import assert_rows_generate_as_alone, decode_hidden, left_padded_batch, tiny_llama, tiny_opt
 
 MODELS = {
     "llama": lambda attn, dtype=torch.float32: tiny_llama(attn, dtype),
@@ -110,17 +110,7 @@ def test_generate_with_mixed_exits_keeps_every_cache_layer_consistent(name):
 @torch.inference_mode()
 def test_state_propagation_matches_running_the_row_alone():
     """A row that exits at layer k in a batch generates what it generates alone (batch 1)."""
-    model = tiny_llama("sdpa")
-    batch = left_padded_batch(3, 8)
-    batch["attention_mask"][:] = 1  # no padding: the row alone sees the same positions
-    exits = [1, 3, 2]
-    with adainfer.patched(model, ForcedExits(exits)):
-        together = model.generate(**batch, **GEN)
-    for row, k in enumerate(exits):
-        single = {key: v[row : row + 1] for key, v in batch.items()}
-        with adainfer.patched(model, ForcedExits([k])):
-            alone = model.generate(**single, **GEN)
-        assert torch.equal(together[row], alone[0]), f"row {row} (exit {k})"
+    assert_rows_generate_as_alone(tiny_llama("sdpa"))
 
 
 @torch.inference_mode()

@@ -192,3 +192,21 @@ def label_classifier(model, label_token_ids, label_words, bias_scale: float = 0.
         label_bias=tuple((bias_scale * k, -bias_scale * k, 0.0) for k in range(1, n_layers + 1)),
         bias_method="mean",
     )
+
+
+def assert_rows_generate_as_alone(model, exits=(1, 3, 2), max_new_tokens: int = 6) -> None:
+    """Forced exits are batch-invariant: each row of an unpadded batch generates, greedily, exactly
+    what it generates alone (batch 1) with the same exit layer."""
+    import adainfer
+    from adainfer import ForcedExits
+
+    gen = {"max_new_tokens": max_new_tokens, "do_sample": False}
+    batch = left_padded_batch(len(exits), 8)
+    batch["attention_mask"][:] = 1  # no padding: the row alone sees the same positions
+    with adainfer.patched(model, ForcedExits(list(exits))):
+        together = model.generate(**batch, **gen)
+    for row, k in enumerate(exits):
+        single = {key: v[row : row + 1] for key, v in batch.items()}
+        with adainfer.patched(model, ForcedExits([k])):
+            alone = model.generate(**single, **gen)
+        assert torch.equal(together[row], alone[0]), f"{model.config.model_type} row {row} (exit {k})"
