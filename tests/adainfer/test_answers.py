@@ -152,3 +152,35 @@ class _IdsTokenizer:
             ids[i, width - len(s) :] = torch.tensor(s)
             mask[i, width - len(s) :] = 1
         return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("mode", ["compact", "mask"])
+@torch.inference_mode()
+def test_forced_exit_answers_are_the_logit_lens_from_either_read_out(mode):
+    """A policy decided without signals (ForcedExits) leaves its exits' full-vocabulary answers to
+    the model's own logits (the LM head on the frozen state, one pass); through the bare decoder
+    they are decoded on first read. Both give the logit lens of the exit layer."""
+    from adainfer import ForcedExits
+    from tiny_models import decode_hidden
+
+    model = tiny_llama("sdpa")
+    batch = left_padded_batch(4, 9)
+    hidden = model(**batch, output_hidden_states=True).hidden_states
+    exits = [2, 4, 1, 3]
+    want = []
+    for row, k in enumerate(exits):
+        logits = decode_hidden(model, hidden[k][row, -1]) if k < 4 else model(**batch).logits[row, -1]
+        want.append(torch.softmax(logits.float(), -1).max(-1))
+    with adainfer.patched(model, ForcedExits(exits), AdaInferConfig(mode=mode)) as handle:
+        model(**batch)
+        via_logits = handle.last_stats
+        model.model(**batch)
+        via_decoder = handle.last_stats
+        assert via_decoder._pending, "the bare decoder's exits are decoded on first read, not in the pass"
+    for stats in (via_logits, via_decoder):
+        for row, k in enumerate(exits):
+            if stats is via_decoder and k == 4:
+                assert int(stats.answer_token[row]) == -1, "full depth through the bare decoder: unknown"
+                continue
+            assert int(stats.answer_token[row]) == int(want[row].indices), (row, k)
+            torch.testing.assert_close(stats.answer_prob[row], want[row].values, rtol=1e-5, atol=1e-6)

@@ -10,7 +10,14 @@ import pytest
 import torch
 from adainfer import AdaInferConfig, ForcedExits, NeverExit
 from adainfer.models import FAMILIES, exit_head_for, supported_model_types
-from tiny_models import FAMILY_CONFIGS, assert_rows_generate_as_alone, decode_hidden, left_padded_batch, tiny_family
+from tiny_models import (
+    FAMILY_CONFIGS,
+    assert_rows_generate_as_alone,
+    decode_hidden,
+    left_padded_batch,
+    run_configs,
+    tiny_family,
+)
 
 from adainfer_kernels.reference import head_logits_ref
 
@@ -115,8 +122,8 @@ def test_generation_with_state_propagated_kv_and_compact_equals_mask(name):
     ref = model.generate(**batch, **GEN)
     exits = [2, 4, 1, 3]
     runs = {}
-    for mode in ("compact", "mask"):
-        with adainfer.patched(model, ForcedExits(exits), AdaInferConfig(mode=mode)) as handle:
+    for mode, config in run_configs().items():
+        with adainfer.patched(model, ForcedExits(exits), config) as handle:
             out = model.generate(**batch, **GEN, return_dict_in_generate=True, output_scores=True)
             assert len(handle.history) == GEN["max_new_tokens"]
             assert all(s.exit_layers.tolist() == exits for s in handle.history)
@@ -126,9 +133,10 @@ def test_generation_with_state_propagated_kv_and_compact_equals_mask(name):
         assert {layer.keys.shape[0] for layer in cache.layers} == {4}
         runs[mode] = out
     assert torch.equal(runs["compact"].sequences[1], ref[1]), "the row that never exits is the unpatched model's"
-    assert torch.equal(runs["compact"].sequences, runs["mask"].sequences)
-    for a, b in zip(runs["compact"].scores, runs["mask"].scores, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for mode in ("compact", "compact-routed"):
+        assert torch.equal(runs[mode].sequences, runs["mask"].sequences), mode
+        for a, b in zip(runs[mode].scores, runs["mask"].scores, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -136,7 +144,7 @@ def test_generation_with_state_propagated_kv_and_compact_equals_mask(name):
 def test_every_row_stopping_early_still_fills_every_cache_layer(name):
     model = tiny_family(name, _attn(name))
     batch = left_padded_batch(4, 9)
-    with adainfer.patched(model, ForcedExits([1, 1, 2, 1])) as handle:
+    with adainfer.patched(model, ForcedExits([1, 1, 2, 1]), AdaInferConfig(decode_compact_rows=1)) as handle:
         out = model.generate(**batch, **GEN, return_dict_in_generate=True)
         assert handle.last_stats.layer_rows == 4 + 1  # layer 1 for all rows, layer 2 for one
     with adainfer.patched(model, ForcedExits([1, 1, 2, 1]), AdaInferConfig(mode="mask")):

@@ -26,6 +26,7 @@ import torch
 from adainfer import AdaInferConfig, ForcedExits, NeverExit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny_models import run_configs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 NEW_TOKENS = 3
@@ -192,21 +193,25 @@ def check_case(c: Case) -> None:
 
     exits = list(c.exits)
     runs = {}
-    for mode in ("compact", "mask"):
-        with adainfer.patched(model, ForcedExits(exits), AdaInferConfig(mode=mode)) as handle:
+    for mode, config in run_configs().items():
+        with adainfer.patched(model, ForcedExits(exits), config) as handle:
             logits, tokens, out = run(model, batch, c.op)
             assert len(handle.history) == steps, "one ExitStats per forward call"
-            for stats in handle.history:
+            for step, stats in enumerate(handle.history):
                 assert stats.exit_layers.tolist() == exits, mode
-                # compact: each row runs its layers up to its exit; mask: every row every layer
-                assert stats.layer_rows == (sum(exits) if mode == "compact" else c.batch * c.layers), mode
+                # compact: each row runs its layers up to its exit; mask: every row every layer;
+                # routed: decode layers with 1-2 finished rows run them frozen (the whole batch)
+                decode = step > 0 or c.length == 1
+                want = expected_layer_rows(exits, c.layers, (config.decode_compact_rows or 1) if decode else 1)
+                assert stats.layer_rows == (want if config.mode == "compact" else c.batch * c.layers), mode
         assert logits.shape[0] == c.batch and (tokens is None or tokens.shape[0] == c.batch)
         assert torch.isfinite(logits.float()).all()
         if out is not None:
             check_cache(out, c)
         runs[mode] = (logits, tokens)
-    (lc, tc), (lm, tm) = runs["compact"], runs["mask"]
-    assert_close_until_near_tie(lc, lm, tc, tm, c.length, MODE_TOL[c.dtype], "compact vs mask")
+    for mode in ("compact", "compact-routed"):
+        (lc, tc), (lm, tm) = runs[mode], runs["mask"]
+        assert_close_until_near_tie(lc, lm, tc, tm, c.length, MODE_TOL[c.dtype], f"{mode} vs mask")
 
     # Batch invariance: without padding, each row gives what it gives alone.
     full = build_batch(c, padded=False)
@@ -220,6 +225,20 @@ def check_case(c: Case) -> None:
         last_t = together[r : r + 1, -steps:] if c.op == "forward" else together[r : r + 1]
         last_a = alone[:, -steps:] if c.op == "forward" else alone
         assert_close_until_near_tie(last_t, last_a, tok_t, tokens_alone, c.length, ALONE_TOL[c.dtype], f"row {r} alone")
+
+
+def expected_layer_rows(exits: list[int], layers: int, compact_rows: int) -> int:
+    """Rows a compact pass computes, summed over layers: layer l runs the A rows still active, or
+    the whole batch when 0 < F < compact_rows rows finished before it (frozen), or none when all did."""
+    total = 0
+    for layer in range(1, layers + 1):
+        active = sum(1 for e in exits if min(e, layers) >= layer)
+        finished = len(exits) - active
+        if active and 0 < finished < compact_rows:
+            total += len(exits)
+        else:
+            total += active
+    return total
 
 
 @FUZZ

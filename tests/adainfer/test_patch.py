@@ -7,7 +7,14 @@ import adainfer
 import pytest
 import torch
 from adainfer import AdaInferConfig, ForcedExits, NeverExit
-from tiny_models import assert_rows_generate_as_alone, decode_hidden, left_padded_batch, tiny_llama, tiny_opt
+from tiny_models import (
+    assert_rows_generate_as_alone,
+    decode_hidden,
+    left_padded_batch,
+    run_configs,
+    tiny_llama,
+    tiny_opt,
+)
 
 MODELS = {
     "llama": lambda attn, dtype=torch.float32: tiny_llama(attn, dtype),
@@ -84,8 +91,8 @@ def test_generate_with_mixed_exits_keeps_every_cache_layer_consistent(name):
     exits = [2, 4, 1, 3]
     layers = model.config.num_hidden_layers
     runs = {}
-    for mode in ("compact", "mask"):
-        with adainfer.patched(model, ForcedExits(exits), AdaInferConfig(mode=mode)) as handle:
+    for mode, config in run_configs().items():
+        with adainfer.patched(model, ForcedExits(exits), config) as handle:
             out = model.generate(**batch, **GEN, return_dict_in_generate=True, output_scores=True)
             steps = len(handle.history)
             assert steps == GEN["max_new_tokens"], "one forward per generated token"
@@ -102,9 +109,33 @@ def test_generate_with_mixed_exits_keeps_every_cache_layer_consistent(name):
     assert torch.equal(runs["compact"].sequences[1], ref[1])
     # Compaction (rows leave the batch, K/V by state propagation) and mask mode (rows stay, frozen)
     # are two implementations of the same semantics.
-    assert torch.equal(runs["compact"].sequences, runs["mask"].sequences)
-    for a, b in zip(runs["compact"].scores, runs["mask"].scores, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for mode in ("compact", "compact-routed"):
+        assert torch.equal(runs[mode].sequences, runs["mask"].sequences), mode
+        for a, b in zip(runs[mode].scores, runs["mask"].scores, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("exits", [[2, 4, 1, 3], [1, 1, 2, 1]])
+@torch.inference_mode()
+def test_generate_with_a_static_cache(exits):
+    """A preallocated cache (``cache_implementation="static"``): every way of running the exits
+    gives the same tokens, and the row that never exits is the unpatched model's."""
+    model = tiny_llama("sdpa")
+    batch = _batch(model)
+    static = {**GEN, "cache_implementation": "static"}
+    ref = model.generate(**batch, **static)
+    runs = {}
+    for mode, config in run_configs().items():
+        with adainfer.patched(model, ForcedExits(exits), config) as handle:
+            runs[mode] = model.generate(**batch, **static, return_dict_in_generate=True, output_scores=True)
+            assert all(s.exit_layers.tolist() == exits for s in handle.history)
+    for mode in ("compact", "compact-routed"):
+        assert torch.equal(runs[mode].sequences, runs["mask"].sequences), mode
+        for a, b in zip(runs[mode].scores, runs["mask"].scores, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    never = [r for r, k in enumerate(exits) if k >= model.config.num_hidden_layers]
+    for r in never:
+        assert torch.equal(runs["compact"].sequences[r], ref[r])
 
 
 @torch.inference_mode()
@@ -117,7 +148,7 @@ def test_state_propagation_matches_running_the_row_alone():
 def test_every_row_exiting_early_still_fills_all_cache_layers():
     model = tiny_llama("eager")
     batch = _batch(model)
-    with adainfer.patched(model, ForcedExits([1, 1, 2, 1])) as handle:
+    with adainfer.patched(model, ForcedExits([1, 1, 2, 1]), AdaInferConfig(decode_compact_rows=1)) as handle:
         out = model.generate(**batch, **GEN, return_dict_in_generate=True)
         assert handle.last_stats.layer_rows == 4 + 1  # layer 1 for all rows, layer 2 for one
     cache = out.get("cache", out.get("past_key_values"))
@@ -291,11 +322,36 @@ def test_low_precision_forced_exits_compact_equals_mask(dtype):
         ({"history": 0}, ValueError, "history must be >= 1"),
         ({"history": 10.0}, TypeError, "history must be an integer"),
         ({"enabled": "no"}, TypeError, "enabled must be True or False"),
+        ({"decode_compact_rows": 0}, ValueError, r"decode_compact_rows must be >= 1 \(1 always compacts\)"),
+        ({"decode_compact_rows": 2.5}, TypeError, "decode_compact_rows must be an integer"),
     ],
 )
 def test_config_refuses_non_integer_and_empty_values(kwargs, error, match):
     with pytest.raises(error, match=match):
         AdaInferConfig(**kwargs)
+
+
+def test_decode_compaction_threshold_per_device():
+    from adainfer.runtime.config import DECODE_COMPACT_ROWS
+
+    assert AdaInferConfig().compact_rows_for(torch.device("cpu")) == DECODE_COMPACT_ROWS["cpu"]
+    assert AdaInferConfig().compact_rows_for(torch.device("cuda", 0)) == DECODE_COMPACT_ROWS["cuda"]
+    assert AdaInferConfig().compact_rows_for(torch.device("meta")) == 1  # unknown: always compact
+    assert AdaInferConfig(decode_compact_rows=5).compact_rows_for(torch.device("cpu")) == 5
+
+
+@torch.inference_mode()
+def test_decode_layers_run_frozen_until_enough_rows_finish():
+    """Prefill always compacts; a decode step runs a layer on the whole batch (finished rows frozen)
+    while fewer than ``decode_compact_rows`` rows have finished, and compacts after that."""
+    model = tiny_llama("sdpa")
+    batch = _batch(model)
+    exits = [1, 2, 2, 4]  # finished before layer 2: 1 row, before 3 and 4: 3 rows
+    with adainfer.patched(model, ForcedExits(exits), AdaInferConfig(decode_compact_rows=2)) as handle:
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+        prefill, decode = handle.history
+    assert prefill.layer_rows == sum(exits)
+    assert decode.layer_rows == 4 + 4 + 1 + 1  # layer 2 runs all 4 rows (1 finished < 2), then compact
 
 
 def test_config_layers_are_integers_read_once():

@@ -10,9 +10,9 @@ import pytest
 import torch
 from accelerate import cpu_offload, dispatch_model
 from accelerate.utils import offload_state_dict
-from adainfer import AdaInferConfig, ForcedExits, LinearScorePolicy, NeverExit
+from adainfer import ForcedExits, LinearScorePolicy, NeverExit
 from adainfer.runtime.placement import container_hooks_within, modules_owning
-from tiny_models import left_padded_batch, tiny_family, tiny_llama, tiny_opt
+from tiny_models import left_padded_batch, run_configs, tiny_family, tiny_llama, tiny_opt
 
 from adainfer_kernels.head import LinearScore
 
@@ -73,9 +73,9 @@ def test_offloaded_model_patched_equals_the_model_in_memory(name, how, tmp_path)
     got = _runs(offloaded, batch, NeverExit(layers))
     assert torch.equal(got[0], ref_logits), "checks on an offloaded model change nothing"
     for exits in PATTERNS:
-        for mode in ("compact", "mask"):
-            want = _runs(in_memory, batch, ForcedExits(exits), AdaInferConfig(mode=mode))
-            got = _runs(offloaded, batch, ForcedExits(exits), AdaInferConfig(mode=mode))
+        for mode, config in run_configs().items():
+            want = _runs(in_memory, batch, ForcedExits(exits), config)
+            got = _runs(offloaded, batch, ForcedExits(exits), config)
             assert got[1].tolist() == exits
             assert torch.equal(got[0], want[0]), f"{mode} {exits}: logits"
             assert torch.equal(got[2], want[2]), f"{mode} {exits}: generated tokens"

@@ -10,6 +10,20 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 VOCAB = 320
 
 
+# The ways the runtime can run a batch with exits, compared against each other in generation
+# tests (docs/architecture.md, "Decode"): compaction at every layer, compaction only once 3 rows
+# have finished (the first layers after an exit run the finished rows frozen, in the same step),
+# and mask mode. All three are the same computation.
+def run_configs():
+    from adainfer import AdaInferConfig
+
+    return {
+        "compact": AdaInferConfig(mode="compact", decode_compact_rows=1),
+        "compact-routed": AdaInferConfig(mode="compact", decode_compact_rows=3),
+        "mask": AdaInferConfig(mode="mask"),
+    }
+
+
 def tiny_llama(attn: str = "sdpa", dtype: torch.dtype = torch.float32, layers: int = 4, seed: int = 0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(

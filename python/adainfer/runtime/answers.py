@@ -38,12 +38,21 @@ def deliver_answers(stats: ExitStats, logits: torch.Tensor, full_depth_bias: tor
     last = logits[:, -1, :]
     labels = stats.label_token_ids
     if labels is None:
+        # Full-depth rows, and exits left pending (their last logits are the LM head on the frozen
+        # exit state: the logit-lens answer, so the exit needs no second full-vocabulary pass),
+        # are answered from the model's own logits: top-1 and its probability exp(max - logsumexp).
+        pending = stats.take_pending_rows()
+        if pending is not None:
+            full_rows = torch.cat([full_rows, pending.to(device)])
         if full_rows.numel():
-            probs = torch.softmax(last.index_select(0, full_rows).float(), dim=-1)
-            prob, token = probs.max(dim=-1)
-            rows = full_rows.to(stats.exit_layers.device)
-            stats.answer_token.index_copy_(0, rows, token.to(rows.device))
-            stats.answer_prob.index_copy_(0, rows, prob.to(rows.device))
+            if full_rows.numel() == batch:  # every row (a permutation of them): no copy
+                full_rows, x = torch.arange(batch, device=device), last
+            else:
+                x = last.index_select(0, full_rows)
+            x = x.detach()
+            best, token = x.max(dim=-1)
+            prob = torch.exp(best.float() - torch.logsumexp(x.float(), dim=-1))
+            stats.set_answers(full_rows, token, prob)
         return logits
     labels_here = labels.to(device)
     if full_rows.numel():

@@ -8,6 +8,14 @@ from dataclasses import dataclass
 
 MODES = ("compact", "mask")
 DEFAULT_HISTORY = 1024
+# Decode steps (one new position per row): how many rows must have finished before a layer for
+# that layer to run compacted, by device type. Below it the finished rows stay in the batch, frozen
+# (their K/V then come from the layer itself: the same state propagation). A decode layer streams
+# all its weights whatever the row count until the batch reaches the device's compute/bandwidth
+# ridge, so dropping a few rows saves nothing there, while compacting costs a K/V fill and a
+# gather of the active rows' history. CPU: measured on this project's machine (bench_generate.py);
+# CUDA: a bf16 decode layer stays bandwidth-bound to ~100+ rows (not measured here: no GPU).
+DECODE_COMPACT_ROWS = {"cpu": 8, "cuda": 64}
 
 
 def _integer(name: str, value) -> int:
@@ -44,6 +52,12 @@ class AdaInferConfig:
             log-probabilities, like an exited row's (see ``AdaInferHandle``).
         history: how many forward calls' ``ExitStats`` the handle keeps (``handle.history``, oldest
             dropped first; in ``generate`` one per step), so a long-running process does not grow.
+        decode_compact_rows: compact mode, decode steps (one new position per row): a layer runs
+            compacted only when at least this many rows finished before it (or every row did);
+            otherwise the finished rows run it frozen, as in mask mode, which is cheaper while a
+            layer's cost does not depend on its row count. 1 always compacts; None takes the
+            device's default (``DECODE_COMPACT_ROWS``). Prefill (several positions) always compacts.
+            Either way the results are the same computation (compact == mask).
     """
 
     min_layer: int = 1
@@ -53,6 +67,7 @@ class AdaInferConfig:
     enabled: bool = True
     correct_full_depth: bool = False
     history: int = DEFAULT_HISTORY
+    decode_compact_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -71,6 +86,11 @@ class AdaInferConfig:
         object.__setattr__(self, "min_layer", min_layer)
         object.__setattr__(self, "interval", interval)
         object.__setattr__(self, "history", history)
+        if self.decode_compact_rows is not None:
+            rows = _integer("decode_compact_rows", self.decode_compact_rows)
+            if rows < 1:
+                raise ValueError(f"decode_compact_rows must be >= 1 (1 always compacts), got {rows}")
+            object.__setattr__(self, "decode_compact_rows", rows)
         if self.layers is not None:
             if isinstance(self.layers, (str, bytes)):
                 raise TypeError(f"layers must be a sequence of integers, got {self.layers!r}")
@@ -82,6 +102,12 @@ class AdaInferConfig:
             if not layers:
                 raise ValueError("layers=[] checks no layer: give at least one, or use enabled=False to turn exits off")
             object.__setattr__(self, "layers", layers)
+
+    def compact_rows_for(self, device) -> int:
+        """Finished rows needed before a decode layer runs compacted, on ``device``."""
+        if self.decode_compact_rows is not None:
+            return self.decode_compact_rows
+        return DECODE_COMPACT_ROWS.get(getattr(device, "type", str(device)), 1)
 
     def checked_layers(self, num_layers: int) -> frozenset[int]:
         """The layers k (1 <= k < num_layers) after which rows are checked.

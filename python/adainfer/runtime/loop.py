@@ -68,7 +68,12 @@ class ExitStats:
             (a classifier in label mode), else None (answers over the full vocabulary).
         answer_token: (B,) int64 vocabulary id of each row's answer, -1 where not known: at an exit,
             the exit head's answer; at full depth, the model's own (from the returned logits, so
-            known only when the ``*ForCausalLM`` forward ran, not the bare decoder).
+            known only when the ``*ForCausalLM`` forward ran, not the bare decoder). A policy that
+            decides without the exit head's signals (``ForcedExits``) leaves the full-vocabulary
+            answers of its exits *pending*: they come from the model's own last-position logits
+            (the LM head on the frozen state: the same logit-lens answer, decoded once instead of a
+            second full-vocabulary pass per exit event), or from the exit head on the first read
+            of ``answer_token`` / ``answer_prob`` when only the bare decoder ran.
         answer_prob: (B,) fp32 probability of that answer (over the label tokens in label mode).
         answer_label: (B,) int64 label index (0..K-1) of the answer in label mode, -1 where not known;
             None without labels.
@@ -82,10 +87,49 @@ class ExitStats:
     layer_rows: int = 0
     mode: str = "compact"
     label_token_ids: torch.Tensor | None = None
-    answer_token: torch.Tensor | None = None
-    answer_prob: torch.Tensor | None = None
+    _answer_token: torch.Tensor | None = field(default=None, repr=False)
+    _answer_prob: torch.Tensor | None = field(default=None, repr=False)
     answer_label: torch.Tensor | None = None
     label_logprobs: torch.Tensor | None = None
+    # (rows, last hidden (S, d), head) of exits decided without signals, answers not decoded yet
+    _pending: list[tuple[torch.Tensor, torch.Tensor, ExitHead]] = field(default_factory=list, repr=False)
+
+    @property
+    def answer_token(self) -> torch.Tensor:
+        self._resolve_pending()
+        return self._answer_token
+
+    @property
+    def answer_prob(self) -> torch.Tensor:
+        self._resolve_pending()
+        return self._answer_prob
+
+    def defer_answers(self, rows: torch.Tensor, last: torch.Tensor, head: ExitHead) -> None:
+        """Leave the full-vocabulary answers of ``rows`` (original ids; last hidden (S, d)) pending."""
+        self._pending.append((rows, last, head))
+
+    def take_pending_rows(self) -> torch.Tensor | None:
+        """Original ids of the rows whose answers are pending (now dropped: the caller answers
+        them from the model's own logits), or None."""
+        if not self._pending:
+            return None
+        rows = torch.cat([to_device(r, self.exit_layers.device) for r, _, _ in self._pending])
+        self._pending = []
+        return rows
+
+    def set_answers(self, rows: torch.Tensor, token: torch.Tensor, prob: torch.Tensor) -> None:
+        """Full-vocabulary answers of ``rows`` (original ids): token ids and their probabilities."""
+        self._resolve_pending()
+        rows = to_device(rows, self._answer_token.device)
+        self._answer_token.index_copy_(0, rows, to_device(token, rows.device))
+        self._answer_prob.index_copy_(0, rows, to_device(prob.float(), rows.device))
+
+    def _resolve_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for rows, last, head in pending:
+            with torch.no_grad():
+                signals = exit_head(to_device(last, head.weight.device), head, None)
+            self.record_answers(rows, None, signals)
 
     @classmethod
     def start(cls, batch: int, num_layers: int, mode: str, label_token_ids, device) -> ExitStats:
@@ -94,8 +138,8 @@ class ExitStats:
             exit_layers=torch.full((batch,), num_layers, dtype=torch.int64, device=device),
             num_layers=num_layers,
             mode=mode,
-            answer_token=torch.full((batch,), -1, dtype=torch.int64, device=device),
-            answer_prob=torch.full((batch,), float("nan"), device=device),
+            _answer_token=torch.full((batch,), -1, dtype=torch.int64, device=device),
+            _answer_prob=torch.full((batch,), float("nan"), device=device),
         )
         if label_token_ids is not None:
             # a fresh copy: the policy's tensor may have been made under inference_mode, and this
@@ -115,11 +159,11 @@ class ExitStats:
             best, label = logprobs.max(dim=-1)  # ties: the lower label index, as the kernel
             self.label_logprobs.index_copy_(0, rows, logprobs)
             self.answer_label.index_copy_(0, rows, label)
-            self.answer_token.index_copy_(0, rows, self.label_token_ids[label])
-            self.answer_prob.index_copy_(0, rows, best.exp())
+            self._answer_token.index_copy_(0, rows, self.label_token_ids[label])
+            self._answer_prob.index_copy_(0, rows, best.exp())
         else:
-            self.answer_token.index_copy_(0, rows, to_device(signals.argmax, device))
-            self.answer_prob.index_copy_(0, rows, to_device(signals.top_prob, device))
+            self._answer_token.index_copy_(0, rows, to_device(signals.argmax, device))
+            self._answer_prob.index_copy_(0, rows, to_device(signals.top_prob, device))
 
     @property
     def batch_size(self) -> int:
@@ -317,9 +361,10 @@ class LayerLoop:
                 stopped = last[stop]
                 if head.vocab_subset is not None:
                     stats.record_answers(rows[stop], label_logprobs(to_device(stopped, head.weight.device), head), None)
+                elif signals is None:  # decoded once, from the model's own logits (ExitStats)
+                    stats.defer_answers(rows[stop], stopped, head)
                 else:
-                    sig = self._signals(stopped, head, None, hidden.device) if signals is None else signals
-                    kept = sig if signals is None else ExitSignals(sig.top_prob[stop], sig.gap[stop], sig.argmax[stop])
+                    kept = ExitSignals(signals.top_prob[stop], signals.gap[stop], signals.argmax[stop])
                     stats.record_answers(rows[stop], None, kept)
         stats.rows_checked += rows.numel()
         stats.check_seconds += time.perf_counter() - t0
@@ -405,6 +450,8 @@ class _CompactPass(LayerPass):
         self.active_view = _RowView(self.batch, expand=False)
         self.finished_view = _RowView(self.batch, expand=True)
         self._rope = None  # this step's rotary embeddings (cos, sin), for the K/V fill
+        # Decode (one position per row): fewer finished rows than this run the layer frozen.
+        self.compact_rows = self.loop.config.compact_rows_for(h.device) if h.shape[1] == 1 else 1
 
     def _step(self, i: int, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
         self._rope = kwargs.get(_ROPE_KWARG)
@@ -414,16 +461,29 @@ class _CompactPass(LayerPass):
             if cache is not None:
                 self._fill_cache(cache, i)
         else:
-            if self.finished:
-                kwargs = self._active_kwargs(kwargs, cache)
-            h = self.loop.layers[i](h, **kwargs)
-            self.stats.layer_rows += h.shape[0]
+            if not self.finished:
+                h = self.loop.layers[i](h, **kwargs)
+                self.stats.layer_rows += h.shape[0]
+            elif self.batch - self.row_map.numel() < self.compact_rows:
+                h = self._run_frozen(i, h, kwargs)
+            else:
+                h = self.loop.layers[i](h, **self._active_kwargs(kwargs, cache))
+                self.stats.layer_rows += h.shape[0]
             k = i + 1
             if self._checked(k):
                 h = self._exit(k, h)
         if i + 1 == self.loop.num_layers:
             return self._gather(h)
         return h
+
+    def _run_frozen(self, i: int, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Layer i on the whole batch, the finished rows frozen at their exit state (mask mode for
+        one layer: their K/V come from the layer itself, the same state propagation as the fill);
+        returns the active rows' outputs. Cheaper than compacting while the layer's cost does not
+        depend on its row count (a decode step of a small batch): no fill, no history gather."""
+        out = self.loop.layers[i](self._gather(h), **kwargs)
+        self.stats.layer_rows += out.shape[0]
+        return out.index_select(0, to_device(self.row_map, out.device))
 
     def _active_kwargs(self, kwargs: dict, cache) -> dict:
         kwargs = dict(kwargs)
