@@ -318,7 +318,7 @@ def test_constructor_refuses_values_beyond_float32():
         ({"task": {"k_shot": "4"}}, "info.task.k_shot must be int, got str"),
         ({"task": {"k_shot": -1}}, "info.task.k_shot must be >= 0"),
         ({"task": {"k_shot": True}}, "info.task.k_shot must be int, got bool"),
-        ({"task": {"template": 7}}, "info.task.template must be str"),
+        ({"task": {"template": 7}}, "info.task.template must be str or null"),
         ({"task": {"sizes": [300, 300]}}, "info.task.sizes must be dict"),
         ({"task": {"sizes": {"test": -5}}}, "info.task.sizes.test must be a positive int"),
         ({"task": {"sizes": {"test": "300"}}}, "info.task.sizes.test must be a positive int"),
@@ -338,6 +338,9 @@ def test_info_null_and_free_form_keys_load(tmp_path):
     assert StopClassifier.load(_edited(tmp_path, lambda d: d.update(info=None))).info == {}
     free = {"note": ["anything", {"goes": 1}], "budget": 0.0, "task": {"task": "x.csv", "custom": [1]}}
     assert StopClassifier.load(_edited(tmp_path, lambda d: d.update(info=free))).info == free
+    # what `adainfer calibrate --task tweet-sentiment` writes without --template: the task's own
+    bundled = {"task": {"task": "tweet-sentiment", "template": None, "k_shot": 4, "seed": 0}}
+    assert StopClassifier.load(_edited(tmp_path, lambda d: d.update(info=bundled))).info == bundled
 
 
 @pytest.mark.parametrize("depth", [100, 100_000])

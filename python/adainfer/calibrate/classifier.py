@@ -607,7 +607,7 @@ INFO_FIELDS = {
 TASK_INFO_FIELDS = {
     "task": (str, None, ""),
     "k_shot": (int, lambda v: v >= 0, ">= 0"),
-    "template": (str, None, ""),
+    "template": ((str, type(None)), None, ""),  # null: the bundled task's own template
     "seed": (int, None, ""),
     "sizes": (dict, None, ""),
     "label_words": ((list, type(None)), None, ""),
