@@ -222,11 +222,11 @@ def run_config(model, tok, batch: int, prompt_len: int, args, label: str) -> lis
         for mode in args.modes:
             key = f"{pname}/{mode}"
             decode_fns[key] = runs.decode(key, ForcedExits(exits), mode)
-            if args.prefill:
+            if args.prefill and mode == "compact":  # mask mode's prefill is the full model's work
                 prefill_fns[key] = runs.prefill(key, ForcedExits(exits), mode)
     t0 = time.perf_counter()
     decode = interleaved(decode_fns, args.reps)
-    prefill = interleaved(prefill_fns, max(1, args.reps // 2)) if args.prefill else {}
+    prefill = interleaved(prefill_fns, args.prefill_reps) if args.prefill else {}
     t_ctx = prompt_len + args.new_tokens // 2
     costs_decode = measure(model, batch, t=t_ctx, new=1)
     costs_prefill = measure(model, batch, t=0, new=prompt_len, reps=3, warmup=1) if args.prefill else None
@@ -251,6 +251,7 @@ def run_config(model, tok, batch: int, prompt_len: int, args, label: str) -> lis
             "ideal_ms": round(ideal * 1e3, 3),
             "ideal_saving": round(1 - ideal / decode["full"], 4),
             "of_ideal": round(ideal / step_s, 4),
+            "layers_saved": round(1 - sum(min(e, num_layers) for e in exits) / (batch * num_layers), 4),
             "peak_mib": runs.memory.get(key),
             "kappa": round(costs_decode.kappa(decode["full"], batch, num_layers), 3),
         }
@@ -275,14 +276,49 @@ def run_config(model, tok, batch: int, prompt_len: int, args, label: str) -> lis
                 "ideal_ms": round(ideal * 1e3, 3),
                 "ideal_saving": round(1 - ideal / prefill["full"], 4),
                 "of_ideal": round(ideal / s, 4),
+                "layers_saved": round(1 - sum(min(e, num_layers) for e in exits) / (batch * num_layers), 4),
+                "peak_mib": None,
                 "kappa": round(costs_prefill.kappa(prefill["full"], batch, num_layers), 3),
             }
         )
+    for phase, costs, full_s in (
+        ("decode", costs_decode, decode["full"]),
+        ("prefill", costs_prefill, prefill.get("full")),
+    ):
+        if costs is None:
+            continue
+        kappa = costs.kappa(full_s, batch, num_layers)
+        for r in sorted(costs.layer):
+            rows.append(
+                {
+                    "bench": "cost_model",
+                    "label": label,
+                    "phase": phase,
+                    "batch": batch,
+                    "prompt": prompt_len,
+                    "rows": r,
+                    "context": costs.t,
+                    "layer_ms": round(costs.layer[r] * 1e3, 4),
+                    "fill_ms": round(costs.fill[r] * 1e3, 4),
+                    "head_ms": round(costs.head[r] * 1e3, 4),
+                    "kappa": round(kappa, 3),
+                }
+            )
     if args.classifier:
         rows += classifier_rows(model, tok, runs, batch, args, label)
+    print(f"\ncost model (decode, t={costs_decode.t}), ms per layer at r rows / per fill of r rows:")
+    print(
+        "  "
+        + "  ".join(
+            f"r={r}: {costs_decode.layer[r] * 1e3:.2f}/{costs_decode.fill[r] * 1e3:.2f}"
+            for r in sorted(costs_decode.layer)
+        )
+    )
     print(f"\nbatch {batch} x {prompt_len} tokens, {args.new_tokens} new ({elapsed:.0f} s, median of {args.reps})")
     print(f"{'phase':<8}{'pattern':<11}{'provider':<9}{'ms':>9}{'tok/s':>9}{'saving':>8}{'ideal':>8}{'of ideal':>9}")
     for r in rows:
+        if r["bench"] != "generate":
+            continue
         print(
             f"{r['phase']:<8}{r['pattern']:<11}{r['provider']:<9}{r['ms']:9.2f}{r['tokens_per_s']:9.1f}"
             f"{r['saving']:8.1%}{r['ideal_saving']:8.1%}{r['of_ideal']:9.1%}"
@@ -382,6 +418,75 @@ def plot(csv_path: Path, out: Path) -> Path:
     return out
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_child(batch: int, prompt_len: int, new_tokens: int, pattern: str, mode: str) -> None:
+    """One generation in a fresh process; prints the peak resident memory it added (CPU)."""
+    import threading
+
+    from adainfer import ForcedExits
+    from adainfer.app.loading import load_bundled
+
+    loaded = load_bundled()
+    model, tok = loaded.model, loaded.tokenizer
+    runs = Runs(model, tok, batch, prompt_len, new_tokens)
+    policy = None if pattern == "full" else ForcedExits(patterns(batch, model.config.num_hidden_layers, 10)[pattern])
+    fn = runs.decode(pattern, policy, mode)
+    base = _rss_mib()
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    fn()
+    done.set()
+    thread.join()
+    print(f"PEAK_MIB {peak[0] - base:.1f} {base:.1f}")
+
+
+def memory_rows(batch: int, prompt_len: int, new_tokens: int, label: str) -> list[dict]:
+    """Peak memory that generation adds, per run, each in its own process (CPU: resident memory
+    sampled every millisecond; glibc keeps freed memory, so a shared process would hide peaks)."""
+    import subprocess
+
+    rows = []
+    runs = [("full", "full")] + [(p, m) for p in ("all@10", "half@10", "staggered") for m in ("compact", "mask")]
+    for pattern, mode in runs:
+        cmd = [sys.executable, __file__, "--memory-child", str(batch), str(prompt_len), str(new_tokens), pattern, mode]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        added, base = (float(x) for x in next(ln.split()[1:] for ln in out.splitlines() if ln.startswith("PEAK_MIB")))
+        rows.append(
+            {
+                "bench": "memory",
+                "label": label,
+                "phase": "generate",
+                "batch": batch,
+                "prompt": prompt_len,
+                "new_tokens": new_tokens,
+                "pattern": pattern,
+                "provider": mode,
+                "added_mib": round(added, 1),
+                "peak_mib": round(base + added, 1),
+            }
+        )
+    full = rows[0]["peak_mib"]
+    for r in rows:
+        r["of_full"] = round(r["peak_mib"] / full, 3) if full else None
+        print(
+            f"memory {r['pattern']:<10}{r['provider']:<8} peak {r['peak_mib']:8.1f} MiB (+{r['added_mib']:.1f})", end=""
+        )
+        print(f"  {r['of_full']:.3f}x the full model's")
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", choices=sorted(GRIDS), default=None, help="a preset grid (default: cpu, or gpu)")
@@ -391,12 +496,24 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, default=10, help="the exit layer of the all@K and half@K patterns")
     parser.add_argument("--modes", nargs="+", default=["compact", "mask"], choices=["compact", "mask"])
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--prefill-reps", type=int, default=2, help="round-robin repetitions of the prefill runs")
     parser.add_argument("--no-prefill", dest="prefill", action="store_false")
     parser.add_argument("--classifier", help="a calibrated classifier file: adds its decode row")
     parser.add_argument("--label", default="current", help="tags the rows of this run (before / after)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--plot", type=Path, help="only draw the plot of this CSV")
+    parser.add_argument(
+        "--memory", type=int, nargs=3, metavar=("BATCH", "PROMPT", "NEW"), help="only measure peak memory (CPU)"
+    )
+    parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_child:
+        b, p, n, pattern, mode = args.memory_child
+        memory_child(int(b), int(p), int(n), pattern, mode)
+        return
+    if args.memory:
+        print(append_rows("bench_generate", memory_rows(*args.memory, args.label)))
+        return
     if args.plot:
         print(plot(args.plot, args.plot.with_suffix(".png")))
         return

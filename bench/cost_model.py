@@ -9,7 +9,9 @@ machine, at the same context length:
     check(r)      one exit check (the fused exit head) on r rows; only policies that read signals
     head(r)       the model's final norm + LM head on r rows (every step pays it once)
 
-A layer timed alone does not cost exactly what it costs inside the model (caches, other layers'
+Every part is timed cold (a 64 MiB buffer is written before each call: in the model, a layer's
+weights and K/V history were evicted by the other layers since its last step). A layer timed alone
+still does not cost exactly what it costs inside the model (caches, other layers'
 weights, the embedding and sampling around them), so the layer and fill costs are scaled by one
 factor per configuration, kappa = (full step - head(B)) / (L x layer(B, t)), which makes the model
 reproduce the unpatched model's measured step exactly. For a step where layer l runs on A_l of the
@@ -34,13 +36,26 @@ from dataclasses import dataclass, field
 
 import torch
 
+_FLUSH: dict[str, torch.Tensor] = {}
+
+
+def _flush_caches(device: torch.device) -> None:
+    """Write a buffer larger than the last-level cache: inside the model a layer's weights and its
+    K/V history were evicted by the other layers since its last step, so a part timed alone must
+    start cold too (else it reads from cache what the model reads from memory)."""
+    buf = _FLUSH.get(str(device))
+    if buf is None:
+        buf = _FLUSH[str(device)] = torch.empty(64 * 2**20 if device.type == "cpu" else 512 * 2**20, device=device)
+    buf.fill_(1.0)
+    _sync(device)
+
 
 def _median_s(fn: Callable[[], object], warmup: int, reps: int, device: torch.device) -> float:
     for _ in range(warmup):
         fn()
-    _sync(device)
     times = []
     for _ in range(reps):
+        _flush_caches(device)
         t0 = time.perf_counter()
         fn()
         _sync(device)

@@ -452,6 +452,7 @@ class _CompactPass(LayerPass):
         self._rope = None  # this step's rotary embeddings (cos, sin), for the K/V fill
         # Decode (one position per row): fewer finished rows than this run the layer frozen.
         self.compact_rows = self.loop.config.compact_rows_for(h.device) if h.shape[1] == 1 else 1
+        self._frozen_batch: torch.Tensor | None = None  # (B, T, d) with the finished rows' exit states
 
     def _step(self, i: int, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
         self._rope = kwargs.get(_ROPE_KWARG)
@@ -481,9 +482,16 @@ class _CompactPass(LayerPass):
         one layer: their K/V come from the layer itself, the same state propagation as the fill);
         returns the active rows' outputs. Cheaper than compacting while the layer's cost does not
         depend on its row count (a decode step of a small batch): no fill, no history gather."""
-        out = self.loop.layers[i](self._gather(h), **kwargs)
+        rows = to_device(self.row_map, h.device)
+        base = self._frozen_batch
+        if base is None or base.device != h.device:  # once per exit event (and device)
+            base = self._frozen_batch = self._gather(h)
+            full = base
+        else:  # the finished rows' states are unchanged since the event: only the active rows move in
+            full = base.index_copy(0, rows, h)
+        out = self.loop.layers[i](full, **kwargs)
         self.stats.layer_rows += out.shape[0]
-        return out.index_select(0, to_device(self.row_map, out.device))
+        return out.index_select(0, rows)
 
     def _active_kwargs(self, kwargs: dict, cache) -> dict:
         kwargs = dict(kwargs)
@@ -509,6 +517,7 @@ class _CompactPass(LayerPass):
         exit_layers = self.stats.exit_layers
         exit_layers.index_fill_(0, to_device(result.finished_rows, exit_layers.device), k)
         self.row_map = result.row_map
+        self._frozen_batch = None
         self.active_view.reset(self.row_map)
         self.finished_view.reset(self.finished.packed()[0])
         return result.tensors[0]
