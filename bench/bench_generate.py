@@ -404,9 +404,18 @@ def plot(csv_path: Path, out: Path) -> Path:
             if r["phase"] != phase or r["provider"] != "compact":
                 continue
             series.setdefault((r["label"], r["pattern"]), {})[int(r["batch"])] = float(r["of_ideal"])
-        for (lab, pat), pts in sorted(series.items()):
+        colors = {}
+        for (lab, pat), pts in sorted(series.items(), key=lambda kv: (kv[0][1], kv[0][0] != "before")):
             xs = sorted(pts)
-            ax.plot(xs, [pts[x] for x in xs], marker="o", ls="--" if lab == "before" else "-", label=f"{pat} ({lab})")
+            color = colors.setdefault(pat, f"C{len(colors)}")  # one colour per pattern, one line style per label
+            ax.plot(
+                xs,
+                [pts[x] for x in xs],
+                marker="o",
+                color=color,
+                ls="--" if lab == "before" else "-",
+                label=f"{pat} ({lab})",
+            )
         ax.axhline(0.85 if phase == "decode" else 0.90, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
@@ -485,6 +494,22 @@ def memory_rows(batch: int, prompt_len: int, new_tokens: int, label: str) -> lis
         )
         print(f"  {r['of_full']:.3f}x the full model's")
     return rows
+
+
+def test_bench_generate_quick(tmp_path, monkeypatch):
+    """`make bench` runs a small grid (batch 2 x 32 tokens, 4 new); `python bench/bench_generate.py` the full one."""
+    monkeypatch.setenv("ADAINFER_BENCH_DIR", str(tmp_path))
+    main(["--batches", "2", "--prompt-lens", "32", "--new-tokens", "4", "--reps", "1", "--prefill-reps", "1"])
+    import csv
+
+    with (tmp_path / "bench_generate.csv").open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["bench"] == "generate"]
+    assert {(r["phase"], r["provider"]) for r in rows} >= {
+        ("decode", "full"),
+        ("decode", "compact"),
+        ("prefill", "compact"),
+    }
+    assert (tmp_path / "bench_generate.png").exists()
 
 
 def main(argv=None) -> None:
