@@ -118,18 +118,24 @@ def _reset_peak(device: torch.device) -> None:
 class Runs:
     """One (batch, prompt) configuration: prompts, the prompt cache, and one callable per run."""
 
-    def __init__(self, model, tok, batch: int, prompt_len: int, new_tokens: int) -> None:
+    def __init__(self, model, tok, batch: int, prompt_len: int, new_tokens: int, cache: str = "dynamic") -> None:
         self.model, self.tok = model, tok
         self.device = next(model.parameters()).device
         self.batch, self.prompt_len, self.new_tokens = batch, prompt_len, new_tokens
         enc = real_prompts(tok, batch, prompt_len)
         self.enc = {k: v.to(self.device) for k, v in enc.items()}
+        kwargs = {}
+        if cache == "static":  # preallocated for the whole generation: updates write in place, nothing is copied
+            from transformers import StaticCache
+
+            kwargs["past_key_values"] = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + 1)
         with torch.inference_mode():
             out = model(
                 input_ids=self.enc["input_ids"][:, :-1],
                 attention_mask=self.enc["attention_mask"][:, :-1],
                 use_cache=True,
                 logits_to_keep=1,
+                **kwargs,
             )
         self.prompt_cache = out.past_key_values
         self.stats: dict[str, list] = {}
@@ -212,7 +218,7 @@ def run_config(model, tok, batch: int, prompt_len: int, args, label: str) -> lis
     from adainfer import ForcedExits
 
     num_layers = model.config.num_hidden_layers
-    runs = Runs(model, tok, batch, prompt_len, args.new_tokens)
+    runs = Runs(model, tok, batch, prompt_len, args.new_tokens, args.cache)
     pats = patterns(batch, num_layers, args.k)
     if batch == 1:  # one row: half and staggered are the same as all@K or no exit at all
         pats = {n: p for n, p in pats.items() if n.startswith("all@")}
@@ -254,6 +260,7 @@ def run_config(model, tok, batch: int, prompt_len: int, args, label: str) -> lis
             "layers_saved": round(1 - sum(min(e, num_layers) for e in exits) / (batch * num_layers), 4),
             "peak_mib": runs.memory.get(key),
             "kappa": round(costs_decode.kappa(decode["full"], batch, num_layers), 3),
+            "cache": args.cache,
         }
         rows.append(row)
     for key, s in prefill.items():
@@ -524,6 +531,12 @@ def main(argv=None) -> None:
     parser.add_argument("--prefill-reps", type=int, default=2, help="round-robin repetitions of the prefill runs")
     parser.add_argument("--no-prefill", dest="prefill", action="store_false")
     parser.add_argument("--classifier", help="a calibrated classifier file: adds its decode row")
+    parser.add_argument(
+        "--cache",
+        choices=["dynamic", "static"],
+        default="dynamic",
+        help="the generation's cache (static: preallocated; the cost model always times DynamicCache parts)",
+    )
     parser.add_argument("--label", default="current", help="tags the rows of this run (before / after)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--plot", type=Path, help="only draw the plot of this CSV")
