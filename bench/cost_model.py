@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from record import sync
 
 _FLUSH: dict[str, torch.Tensor] = {}
 
@@ -47,7 +48,7 @@ def _flush_caches(device: torch.device) -> None:
     if buf is None:
         buf = _FLUSH[str(device)] = torch.empty(64 * 2**20 if device.type == "cpu" else 512 * 2**20, device=device)
     buf.fill_(1.0)
-    _sync(device)
+    sync(device)
 
 
 def _median_s(fn: Callable[[], object], warmup: int, reps: int, device: torch.device) -> float:
@@ -58,14 +59,9 @@ def _median_s(fn: Callable[[], object], warmup: int, reps: int, device: torch.de
         _flush_caches(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _interp(points: dict[int, float], r: float) -> float:

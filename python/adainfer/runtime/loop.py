@@ -128,7 +128,7 @@ class ExitStats:
         pending, self._pending = self._pending, []
         for rows, last, head in pending:
             with torch.no_grad():
-                signals = exit_head(to_device(last, head.weight.device), head, None)
+                signals = LayerLoop._signals(last, head, None, self.exit_layers.device)
             self.record_answers(rows, None, signals)
 
     @classmethod
@@ -462,13 +462,12 @@ class _CompactPass(LayerPass):
             if cache is not None:
                 self._fill_cache(cache, i)
         else:
-            if not self.finished:
-                h = self.loop.layers[i](h, **kwargs)
-                self.stats.layer_rows += h.shape[0]
-            elif self.batch - self.row_map.numel() < self.compact_rows:
+            if self.finished and self.batch - self.row_map.numel() < self.compact_rows:
                 h = self._run_frozen(i, h, kwargs)
             else:
-                h = self.loop.layers[i](h, **self._active_kwargs(kwargs, cache))
+                if self.finished:
+                    kwargs = self._active_kwargs(kwargs, cache)
+                h = self.loop.layers[i](h, **kwargs)
                 self.stats.layer_rows += h.shape[0]
             k = i + 1
             if self._checked(k):

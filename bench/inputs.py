@@ -1,0 +1,15 @@
+"""Real benchmark inputs: the texts of the bundled tweet corpus (``adainfer.app.tasks``)."""
+
+from __future__ import annotations
+
+import csv
+import functools
+
+
+@functools.cache
+def bundled_tweets() -> tuple[str, ...]:
+    """Every tweet of the bundled corpus, in file order."""
+    from adainfer.app.tasks import tweet_csv_path
+
+    with tweet_csv_path().open(encoding="latin-1", newline="") as f:
+        return tuple(row["text"] for row in csv.DictReader(f))
