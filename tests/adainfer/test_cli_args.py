@@ -182,21 +182,9 @@ def test_eval_records_the_settings_it_ran_with(tiny_dir, tmp_path, capsys):
     stored = StopClassifier.load(clf_path).info["task"]
     assert stored["k_shot"] == 2 and stored["template"] == "instruct" and stored["seed"] == 3
     out = tmp_path / "out"
-    rc = main(
-        [
-            "eval",
-            *common,
-            "--classifier",
-            str(clf_path),
-            "--out-dir",
-            str(out),
-            "--no-plots",
-            "--wallclock-prompts",
-            "0",
-            "--batch-size",
-            "5",
-        ]
-    )
+    evaluate = ["eval", *common, "--classifier", str(clf_path), "--out-dir", str(out), "--no-plots"]
+    evaluate += ["--wallclock-prompts", "0"]
+    rc = main([*evaluate, "--batch-size", "5"])
     assert rc == 0, capsys.readouterr().err
     result = json.loads((out / "results.json").read_text())
     settings = result["settings"]
@@ -209,23 +197,7 @@ def test_eval_records_the_settings_it_ran_with(tiny_dir, tmp_path, capsys):
     task = result["task"]
     assert task["label_words_arg"] == ["neg=bad", "pos=good"] and task["text_column"] == "review"
     # an option given to eval wins over the stored one, and is what gets recorded
-    rc = main(
-        [
-            "eval",
-            *common,
-            "--classifier",
-            str(clf_path),
-            "--out-dir",
-            str(out),
-            "--no-plots",
-            "--wallclock-prompts",
-            "0",
-            "--k-shot",
-            "1",
-            "--n-test",
-            "4",
-        ]
-    )
+    rc = main([*evaluate, "--k-shot", "1", "--n-test", "4"])
     assert rc == 0, capsys.readouterr().err
     settings = json.loads((out / "results.json").read_text())["settings"]
     assert settings["k_shot"] == 1 and settings["sizes"]["test"] == 4 and settings["template"] == "instruct"
