@@ -66,7 +66,7 @@ $(COMPAT_VENV)/.adainfer-deps: requirements/torch.txt requirements/compat.txt
 
 test-compat: $(BUILD_STAMP) $(COMPAT_VENV)/.adainfer-deps
 	PYTHONPATH=$(CURDIR):$(CURDIR)/python TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest \
-	  tests/adainfer/test_patch.py -q -p no:cacheprovider
+	  tests/runtime/test_patch.py -q -p no:cacheprovider
 
 bench: $(BUILD_STAMP)
 	$(PY) -m pytest bench -q --benchmark-columns=median,iqr,min,rounds --benchmark-sort=name

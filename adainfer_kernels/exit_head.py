@@ -1,6 +1,6 @@
 """The fused exit head: norm -> LM head (-> soft-cap) -> softmax statistics -> top-2 gap -> linear score.
 
-``exit_head(hidden, head, score)`` decodes each row's hidden state through the model's own
+``exit_head(hidden, head, stop_rule)`` decodes each row's hidden state through the model's own
 final norm and LM head (the "logit lens") and returns, per row, the top-1 probability, the top-1
 minus top-2 probability gap, the top-1 id and the stop rule's linear score, without ever holding
 the (rows, V) logits (docs/architecture.md, "The exit head"). Backends (``backend.exit_head_backend``):
@@ -15,11 +15,11 @@ the (rows, V) logits (docs/architecture.md, "The exit head"). Backends (``backen
   also O(R x chunk) working memory.
 - ``ADAINFER_BACKEND=reference``: ``reference.exit_head_ref`` (materialises the logits; debugging).
 
-Gemma / Gemma2 (``ExitHead.norm = "rms_offset"``, ``ExitHead.logit_softcap``): Gemma's RMSNorm
+Gemma / Gemma2 (``ReadoutHead.norm = "rms_offset"``, ``ReadoutHead.logit_softcap``): Gemma's RMSNorm
 (fp32 throughout, times ``1 + weight``, one rounding) is applied by ``head.decode_rows`` with
 Hugging Face's own ops, on (R, d) rows, and the kernels get pre-normed rows (as for
 ``project_out``), so it is bit-identical to ``GemmaRMSNorm`` on every backend. Soft-capping,
-``z_c = cap * tanh(<x, W_c> / cap)`` before the subset bias, runs inside every backend's vocabulary
+``z_c = cap * tanh(<x, W_c> / cap)`` before the logit bias, runs inside every backend's vocabulary
 pass on the fp32 logits (Triton: in registers; native CPU op: on its L2-sized logits buffer,
 vectorised; torch fallback: on each chunk), never on (R, V) logits. tanh is monotone, so the
 argmax and the top-2 order are those of the uncapped logits up to ties that the cap's fp32
@@ -54,7 +54,7 @@ bytes for OPT-350m) and change the rounding; projecting first reads the (d_out, 
 
 Ties: the lowest candidate position wins (the lower id; with a subset, the earlier subset entry)
 and the gap is 0. A single candidate gives gap == top_prob. Rows whose hidden state holds inf or
-NaN get NaN top_prob / gap / score and argmax -1; if every candidate logit is -inf (a subset bias
+NaN get NaN top_prob / gap / score and argmax -1; if every candidate logit is -inf (a logit bias
 of -inf everywhere) top_prob / gap / score are NaN.
 """
 
@@ -66,9 +66,9 @@ from adainfer_kernels import _native
 from adainfer_kernels._cache import IdentityCache
 from adainfer_kernels.backend import exit_head_backend
 from adainfer_kernels.head import (
-    ExitHead,
     ExitSignals,
-    LinearScore,
+    ReadoutHead,
+    StopRule,
     check_exit_head_inputs,
     decode_rows,
     empty_signals,
@@ -86,19 +86,20 @@ _PACKED = IdentityCache(max_entries=4)
 _TRANSPOSED = IdentityCache(max_entries=4)
 
 
-def exit_head(hidden: torch.Tensor, head: ExitHead, score: LinearScore | None = None) -> ExitSignals:
+def exit_head(hidden: torch.Tensor, head: ReadoutHead, stop_rule: StopRule | None = None) -> ExitSignals:
     """Exit signals of each row: top-1 probability, top-1 minus top-2 gap, top-1 id, score.
 
     Args:
         hidden: (R, d) bf16/fp16/fp32 hidden states (the last token of each active row), on the
             device and in the dtype of the head's tensors. R may be 0.
-        head: the model's decode path (``ExitHead``: norm, ``project_out``, LM head, subset).
-        score: optional ``LinearScore`` (the stop rule's decision function), computed in the same pass.
+        head: the model's decode path (``ReadoutHead``: norm, ``project_out``, LM head, subset).
+        stop_rule: optional ``StopRule`` (the linear decision function); its value, the score, is
+            computed in the same pass.
 
     Returns:
         ``ExitSignals`` with (R,) fields: ``top_prob`` fp32 = max softmax probability over the
         candidates, ``gap`` fp32 = top-1 minus top-2 probability, ``argmax`` int64 id in the full
-        vocabulary, ``score`` fp32 (None without a ``score``). Computed under
+        vocabulary, ``score`` fp32 (None without a ``stop_rule``). Computed under
         ``torch.inference_mode()``: the outputs are inference tensors.
 
     Raises:
@@ -106,18 +107,18 @@ def exit_head(hidden: torch.Tensor, head: ExitHead, score: LinearScore | None = 
             always before any work is done.
     """
     # Checked in the caller's grad mode: refusing inputs that would need a backward.
-    check_exit_head_inputs(hidden, head, score)
+    check_exit_head_inputs(hidden, head, stop_rule)
     with torch.inference_mode():
         if hidden.shape[0] == 0:
-            return empty_signals(hidden.device, score is not None)
+            return empty_signals(hidden.device, stop_rule is not None)
         choice = exit_head_backend(hidden.device).name
         if choice == "triton":
             from adainfer_kernels.exit_head_triton import exit_head_triton
 
-            return exit_head_triton(hidden, head, score, check=False)
+            return exit_head_triton(hidden, head, stop_rule, check=False)
         if choice == "cpu":
-            return _exit_head_cpu(hidden, head, score)
-        return exit_head_ref(hidden, head, score)
+            return _exit_head_cpu(hidden, head, stop_rule)
+        return exit_head_ref(hidden, head, stop_rule)
 
 
 def clear_cache() -> None:
@@ -145,7 +146,7 @@ def _compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 
 
 def _exit_head_cpu(
-    hidden: torch.Tensor, head: ExitHead, score: LinearScore | None = None, impl: str = "auto"
+    hidden: torch.Tensor, head: ReadoutHead, stop_rule: StopRule | None = None, impl: str = "auto"
 ) -> ExitSignals:
     """The CPU path (inputs already checked). ``impl`` forces ``"native"`` or ``"torch"`` (tests)."""
     if impl not in CPU_IMPLS:
@@ -158,7 +159,7 @@ def _exit_head_cpu(
     if impl == "torch":
         x = decode_rows(hidden, head).to(cdt)
         wt = _TRANSPOSED.get((head.weight, head.vocab_subset), lambda: _transposed_fp32(head))
-        return _finish(*_stats_torch(x, wt, head.subset_bias, head.logit_softcap), hidden, head, score)
+        return _finish(*_stats_torch(x, wt, head.logit_bias, head.logit_softcap), hidden, head, stop_rule)
 
     packed = _PACKED.get((head.weight, head.vocab_subset), lambda: _pack(head, cdt))
     # The op applies rms / layer norms itself (HF's numerics); Gemma's norm and project_out come pre-applied.
@@ -166,7 +167,7 @@ def _exit_head_cpu(
     nw, nb = (head.norm_weight, head.norm_bias) if norm else (None, None)
     cap = float(head.logit_softcap) if head.logit_softcap is not None else None
     top, gap, pos = torch.ops.adainfer.exit_head_cpu(
-        rows, packed, head.n_candidates, norm, nw, nb, float(head.eps), head.subset_bias, cap
+        rows, packed, head.n_candidates, norm, nw, nb, float(head.eps), head.logit_bias, cap
     )
     if rows is not hidden:  # non-finite rows of the caller's hidden states, not of the normed/projected rows
         bad = ~torch.isfinite(hidden).all(dim=1)
@@ -174,11 +175,11 @@ def _exit_head_cpu(
         gap = torch.where(bad, float("nan"), gap)
         pos = torch.where(bad, -1, pos)
     argmax = pos if head.vocab_subset is None else torch.where(pos < 0, pos, head.vocab_subset[pos.clamp(min=0)])
-    value = score(top, gap) if score is not None else None
+    value = stop_rule(top, gap) if stop_rule is not None else None
     return ExitSignals(top_prob=top, gap=gap, argmax=argmax.to(torch.int64), score=value)
 
 
-def _pack(head: ExitHead, cdt: torch.dtype) -> torch.Tensor:
+def _pack(head: ReadoutHead, cdt: torch.dtype) -> torch.Tensor:
     w = head.weight if head.vocab_subset is None else head.weight.index_select(0, head.vocab_subset)
     return torch.ops.adainfer.exit_head_cpu_pack(w.to(cdt))
 
@@ -189,7 +190,7 @@ def _chunk(n_rows: int) -> int:
     return max(1024, min(16384, (1 << 18) // max(1, n_rows)))
 
 
-def _transposed_fp32(head: ExitHead) -> torch.Tensor:
+def _transposed_fp32(head: ReadoutHead) -> torch.Tensor:
     w = head.weight if head.vocab_subset is None else head.weight.index_select(0, head.vocab_subset)
     return w.float().t().contiguous()
 
@@ -241,8 +242,8 @@ def _finish(
     pos: torch.Tensor,
     second: torch.Tensor,
     hidden: torch.Tensor,
-    head: ExitHead,
-    score: LinearScore | None,
+    head: ReadoutHead,
+    stop_rule: StopRule | None,
 ) -> ExitSignals:
     """Signals from per-row (max, sum of exp(z - max), position of the max, second largest)."""
     top = 1.0 / big_s
@@ -254,7 +255,7 @@ def _finish(
     gap = torch.where(undefined, nan, gap)
     argmax = pos if head.vocab_subset is None else head.vocab_subset.to(torch.int64)[pos]
     argmax = torch.where(bad, torch.full_like(argmax, -1), argmax)
-    value = score(top, gap) if score is not None else None
+    value = stop_rule(top, gap) if stop_rule is not None else None
     return ExitSignals(top_prob=top, gap=gap, argmax=argmax, score=value)
 
 

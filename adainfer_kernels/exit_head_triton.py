@@ -10,7 +10,7 @@ Math, per row r of the hidden states h (R, d) and candidate c (a row of W, or a 
     z_rc     = y_rc (+ bias_c)                 or, soft-capped (Gemma2): cap * tanh(y_rc / cap) (+ bias_c)
     M_r      = max_c z_rc,  S_r = sum_c exp(z_rc - M_r),  T_r = second largest z_rc (a tie counts twice)
     top_prob = 1 / S_r,     gap = (1 - exp(T_r - M_r)) / S_r,     argmax = lowest c with z_rc == M_r
-    score    = w_top_prob * top_prob + w_gap * gap + bias        (the LinearScore, optional)
+    score    = w_top_prob * top_prob + w_gap * gap + offset      (the StopRule, optional)
 
 ``_exit_head_kernel`` gives each program a block of rows and a contiguous slice of the candidates
 ("split-V", flash-decoding style). It streams its slice of W tile by tile and keeps, per row, the
@@ -80,9 +80,9 @@ import triton
 import triton.language as tl
 
 from adainfer_kernels.head import (
-    ExitHead,
     ExitSignals,
-    LinearScore,
+    ReadoutHead,
+    StopRule,
     check_exit_head_inputs,
     empty_signals,
     kernel_rows,
@@ -158,7 +158,7 @@ def _exit_head_kernel(
     nw_ptr,  # (d,) norm weight (NORM != 0)
     nb_ptr,  # (d,) LayerNorm bias (HAS_NB)
     ids_ptr,  # (n_cand,) subset row ids (HAS_SUBSET)
-    bias_ptr,  # (n_cand,) fp32 subset bias (HAS_BIAS)
+    logit_bias_ptr,  # (n_cand,) fp32 logit bias (HAS_LOGIT_BIAS)
     pm_ptr,  # (n_splits, n_rows) fp32 partial max
     ps_ptr,  # (n_splits, n_rows) fp32 partial sum of exp(z - max)
     pi_ptr,  # (n_splits, n_rows) int32 partial first position of the max
@@ -174,7 +174,7 @@ def _exit_head_kernel(
     NORM: tl.constexpr,  # 0 none, 1 rms, 2 layer
     HAS_NB: tl.constexpr,
     HAS_SUBSET: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_LOGIT_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     USE_DOT: tl.constexpr,  # rowtile (tl.dot) or splitv (broadcast FMA)
     DOT_FP32: tl.constexpr,  # feed tl.dot fp32 operands (the interpreter's bf16 dot is wrong)
@@ -252,8 +252,8 @@ def _exit_head_kernel(
         z = acc
         if HAS_SOFTCAP:
             z = softcap * _tanh(z * inv_cap)
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + cand, mask=cmask, other=0.0)[None, :]
+        if HAS_LOGIT_BIAS:
+            z += tl.load(logit_bias_ptr + cand, mask=cmask, other=0.0)[None, :]
         z = tl.where(cmask[None, :], z, float("-inf"))
 
         # This tile's max, first position of the max and second largest (a tie counts twice).
@@ -277,7 +277,7 @@ def _exit_head_kernel(
     tl.store(pt_ptr + p_off, t_run, mask=rmask)
 
 
-@triton.jit(do_not_specialize=["n_rows", "score_w_top_prob", "score_w_gap", "score_bias"])
+@triton.jit(do_not_specialize=["n_rows", "rule_w_top_prob", "rule_w_gap", "rule_offset"])
 def _exit_head_merge_kernel(
     pm_ptr,
     ps_ptr,
@@ -293,9 +293,9 @@ def _exit_head_merge_kernel(
     n_splits,
     d_chk,
     stride_cr,
-    score_w_top_prob,
-    score_w_gap,
-    score_bias,
+    rule_w_top_prob,
+    rule_w_gap,
+    rule_offset,
     HAS_SUBSET: tl.constexpr,
     HAS_SCORE: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -355,7 +355,7 @@ def _exit_head_merge_kernel(
         x = tl.load(chk_ptr + row_off[:, None] + kk[None, :], mask=m2, other=0.0).to(tl.float32)
         acc_bad += tl.where(tl.abs(x) <= _FLT_MAX, 0, 1)
     n_bad = tl.sum(acc_bad, axis=1)
-    # All candidates at -inf (e.g. a subset bias of -inf everywhere): no distribution, NaN signals.
+    # All candidates at -inf (e.g. a logit bias of -inf everywhere): no distribution, NaN signals.
     undefined = (n_bad > 0) | (big_m == float("-inf"))
 
     safe_s = tl.where(rmask & (big_s > 0), big_s, 1.0)  # padding rows: no 1/0
@@ -373,7 +373,7 @@ def _exit_head_merge_kernel(
     tl.store(gap_ptr + rows, gap, mask=rmask)
     tl.store(arg_ptr + rows, arg, mask=rmask)
     if HAS_SCORE:
-        tl.store(score_ptr + rows, score_w_top_prob * top + score_w_gap * gap + score_bias, mask=rmask)
+        tl.store(score_ptr + rows, rule_w_top_prob * top + rule_w_gap * gap + rule_offset, mask=rmask)
 
 
 @dataclass(frozen=True)
@@ -446,8 +446,8 @@ def _n_splits(n_row_blocks: int, n_tiles: int, device: torch.device) -> tuple[in
 
 def exit_head_triton(
     hidden: torch.Tensor,
-    head: ExitHead,
-    score: LinearScore | None = None,
+    head: ReadoutHead,
+    stop_rule: StopRule | None = None,
     *,
     variant: str | None = None,
     n_splits: int | None = None,
@@ -457,7 +457,7 @@ def exit_head_triton(
 
     Args:
         hidden: (R, d) bf16/fp16/fp32 hidden states (CUDA; CPU tensors under TRITON_INTERPRET=1).
-        head, score: as ``exit_head``.
+        head, stop_rule: as ``exit_head``.
         variant: force ``"splitv"`` or ``"rowtile"`` (tests); None picks by the number of rows.
         n_splits: force the number of vocabulary splits (tests); None picks ~4 programs per SM.
         check: run ``check_exit_head_inputs`` (``exit_head`` already did).
@@ -466,11 +466,11 @@ def exit_head_triton(
         ExitSignals with (R,) fields (see ``exit_head``).
     """
     if check:
-        check_exit_head_inputs(hidden, head, score)
+        check_exit_head_inputs(hidden, head, stop_rule)
     n_rows = hidden.shape[0]
     dev = hidden.device
     if n_rows == 0:
-        return empty_signals(dev, score is not None)
+        return empty_signals(dev, stop_rule is not None)
 
     # Gemma's norm, or any norm + project_out: in torch on (R, d) (Hugging Face's ops), then a norm-free kernel.
     x, norm_code = kernel_rows(hidden, head)
@@ -495,11 +495,13 @@ def exit_head_triton(
     nw = head.norm_weight.contiguous() if norm_code else None
     nb = head.norm_bias.contiguous() if (norm_code == 2 and head.norm_bias is not None) else None
     ids = ids.contiguous() if ids is not None else None
-    sb = head.subset_bias.contiguous() if head.subset_bias is not None else None
+    logit_bias = head.logit_bias.contiguous() if head.logit_bias is not None else None
     # Triton launches on the current CUDA device: make it the tensors' device.
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         cap = head.logit_softcap
-        return _launch(x, w, nw, nb, ids, sb, chk, score, norm_code, cfg, n_rb, splits, per_split, float(head.eps), cap)
+        return _launch(
+            x, w, nw, nb, ids, logit_bias, chk, stop_rule, norm_code, cfg, n_rb, splits, per_split, float(head.eps), cap
+        )
 
 
 MERGE_BLOCK_R = 16
@@ -513,9 +515,9 @@ def _launch(
     nw: torch.Tensor | None,
     nb: torch.Tensor | None,
     ids: torch.Tensor | None,
-    sb: torch.Tensor | None,
+    logit_bias: torch.Tensor | None,
     chk: torch.Tensor,
-    linear_score: LinearScore | None,
+    stop_rule: StopRule | None,
     norm_code: int,
     cfg: TritonConfig,
     n_rb: int,
@@ -540,7 +542,7 @@ def _launch(
         nw if nw is not None else dummy,
         nb if nb is not None else dummy,
         ids if ids is not None else dummy,
-        sb if sb is not None else dummy,
+        logit_bias if logit_bias is not None else dummy,
         part_m,
         part_s,
         part_i,
@@ -556,7 +558,7 @@ def _launch(
         NORM=norm_code,
         HAS_NB=nb is not None,
         HAS_SUBSET=ids is not None,
-        HAS_BIAS=sb is not None,
+        HAS_LOGIT_BIAS=logit_bias is not None,
         HAS_SOFTCAP=softcap is not None,
         USE_DOT=cfg.variant == "rowtile",
         DOT_FP32=_interpreting(),
@@ -570,7 +572,7 @@ def _launch(
     top = torch.empty(n_rows, dtype=torch.float32, device=dev)
     gap = torch.empty_like(top)
     arg = torch.empty(n_rows, dtype=torch.int64, device=dev)
-    score = torch.empty_like(top) if linear_score is not None else None
+    score = torch.empty_like(top) if stop_rule is not None else None
     _exit_head_merge_kernel[(triton.cdiv(n_rows, MERGE_BLOCK_R),)](
         part_m,
         part_s,
@@ -586,11 +588,11 @@ def _launch(
         splits,
         chk.shape[1],
         chk.stride(0),
-        float(linear_score.w_top_prob) if linear_score is not None else 0.0,
-        float(linear_score.w_gap) if linear_score is not None else 0.0,
-        float(linear_score.bias) if linear_score is not None else 0.0,
+        float(stop_rule.w_top_prob) if stop_rule is not None else 0.0,
+        float(stop_rule.w_gap) if stop_rule is not None else 0.0,
+        float(stop_rule.offset) if stop_rule is not None else 0.0,
         HAS_SUBSET=ids is not None,
-        HAS_SCORE=linear_score is not None,
+        HAS_SCORE=stop_rule is not None,
         BLOCK_R=MERGE_BLOCK_R,
         BLOCK_S=MERGE_BLOCK_S,
         BLOCK_D=MERGE_BLOCK_D,

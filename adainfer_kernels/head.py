@@ -1,9 +1,9 @@
 """The data the exit head needs: how a model decodes a hidden state, and what comes out.
 
-``ExitHead`` describes the model's own decode path (the "logit lens"): final norm, optional
+``ReadoutHead`` describes the model's own decode path (the "logit lens"): final norm, optional
 ``project_out`` (OPT-350m), LM-head weight, and an optional vocabulary subset (a task's label
 tokens) with an additive bias per subset row (the per-layer label-bias correction).
-``LinearScore`` is the stop rule's decision function over the features (``NEVER_STOP`` and
+``StopRule`` is the stop rule's decision function over the features (``NEVER_STOP`` and
 ``ALWAYS_STOP`` are its two constant forms). ``ExitSignals`` is what ``exit_head`` returns, one
 entry per row. ``decode_rows`` is the norm + ``project_out`` part of the decode path, with Hugging
 Face's ops, shared by every backend; ``kernel_rows`` says what a fused kernel is fed (the caller's
@@ -28,7 +28,7 @@ FEATURES: tuple[str, ...] = ("top_prob", "gap")
 
 
 @dataclass(frozen=True)
-class ExitHead:
+class ReadoutHead:
     """A model's decode path from a hidden state to logits.
 
     Attributes:
@@ -45,10 +45,10 @@ class ExitHead:
             ``project_out`` when ``word_embed_proj_dim != hidden_size``), or None (then d_out == d).
         vocab_subset: (K,) int64 row ids of ``weight`` to decode onto (e.g. a task's label tokens),
             or None for the full vocabulary. Ids must be distinct.
-        subset_bias: (K,) fp32 added to the subset logits before the softmax statistics, or None.
+        logit_bias: (K,) fp32 added to the subset logits before the softmax statistics, or None.
         logit_softcap: final-logit soft-capping (Gemma2's ``config.final_logit_softcapping``, e.g.
             30.0), or None for none: each candidate logit is ``cap * tanh(<x, W_c> / cap)``
-            (computed in fp32 inside the vocabulary pass), then ``subset_bias`` is added. A
+            (computed in fp32 inside the vocabulary pass), then ``logit_bias`` is added. A
             finite float > 0.
     """
 
@@ -59,7 +59,7 @@ class ExitHead:
     eps: float = 1e-5
     project_out: torch.Tensor | None = None
     vocab_subset: torch.Tensor | None = None
-    subset_bias: torch.Tensor | None = None
+    logit_bias: torch.Tensor | None = None
     logit_softcap: float | None = None
 
     @property
@@ -81,25 +81,25 @@ class ExitHead:
 
 
 @dataclass(frozen=True)
-class LinearScore:
+class StopRule:
     """The stop rule's linear decision function, computed in the exit head's pass.
 
-    ``score = w_top_prob * top_prob + w_gap * gap + bias``; a row is finished when
-    ``score > 0`` after the caller folds its threshold (and any per-layer term) into ``bias``.
+    ``score = w_top_prob * top_prob + w_gap * gap + offset``; a row is finished when
+    ``score > 0`` after the caller folds its threshold (and any per-layer term) into ``offset``.
     """
 
     w_top_prob: float
     w_gap: float
-    bias: float
+    offset: float
 
     def __call__(self, top_prob: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
-        return self.w_top_prob * top_prob + self.w_gap * gap + self.bias
+        return self.w_top_prob * top_prob + self.w_gap * gap + self.offset
 
 
 # The two constant rules: score -1 never stops (a NaN score, from a non-finite row, never stops
 # either); score +1 always stops.
-NEVER_STOP = LinearScore(w_top_prob=0.0, w_gap=0.0, bias=-1.0)
-ALWAYS_STOP = LinearScore(w_top_prob=0.0, w_gap=0.0, bias=1.0)
+NEVER_STOP = StopRule(w_top_prob=0.0, w_gap=0.0, offset=-1.0)
+ALWAYS_STOP = StopRule(w_top_prob=0.0, w_gap=0.0, offset=1.0)
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class ExitSignals:
             is a single candidate).
         argmax: int64 id of the top-1 candidate in the full vocabulary; on an exact tie the lower
             vocabulary position among the candidates (the lower subset position with a subset).
-        score: fp32 value of the ``LinearScore`` passed to ``exit_head``, or None when none was.
+        score: fp32 value of the ``StopRule`` passed to ``exit_head``, or None when none was.
 
     Rows whose hidden state holds NaN or inf get ``top_prob = gap = score = NaN`` and
     ``argmax = -1``: such a row never passes a ``score > threshold`` test.
@@ -147,14 +147,14 @@ def _check_model_tensor(name: str, t: object, hidden: torch.Tensor, shape: tuple
         raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}: move them to one device")
 
 
-def check_exit_head_inputs(hidden: torch.Tensor, head: ExitHead, score: LinearScore | None = None) -> None:
+def check_exit_head_inputs(hidden: torch.Tensor, head: ReadoutHead, stop_rule: StopRule | None = None) -> None:
     """Every input check of ``exit_head``, in one place (all backends call it).
 
     Raises TypeError / ValueError / IndexError / RuntimeError naming the problem and the fix:
     hidden not 2-D or not bf16/fp16/fp32; mismatched d, V, dtypes or devices; norm tensors missing,
     misplaced or of the wrong shape; non-finite or negative eps; vocabulary subset ids not 1-D
-    integers, empty, out of range or duplicated; subset bias without a subset, of the wrong shape or
-    not fp32; a logit soft-cap that is not a finite float > 0; a score that is not a ``LinearScore``
+    integers, empty, out of range or duplicated; logit bias without a subset, of the wrong shape or
+    not fp32; a logit soft-cap that is not a finite float > 0; a stop rule that is not a ``StopRule``
     or has non-finite coefficients; inputs that require grad while autograd is recording (the exit
     head has no backward).
 
@@ -163,8 +163,8 @@ def check_exit_head_inputs(hidden: torch.Tensor, head: ExitHead, score: LinearSc
     """
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-    if not isinstance(head, ExitHead):
-        raise TypeError(f"head must be an ExitHead, got {type(head).__name__}")
+    if not isinstance(head, ReadoutHead):
+        raise TypeError(f"head must be a ReadoutHead, got {type(head).__name__}")
     if hidden.dim() != 2:
         raise ValueError(
             f"hidden must be 2-D (rows, d), got shape {tuple(hidden.shape)}; "
@@ -224,17 +224,17 @@ def check_exit_head_inputs(hidden: torch.Tensor, head: ExitHead, score: LinearSc
             raise ValueError("vocab_subset is empty: pass at least one row id, or None for the full vocabulary")
         if ids.device != hidden.device:
             raise ValueError(f"vocab_subset is on {ids.device} but hidden is on {hidden.device}")
-    if head.subset_bias is not None:
-        b = head.subset_bias
+    if head.logit_bias is not None:
+        b = head.logit_bias
         if ids is None:
-            raise ValueError("subset_bias needs a vocab_subset (it is one bias per subset row)")
+            raise ValueError("logit_bias needs a vocab_subset (it is one bias per subset row)")
         if not isinstance(b, torch.Tensor) or b.dim() != 1 or b.shape[0] != ids.shape[0]:
             shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
-            raise ValueError(f"subset_bias must have shape ({ids.shape[0]},), one per subset row, got {shape}")
+            raise ValueError(f"logit_bias must have shape ({ids.shape[0]},), one per subset row, got {shape}")
         if b.dtype != torch.float32:
-            raise TypeError(f"subset_bias must be fp32, got {b.dtype} (use subset_bias.float())")
+            raise TypeError(f"logit_bias must be fp32, got {b.dtype} (use logit_bias.float())")
         if b.device != hidden.device:
-            raise ValueError(f"subset_bias is on {b.device} but hidden is on {hidden.device}")
+            raise ValueError(f"logit_bias is on {b.device} but hidden is on {hidden.device}")
 
     cap = head.logit_softcap
     if cap is not None and (
@@ -245,18 +245,18 @@ def check_exit_head_inputs(hidden: torch.Tensor, head: ExitHead, score: LinearSc
             f"got {cap!r}"
         )
 
-    if score is not None:
-        if not isinstance(score, LinearScore):
-            raise TypeError(f"score must be a LinearScore or None, got {type(score).__name__}")
-        for name in ("w_top_prob", "w_gap", "bias"):
-            value = getattr(score, name)
+    if stop_rule is not None:
+        if not isinstance(stop_rule, StopRule):
+            raise TypeError(f"stop_rule must be a StopRule or None, got {type(stop_rule).__name__}")
+        for name in ("w_top_prob", "w_gap", "offset"):
+            value = getattr(stop_rule, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(float(value)) <= _FLT_MAX:
-                raise ValueError(f"score.{name} must be a finite number, got {value!r}")
+                raise ValueError(f"stop_rule.{name} must be a finite number, got {value!r}")
 
     if torch.is_grad_enabled():
         tensors = {"hidden": hidden, "head.weight": w, "head.norm_weight": head.norm_weight}
         tensors |= {"head.norm_bias": head.norm_bias, "head.project_out": head.project_out}
-        tensors["head.subset_bias"] = head.subset_bias
+        tensors["head.logit_bias"] = head.logit_bias
         grad = [name for name, t in tensors.items() if t is not None and t.requires_grad]
         if grad:
             raise RuntimeError(
@@ -285,7 +285,7 @@ def _subset_range(ids: torch.Tensor) -> tuple[int, int]:
     return int(sorted_ids[0]), int(sorted_ids[-1])
 
 
-def decode_rows(hidden: torch.Tensor, head: ExitHead) -> torch.Tensor:
+def decode_rows(hidden: torch.Tensor, head: ReadoutHead) -> torch.Tensor:
     """(R, d_out) input of the LM head: the norm and ``project_out`` with Hugging Face's ops, in
     the model dtype (Llama RMSNorm: fp32 statistics, cast back, then the weight; Gemma RMSNorm:
     fp32 throughout, times ``1 + weight``, cast back once)."""
@@ -305,7 +305,7 @@ def decode_rows(hidden: torch.Tensor, head: ExitHead) -> torch.Tensor:
     return x
 
 
-def kernel_rows(hidden: torch.Tensor, head: ExitHead) -> tuple[torch.Tensor, int]:
+def kernel_rows(hidden: torch.Tensor, head: ReadoutHead) -> tuple[torch.Tensor, int]:
     """(rows, norm code) to feed a fused kernel that applies the ``NORM_CODES`` norms itself.
 
     The caller's rows and the head's norm code when the kernel can apply the norm (``rms``,

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from adainfer_kernels.head import ExitHead, ExitSignals, LinearScore
+from adainfer_kernels.head import ExitSignals, ReadoutHead, StopRule
 
 
-def apply_norm_ref(hidden: torch.Tensor, head: ExitHead, upcast: bool = False) -> torch.Tensor:
+def apply_norm_ref(hidden: torch.Tensor, head: ReadoutHead, upcast: bool = False) -> torch.Tensor:
     """The model's final norm (+ ``project_out``) exactly as Hugging Face computes it.
 
     Llama's RMSNorm: statistics in fp32, the normalised value cast back to the input dtype, then
@@ -46,11 +46,11 @@ def apply_norm_ref(hidden: torch.Tensor, head: ExitHead, upcast: bool = False) -
     return x
 
 
-def head_logits_ref(hidden: torch.Tensor, head: ExitHead, upcast: bool = False) -> torch.Tensor:
+def head_logits_ref(hidden: torch.Tensor, head: ReadoutHead, upcast: bool = False) -> torch.Tensor:
     """(R, K) fp32 logits over the candidates (subset rows of W, soft-capped, bias added), materialised.
 
     The soft-cap runs where Gemma2's forward runs it, on the LM head's output in its dtype
-    (the model dtype, fp32 with ``upcast``): ``cap * tanh(z / cap)``, then the subset bias.
+    (the model dtype, fp32 with ``upcast``): ``cap * tanh(z / cap)``, then the logit bias.
     """
     x = apply_norm_ref(hidden, head, upcast)
     w = head.weight if head.vocab_subset is None else head.weight[head.vocab_subset]
@@ -60,8 +60,8 @@ def head_logits_ref(hidden: torch.Tensor, head: ExitHead, upcast: bool = False) 
     if head.logit_softcap is not None:
         z = torch.tanh(z / head.logit_softcap) * head.logit_softcap
     logits = z.float()
-    if head.subset_bias is not None:
-        logits = logits + head.subset_bias.float()
+    if head.logit_bias is not None:
+        logits = logits + head.logit_bias.float()
     return logits
 
 
@@ -85,14 +85,14 @@ def signals_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def exit_head_ref(
-    hidden: torch.Tensor, head: ExitHead, score: LinearScore | None = None, upcast: bool = True
+    hidden: torch.Tensor, head: ReadoutHead, stop_rule: StopRule | None = None, upcast: bool = True
 ) -> ExitSignals:
     """Reference exit head: norm -> logits (materialised) -> softmax -> top-2 -> score.
 
     Args:
         hidden: (R, d) last-token hidden states, bf16/fp16/fp32.
-        head: the model's decode path (see ``ExitHead``).
-        score: optional linear score over (top_prob, gap).
+        head: the model's decode path (see ``ReadoutHead``).
+        stop_rule: optional ``StopRule`` over (top_prob, gap); its value is ``score``.
         upcast: compute the norm and the matmul in fp32 (True, the spec) or in the input dtype as
             Hugging Face does (False; used to measure PyTorch's own low-precision error).
 
@@ -108,7 +108,7 @@ def exit_head_ref(
         top_prob = torch.where(bad, nan, top_prob)
         gap = torch.where(bad, nan, gap)
         argmax = torch.where(bad, torch.full_like(argmax, -1), argmax)
-    value = score(top_prob, gap) if score is not None else None
+    value = stop_rule(top_prob, gap) if stop_rule is not None else None
     return ExitSignals(top_prob=top_prob, gap=gap, argmax=argmax.to(torch.int64), score=value)
 
 

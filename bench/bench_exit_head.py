@@ -44,34 +44,34 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from record import append_rows
 
-from adainfer_kernels import ExitHead, LinearScore, exit_head
+from adainfer_kernels import ReadoutHead, StopRule, exit_head
 from adainfer_kernels.exit_head import _exit_head_cpu, cpu_impl
 from adainfer_kernels.reference import exit_head_ref
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CLS = LinearScore(w_top_prob=1.0, w_gap=2.0, bias=-1.5)
+CLS = StopRule(w_top_prob=1.0, w_gap=2.0, offset=-1.5)
 FULL_SHAPES = [(576, 49152), (4096, 32000), (4096, 128256)]
 ROWS = [1, 8, 64, 256]
 
 
 def make_case(
     d: int, n_vocab: int, dtype: torch.dtype, device: str, norm: str = "rms", softcap: float | None = None
-) -> ExitHead:
+) -> ReadoutHead:
     g = torch.Generator(device="cpu").manual_seed(0)
     w = (torch.randn(n_vocab, d, generator=g) * (4.0 / math.sqrt(d))).to(dtype)
     # Unit scale either way: Gemma's rms_offset multiplies by 1 + weight.
     nw = (torch.zeros if norm == "rms_offset" else torch.ones)(d, dtype=dtype, device=device)
-    return ExitHead(weight=w.to(device), norm=norm, norm_weight=nw, eps=1e-5, logit_softcap=softcap)
+    return ReadoutHead(weight=w.to(device), norm=norm, norm_weight=nw, eps=1e-5, logit_softcap=softcap)
 
 
-def op_label(head: ExitHead) -> str:
+def op_label(head: ReadoutHead) -> str:
     if head.norm == "rms" and head.logit_softcap is None:
         return "exit_head"
     cap = "" if head.logit_softcap is None else f" softcap={head.logit_softcap:g}"
     return f"exit_head[{head.norm}{cap}]"
 
 
-def providers(head: ExitHead, hidden: torch.Tensor, fallback: bool = True) -> dict[str, Callable[[], object]]:
+def providers(head: ReadoutHead, hidden: torch.Tensor, fallback: bool = True) -> dict[str, Callable[[], object]]:
     w = head.weight
     x = hidden
     out: dict[str, Callable[[], object]] = {
@@ -87,7 +87,7 @@ def providers(head: ExitHead, hidden: torch.Tensor, fallback: bool = True) -> di
     else:
         out["fused"] = lambda: exit_head(hidden, head, CLS)
     if head.logit_softcap is not None:
-        plain = ExitHead(**{**head.__dict__, "logit_softcap": None})
+        plain = ReadoutHead(**{**head.__dict__, "logit_softcap": None})
         out["fused_nocap"] = lambda: exit_head(hidden, plain, CLS)
     return out
 

@@ -327,8 +327,8 @@ def classifier_rows(model, tok, runs: Runs, batch: int, args, label: str) -> lis
     """Decode with a calibrated classifier on the task's own prompts (left-padded to one length)."""
     from adainfer import ClassifierPolicy
     from adainfer.app.tasks import load_task
-    from adainfer.calibrate.classifier import StopClassifier
-    from adainfer.models import exit_head_for
+    from adainfer.calibration.classifier import StopClassifier
+    from adainfer.models import lens_head
 
     clf = StopClassifier.load(args.classifier)
     stored = clf.info.get("task")
@@ -348,7 +348,7 @@ def classifier_rows(model, tok, runs: Runs, batch: int, args, label: str) -> lis
     times = interleaved({"full": full_fn, "compact": fn}, args.reps)
     num_layers = model.config.num_hidden_layers
     policy = ClassifierPolicy(clf)
-    head, score = policy.head_and_score(min(policy.layers_to_check(num_layers)), exit_head_for(model))
+    head, score = policy.head_and_rule(min(policy.layers_to_check(num_layers)), lens_head(model))
     t_ctx = enc["input_ids"].shape[1] + args.new_tokens // 2
     costs = measure(model, batch, t=t_ctx, new=1, exit_head=head, score=score)
     steps = runs.stats["classifier"][1:]  # the decode steps (the first call is the last prompt token)

@@ -61,7 +61,7 @@ def run(quick: bool = False, reps: int = 5) -> list[dict]:
     import adainfer
     from adainfer import AdaInferConfig, ForcedExits
     from adainfer.app.loading import load_bundled
-    from adainfer.models import exit_head_for
+    from adainfer.models import lens_head
 
     from adainfer_kernels.exit_head import exit_head
 
@@ -123,13 +123,13 @@ def run(quick: bool = False, reps: int = 5) -> list[dict]:
     hidden = torch.randn(batch_size, batch["input_ids"].shape[1], model.config.hidden_size)
     pos = torch.arange(hidden.shape[1])[None]
     rope = model.model.rotary_emb(hidden, pos)
-    head_full = exit_head_for(model)
+    head_full = lens_head(model)
     label_ids = [tok(w, add_special_tokens=False)["input_ids"] for w in (" positive", " negative")]
     assert all(len(ids) == 1 for ids in label_ids), label_ids
-    head_labels = exit_head_for(model, vocab_subset=[ids[0] for ids in label_ids])
-    from adainfer_kernels.head import LinearScore
+    head_labels = lens_head(model, vocab_subset=[ids[0] for ids in label_ids])
+    from adainfer_kernels.head import StopRule
 
-    score = LinearScore(1.0, 1.0, -1.0)
+    score = StopRule(1.0, 1.0, -1.0)
     last = hidden[:, -1].contiguous()
     t_prefill = time_fn(lambda: layer(hidden, attention_mask=None, position_embeddings=rope, position_ids=pos), 2, 5)
     t_decode = time_fn(

@@ -147,7 +147,7 @@ def measure(
     """Time the parts of a step of ``model`` (a patched-family causal LM) at ``batch`` rows.
 
     ``new`` positions per row (1: decode; the prompt length: prefill with ``t`` = 0), ``t`` cached
-    positions before them. ``exit_head`` (an ``ExitHead``) and ``score`` time the check too.
+    positions before them. ``exit_head`` (an ``ReadoutHead``) and ``score`` time the check too.
     """
     from adainfer.models import family_for
 

@@ -70,7 +70,7 @@ def main() -> int:
 
     from adainfer.app import cli
     from adainfer.app.loading import load_model
-    from adainfer.calibrate.classifier import StopClassifier
+    from adainfer.calibration.classifier import StopClassifier
 
     clf = StopClassifier.load(args.classifier)
     stored = dict(clf.info.get("task") or {})
@@ -119,7 +119,7 @@ def main() -> int:
     lines = [
         f"# lm-eval (model `adainfer`) vs `adainfer eval` on the same {len(prompts)} prompts",
         "",
-        f"classifier: `{args.classifier}` ({clf.method}, {clf.exit_head}, {clf.bias_method} bias, from layer "
+        f"classifier: `{args.classifier}` ({clf.method}, {clf.readout}, {clf.label_bias_estimator} bias, from layer "
         f"{clf.min_layer}); task `{task_spec}` test split; batch {args.batch_size}; "
         f"{platform.machine()}, {res.get('config', {}).get('model_num_parameters', '?')} parameters, "
         f"lm-eval {res.get('lm_eval_version', '?')}, {time.strftime('%Y-%m-%d %H:%M')}",

@@ -1,11 +1,11 @@
-"""How many calibration examples the probe exit heads need, and whether the budget holds out of
+"""How many calibration examples the probe readouts need, and whether the budget holds out of
 sample (issue 10), on the bundled model and a real task.
 
 One pass of the unpatched model collects per-layer features (label logits and last-token hidden
 states) of a pool of examples, cached on disk. Then, in numpy only:
 
 1. Probe curve: for n calibration examples (several random draws each), calibrate the lens and the
-   probe exit heads (svm + label bias, 1% budget, threshold on a fixed held-out split) and measure
+   probe readouts (svm + label bias, 1% budget, threshold on a fixed held-out split) and measure
    on a fixed test split: layers saved, disagreement with the full model, accuracy, fit time.
 2. Re-draws: 20 random re-draws of (calibration, held-out, test) from the pool; for each, the
    test disagreement of the calibrated rule with and without a 0.9-confidence (Clopper-Pearson)
@@ -27,9 +27,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 from adainfer.app.loading import cache_dir, load_bundled
 from adainfer.app.tasks import load_task
-from adainfer.calibrate.evaluate import evaluate
-from adainfer.calibrate.features import LayerFeatures, collect_content_free, collect_task_features
-from adainfer.calibrate.fit import calibrate
+from adainfer.calibration.evaluate import evaluate
+from adainfer.calibration.features import LayerFeatures, collect_content_free, collect_task_features
+from adainfer.calibration.fit import calibrate
 
 POOL = {"calibration": 400, "heldout": 400, "test": 300}
 
@@ -69,9 +69,9 @@ def collect(task_name: str, batch_size: int) -> dict[str, LayerFeatures]:
     return feats
 
 
-def _run(cal, held, test, cf, exit_head: str, budget: float, confidence: float | None) -> dict:
+def _run(cal, held, test, cf, readout: str, budget: float, confidence: float | None) -> dict:
     t0 = time.perf_counter()
-    clf = calibrate(cal, held, method="svm", budget=budget, confidence=confidence, content_free=cf, exit_head=exit_head)
+    clf = calibrate(cal, held, method="svm", budget=budget, confidence=confidence, content_free=cf, readout=readout)
     fit_s = time.perf_counter() - t0
     m = evaluate(test, clf)
     return {**m, "fit_s": fit_s, "min_layer": clf.min_layer}

@@ -24,9 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 from adainfer.app.loading import load_bundled
 from adainfer.app.tasks import tweet_sentiment
-from adainfer.calibrate.features import collect_content_free, collect_task_features, label_margin, label_signals
-from adainfer.calibrate.labelbias import estimate_label_bias
-from adainfer.calibrate.metrics import oracle_exit_layers
+from adainfer.calibration.features import collect_content_free, collect_task_features, label_margin, label_signals
+from adainfer.calibration.labelbias import estimate_label_bias
+from adainfer.calibration.metrics import oracle_exit_layers
 from sklearn.metrics import roc_auc_score
 
 CONFIGS = [

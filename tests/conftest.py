@@ -7,11 +7,38 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# The shared helpers (tests/helpers: tiny models, synthetic features, lm-eval fixtures) are imported
+# by name. Tests run with --import-mode=importlib, so that no test folder shadows the packages.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
+
+from synthetic import LLAMA_LIKE, synthetic_features
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def make_features():
+    return synthetic_features
+
+
+@pytest.fixture
+def llama_like():
+    return dict(LLAMA_LIKE)
+
+
+@pytest.fixture(scope="session")
+def bundled():
+    """The bundled SmolLM2-135M (fp32, eval, left padding), loaded once."""
+    from adainfer.app.loading import load_bundled
+
+    return load_bundled()

@@ -11,14 +11,14 @@ the top-1/top-2 gap) says its answer is settled. The ops live in ``adainfer_kern
 Subpackages (one wing each; docs/architecture.md has the map):
     adainfer.runtime    the patch, the layer loop, exit policies, config, wall clock
     adainfer.models     the registry of model families, one module per family
-    adainfer.calibrate  features, label bias, the stop classifier, fitting, metrics, evaluation
+    adainfer.calibration  features, label bias, the stop classifier, fitting, metrics, evaluation
     adainfer.app        the CLI, the demo pipeline, tasks, model loading, plots
 """
 
 from adainfer.runtime.config import AdaInferConfig
 from adainfer.runtime.loop import ExitStats
 from adainfer.runtime.patch import AdaInferHandle, apply, handle_of, patched, remove
-from adainfer.runtime.policy import ClassifierPolicy, ForcedExits, LinearScorePolicy, NeverExit
+from adainfer.runtime.policy import ClassifierPolicy, ForcedExits, NeverExit, StopRulePolicy
 
 __version__ = "0.1.0"
 
@@ -42,8 +42,8 @@ __all__ = [
     "ClassifierPolicy",
     "ExitStats",
     "ForcedExits",
-    "LinearScorePolicy",
     "NeverExit",
+    "StopRulePolicy",
     "__version__",
     "apply",
     "classify",

@@ -15,13 +15,13 @@ import math
 
 import torch
 
-from adainfer_kernels.head import ExitHead, ExitSignals, LinearScore
+from adainfer_kernels.head import ExitSignals, ReadoutHead, StopRule
 from adainfer_kernels.reference import apply_norm_ref, exit_head_ref, head_logits_ref, signals_from_logits
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ATOL = 1e-5  # probabilities and scores live in [0, 1] and O(1)
 NEAR_TIE = 4.0
-SCORE = LinearScore(w_top_prob=1.5, w_gap=-2.0, bias=0.25)
+SCORE = StopRule(w_top_prob=1.5, w_gap=-2.0, offset=0.25)
 
 
 def make_head(
@@ -37,7 +37,7 @@ def make_head(
     softcap: float | None = None,
     seed: int = 0,
     device: str = "cpu",
-) -> ExitHead:
+) -> ReadoutHead:
     """A random head whose logits have standard deviation ~logit_scale (like a real LM's), before
     any soft-cap. ``norm="rms_offset"`` (Gemma) draws the stored weight w of the ``1 + w`` scale
     in [-0.5, 0.5) (the same draws as the other norms' weights in [0.5, 1.5)).
@@ -64,7 +64,7 @@ def make_head(
     if ids is not None:
         ids = ids.to(device)
         sb = sb.to(device) if sb is not None else None
-    return ExitHead(
+    return ReadoutHead(
         weight=cast(w),
         norm=norm,
         norm_weight=cast(nw),
@@ -72,21 +72,21 @@ def make_head(
         eps=1e-5,
         project_out=cast(proj),
         vocab_subset=ids,
-        subset_bias=sb,
+        logit_bias=sb,
         logit_softcap=softcap,
     )
 
 
-def make_hidden(n_rows: int, head: ExitHead, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+def make_hidden(n_rows: int, head: ReadoutHead, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     # A non-zero mean and varied row scales exercise the norms' statistics.
     h = torch.randn(n_rows, head.hidden_size, generator=g) * (1 + 3 * torch.rand(n_rows, 1, generator=g)) + 0.3
     return h.to(device=head.weight.device, dtype=dtype)
 
 
-def _double_head(head: ExitHead) -> ExitHead:
+def _double_head(head: ReadoutHead) -> ReadoutHead:
     cast = lambda t: None if t is None else t.double()
-    return ExitHead(
+    return ReadoutHead(
         weight=cast(head.weight),
         norm=head.norm,
         norm_weight=cast(head.norm_weight),
@@ -94,12 +94,12 @@ def _double_head(head: ExitHead) -> ExitHead:
         eps=head.eps,
         project_out=cast(head.project_out),
         vocab_subset=head.vocab_subset,
-        subset_bias=head.subset_bias,
+        logit_bias=head.logit_bias,
         logit_softcap=head.logit_softcap,
     )
 
 
-def accurate_reference(hidden: torch.Tensor, head: ExitHead, score: LinearScore | None) -> ExitSignals:
+def accurate_reference(hidden: torch.Tensor, head: ReadoutHead, score: StopRule | None) -> ExitSignals:
     if hidden.dtype != torch.float32:
         return exit_head_ref(hidden, head, score)
     ref = exit_head_ref(hidden.double(), _double_head(head), score, upcast=False)
@@ -107,7 +107,7 @@ def accurate_reference(hidden: torch.Tensor, head: ExitHead, score: LinearScore 
     return ExitSignals(f(ref.top_prob), f(ref.gap), ref.argmax, f(ref.score))
 
 
-def near_ties(hidden: torch.Tensor, head: ExitHead) -> torch.Tensor:
+def near_ties(hidden: torch.Tensor, head: ReadoutHead) -> torch.Tensor:
     """Rows whose top-2 reference logits are closer than NEAR_TIE x PyTorch's own logit error."""
     if hidden.dtype == torch.float32:
         z = head_logits_ref(hidden.double(), _double_head(head), upcast=False)
@@ -134,7 +134,7 @@ def _err_report(name: str, err: torch.Tensor, err_torch: torch.Tensor, bound: fl
     )
 
 
-def check_signals(got: ExitSignals, hidden: torch.Tensor, head: ExitHead, score: LinearScore | None) -> None:
+def check_signals(got: ExitSignals, hidden: torch.Tensor, head: ReadoutHead, score: StopRule | None) -> None:
     """got vs the accurate reference under the 2x-PyTorch rule; argmax exact off near-ties."""
     ref = accurate_reference(hidden, head, score)
     own = exit_head_ref(hidden, head, score, upcast=False)
@@ -162,7 +162,7 @@ def check_signals(got: ExitSignals, hidden: torch.Tensor, head: ExitHead, score:
     )
 
 
-def hf_numerics_signals(hidden: torch.Tensor, head: ExitHead, score: LinearScore | None) -> ExitSignals:
+def hf_numerics_signals(hidden: torch.Tensor, head: ReadoutHead, score: StopRule | None) -> ExitSignals:
     """Hugging Face's norm (rounded to the model dtype) and fp32 logits: what the fused paths compute
     (the logits and the soft-cap evaluated in fp64)."""
     x = apply_norm_ref(hidden, head, upcast=False).double()
@@ -170,8 +170,8 @@ def hf_numerics_signals(hidden: torch.Tensor, head: ExitHead, score: LinearScore
     z = x @ w.double().t()
     if head.logit_softcap is not None:
         z = head.logit_softcap * torch.tanh(z / head.logit_softcap)
-    if head.subset_bias is not None:
-        z = z + head.subset_bias.double()
+    if head.logit_bias is not None:
+        z = z + head.logit_bias.double()
     top, gap, pos = signals_from_logits(z)
     argmax = pos if head.vocab_subset is None else head.vocab_subset[pos]
     top, gap = top.float(), gap.float()

@@ -31,7 +31,7 @@ from exit_head_helpers import (
 from adainfer_kernels import exit_head
 from adainfer_kernels.exit_head import _PACKED, _exit_head_cpu, _native_supports, clear_cache
 from adainfer_kernels.exit_head_triton import _tanh, exit_head_triton, pick_config
-from adainfer_kernels.head import ExitHead, ExitSignals, LinearScore
+from adainfer_kernels.head import ExitSignals, ReadoutHead, StopRule
 from adainfer_kernels.reference import exit_head_ref
 
 exit_head_mod = sys.modules["adainfer_kernels.exit_head"]
@@ -40,7 +40,7 @@ HAS_NATIVE = {dt: _native_supports(dt) for dt in (torch.float32, torch.bfloat16)
 CPU_IMPLS = ["torch"] + (["native"] if any(HAS_NATIVE.values()) else [])
 
 
-def run_backend(backend: str, hidden: torch.Tensor, head: ExitHead, score: LinearScore | None, **kw) -> ExitSignals:
+def run_backend(backend: str, hidden: torch.Tensor, head: ReadoutHead, score: StopRule | None, **kw) -> ExitSignals:
     if backend in ("splitv", "rowtile"):
         return exit_head_triton(hidden, head, score, variant=backend, **kw)
     if backend in ("native", "torch"):
@@ -134,7 +134,7 @@ def test_triton_unaligned_layout_uses_small_tiles():
 
 
 @functools.lru_cache(maxsize=2)
-def _real_head(d: int, n_vocab: int, dtype: torch.dtype, norm: str) -> ExitHead:
+def _real_head(d: int, n_vocab: int, dtype: torch.dtype, norm: str) -> ReadoutHead:
     return make_head(d, n_vocab, dtype, norm, seed=d)
 
 
@@ -246,7 +246,7 @@ def test_cpu_prepared_weight_cache_reuses_invalidates_and_dies_with_the_weight()
 # ---- every backend: ties, a single candidate, non-finite rows, empty input ----
 
 
-def _tie_head(dtype: torch.dtype, n_vocab: int, tied: tuple[int, ...], subset=None) -> tuple[ExitHead, torch.Tensor]:
+def _tie_head(dtype: torch.dtype, n_vocab: int, tied: tuple[int, ...], subset=None) -> tuple[ReadoutHead, torch.Tensor]:
     """Integer weights and hidden states: every logit is an exact small integer in any dtype."""
     g = torch.Generator().manual_seed(10)
     d = 64
@@ -256,7 +256,7 @@ def _tie_head(dtype: torch.dtype, n_vocab: int, tied: tuple[int, ...], subset=No
         w[p, :4] = 3.0  # logit 3 * (1 + 2 + 3 + 1) = 21 > any other (<= 7)
     hidden = torch.zeros(2, d)
     hidden[:, :4] = torch.tensor([1.0, 2.0, 3.0, 1.0])
-    head = ExitHead(weight=w.to(dtype), norm="none", vocab_subset=subset)
+    head = ReadoutHead(weight=w.to(dtype), norm="none", vocab_subset=subset)
     return head, hidden.to(dtype)
 
 
@@ -284,7 +284,7 @@ def test_exact_ties_pick_the_lower_position_with_gap_zero(backend, dt, monkeypat
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_single_candidate_gives_gap_equal_to_top_prob(backend):
     head = make_head(64, 1000, torch.float32, "rms", seed=11)
-    head = ExitHead(**{**head.__dict__, "vocab_subset": torch.tensor([321]), "subset_bias": torch.tensor([0.5])})
+    head = ReadoutHead(**{**head.__dict__, "vocab_subset": torch.tensor([321]), "logit_bias": torch.tensor([0.5])})
     hidden = make_hidden(3, head, torch.float32)
     got = run_backend(backend, hidden, head, SCORE)
     assert got.top_prob.tolist() == [1.0] * 3 and got.gap.tolist() == [1.0] * 3
@@ -314,7 +314,7 @@ def test_non_finite_rows_get_nan_signals_and_argmax_minus_one(backend):
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_all_candidates_at_minus_inf_give_nan(backend):
     head = make_head(64, 1000, torch.float32, "none", subset=3, seed=13)
-    head = ExitHead(**{**head.__dict__, "subset_bias": torch.full((3,), float("-inf"))})
+    head = ReadoutHead(**{**head.__dict__, "logit_bias": torch.full((3,), float("-inf"))})
     got = run_backend(backend, make_hidden(2, head, torch.float32), head, SCORE)
     assert torch.isnan(got.top_prob).all() and torch.isnan(got.gap).all() and torch.isnan(got.score).all()
 
@@ -345,19 +345,19 @@ def test_strided_hidden(backend):
 
 # ---- Gemma / Gemma2: the rms_offset norm and final-logit soft-capping, on every backend ----
 
-# (norm, logit_softcap, logit_scale, subset, subset bias). The logit scales put the top logits well
+# (norm, logit_softcap, logit_scale, subset, logit bias). The logit scales put the top logits well
 # into the cap's curved part (e.g. 27 capped vs 46 uncapped at cap 30) while top_prob stays 0.3-0.9,
 # so the tolerance rule is not dominated by its atol.
 GEMMA_CASES = {
     "gemma": ("rms_offset", None, 4.0, None, False),
     "gemma2": ("rms_offset", 30.0, 10.0, None, False),
-    "gemma2_subset_bias": ("rms_offset", 30.0, 12.0, 37, True),
+    "gemma2_logit_bias": ("rms_offset", 30.0, 12.0, 37, True),
     "layer_softcap_subset": ("layer", 15.0, 6.0, 300, False),
-    "rms_softcap_subset_bias": ("rms", 10.0, 4.0, 37, True),
+    "rms_softcap_logit_bias": ("rms", 10.0, 4.0, 37, True),
 }
 
 
-def _gemma_head(case: str, dtype: torch.dtype, d: int = 64, n_vocab: int = 3001, seed: int = 21) -> ExitHead:
+def _gemma_head(case: str, dtype: torch.dtype, d: int = 64, n_vocab: int = 3001, seed: int = 21) -> ReadoutHead:
     norm, cap, scale, subset, bias = GEMMA_CASES[case]
     return make_head(d, n_vocab, dtype, norm, subset=subset, bias=bias, logit_scale=scale, softcap=cap, seed=seed)
 
@@ -380,7 +380,7 @@ def test_gemma_paths_reproduce_hf_rounding_and_fp32_softcap(backend, dt):
     """Gemma's norm rounded exactly as HF rounds it, fp32 logits, the cap applied to them: within 2e-5 of
     that computation in fp64, far tighter than the 2x-PyTorch rule (HF's own bf16 caps bf16 logits)."""
     dtype = DTYPES[dt]
-    head = _gemma_head("gemma2_subset_bias", dtype, seed=23)
+    head = _gemma_head("gemma2_logit_bias", dtype, seed=23)
     hidden = make_hidden(5, head, dtype, seed=24)
     got = run_backend(backend, hidden, head, SCORE)
     want = hf_numerics_signals(hidden, head, SCORE)
@@ -396,7 +396,7 @@ def test_softcap_changes_the_signals(backend):
     head = _gemma_head("gemma2", torch.float32)
     hidden = make_hidden(4, head, torch.float32, seed=22)
     capped = run_backend(backend, hidden, head, SCORE)
-    plain = run_backend(backend, hidden, ExitHead(**{**head.__dict__, "logit_softcap": None}), SCORE)
+    plain = run_backend(backend, hidden, ReadoutHead(**{**head.__dict__, "logit_softcap": None}), SCORE)
     assert (capped.top_prob - plain.top_prob).abs().max().item() > 0.1
     check_signals(capped, hidden, head, SCORE)
 
@@ -421,13 +421,13 @@ def test_softcap_saturation_ties_pick_the_lower_position(backend, dt, monkeypatc
     head, hidden = _tie_head(dtype, 5000, (4500,))
     w = head.weight.clone()
     w[5, :4] = torch.tensor([3.0, 3.0, 3.0, 2.0], dtype=dtype)  # 3 + 6 + 9 + 2 = 20
-    head = ExitHead(weight=w, norm="none", logit_softcap=1.0)
+    head = ReadoutHead(weight=w, norm="none", logit_softcap=1.0)
     got = run_backend(backend, hidden, head, SCORE)
     assert got.argmax.tolist() == [5, 5], f"{backend}: {got.argmax.tolist()}"
     assert got.gap.tolist() == [0.0, 0.0], f"{backend}: gap {got.gap.tolist()}"
     ref = exit_head_ref(hidden, head, SCORE)
     torch.testing.assert_close(got.top_prob, ref.top_prob, rtol=1e-5, atol=1e-6)
-    uncapped = run_backend(backend, hidden, ExitHead(weight=w, norm="none"), SCORE)
+    uncapped = run_backend(backend, hidden, ReadoutHead(weight=w, norm="none"), SCORE)
     assert uncapped.argmax.tolist() == [4500, 4500]
 
 
@@ -458,7 +458,7 @@ def test_softcap_values_through_two_candidates(backend):
     w = torch.zeros(2, d)
     w[0, 0] = 1.0
     for cap in (1.0, 0.5):
-        got = run_backend(backend, hidden, ExitHead(weight=w, norm="none", logit_softcap=cap), None)
+        got = run_backend(backend, hidden, ReadoutHead(weight=w, norm="none", logit_softcap=cap), None)
         z = (cap * torch.tanh(y.double() / cap)).abs()
         err_top = (got.top_prob.double() - 1.0 / (1.0 + torch.exp(-z))).abs().max().item()
         err_gap = (got.gap.double() - torch.tanh(z / 2)).abs().max().item()
@@ -514,7 +514,7 @@ def test_rms_offset_is_bit_identical_to_hf_gemma_rmsnorm(family, dt):
     x = (torch.randn(33, d, generator=g) * (1 + 20 * torch.rand(33, 1, generator=g)) + 0.3).to(dtype)
     with torch.no_grad():
         want = norm(x)
-        head = ExitHead(
+        head = ReadoutHead(
             weight=torch.zeros(10, d, dtype=dtype), norm="rms_offset", norm_weight=norm.weight.detach(), eps=norm.eps
         )
         for name, got in (("decode_rows", decode_rows(x, head)), ("apply_norm_ref", apply_norm_ref(x, head))):
@@ -561,13 +561,13 @@ def _tiny_gemma(family: str):
 
 @pytest.mark.parametrize("family", ["gemma", "gemma2"])
 def test_exit_head_reproduces_a_gemma_models_own_decode(family):
-    """The ExitHead of a real (tiny, random) Gemma / Gemma2: the reference's logits are the model's own
+    """The ReadoutHead of a real (tiny, random) Gemma / Gemma2: the reference's logits are the model's own
     (norm, tied LM head, Gemma2's soft-cap), and every backend's signals are those of the model's logits."""
     from adainfer_kernels.reference import head_logits_ref, signals_from_logits
 
     model, hidden, logits = _tiny_gemma(family)
     cfg = model.config
-    head = ExitHead(
+    head = ReadoutHead(
         weight=model.lm_head.weight.detach(),
         norm="rms_offset",
         norm_weight=model.model.norm.weight.detach(),
@@ -638,13 +638,13 @@ def test_check_helper_can_fail():
 # ---- bad input: a clear error before any work, on every entry point ----
 
 
-def _base() -> tuple[torch.Tensor, ExitHead]:
+def _base() -> tuple[torch.Tensor, ReadoutHead]:
     head = make_head(64, 100, torch.float32, "rms", seed=20)
     return make_hidden(3, head, torch.float32), head
 
 
-def _with(head: ExitHead, **kw) -> ExitHead:
-    return ExitHead(**{**head.__dict__, **kw})
+def _with(head: ReadoutHead, **kw) -> ReadoutHead:
+    return ReadoutHead(**{**head.__dict__, **kw})
 
 
 BAD_INPUTS = {
@@ -652,7 +652,7 @@ BAD_INPUTS = {
     "hidden_3d": (lambda h, hd: (h[None], hd, None), ValueError, "must be 2-D"),
     "hidden_int": (lambda h, hd: (h.long(), hd, None), TypeError, "bf16, fp16 or fp32"),
     "hidden_not_tensor": (lambda h, hd: (h.tolist(), hd, None), TypeError, "torch.Tensor"),
-    "head_not_exithead": (lambda h, hd: (h, hd.weight, None), TypeError, "ExitHead"),
+    "head_not_exithead": (lambda h, hd: (h, hd.weight, None), TypeError, "ReadoutHead"),
     "d_mismatch": (lambda h, hd: (h[:, :32], hd, None), ValueError, "d=32 but the head takes d=64"),
     "weight_dtype": (lambda h, hd: (h, _with(hd, weight=hd.weight.half()), None), TypeError, "one dtype"),
     "norm_weight_dtype": (lambda h, hd: (h, _with(hd, norm_weight=hd.norm_weight.double()), None), TypeError, "dtype"),
@@ -690,17 +690,17 @@ BAD_INPUTS = {
         "empty",
     ),
     "bias_without_subset": (
-        lambda h, hd: (h, _with(hd, subset_bias=torch.zeros(3)), None),
+        lambda h, hd: (h, _with(hd, logit_bias=torch.zeros(3)), None),
         ValueError,
         "needs a vocab_subset",
     ),
     "bias_shape": (
-        lambda h, hd: (h, _with(hd, vocab_subset=torch.tensor([1, 2]), subset_bias=torch.zeros(3)), None),
+        lambda h, hd: (h, _with(hd, vocab_subset=torch.tensor([1, 2]), logit_bias=torch.zeros(3)), None),
         ValueError,
         r"shape \(2,\)",
     ),
     "bias_dtype": (
-        lambda h, hd: (h, _with(hd, vocab_subset=torch.tensor([1, 2]), subset_bias=torch.zeros(2).half()), None),
+        lambda h, hd: (h, _with(hd, vocab_subset=torch.tensor([1, 2]), logit_bias=torch.zeros(2).half()), None),
         TypeError,
         "fp32",
     ),
@@ -726,8 +726,8 @@ BAD_INPUTS = {
         ValueError,
         "only used with",
     ),
-    "score_type": (lambda h, hd: (h, hd, (1.0, 2.0, 0.0)), TypeError, "LinearScore"),
-    "score_nan": (lambda h, hd: (h, hd, LinearScore(float("nan"), 1.0, 0.0)), ValueError, "finite"),
+    "score_type": (lambda h, hd: (h, hd, (1.0, 2.0, 0.0)), TypeError, "StopRule"),
+    "score_nan": (lambda h, hd: (h, hd, StopRule(float("nan"), 1.0, 0.0)), ValueError, "finite"),
 }
 
 

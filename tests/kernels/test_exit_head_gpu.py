@@ -14,7 +14,7 @@ from exit_head_helpers import DTYPES, SCORE, check_signals, make_head, make_hidd
 
 from adainfer_kernels import exit_head
 from adainfer_kernels.exit_head_triton import exit_head_triton
-from adainfer_kernels.head import ExitHead
+from adainfer_kernels.head import ReadoutHead
 from adainfer_kernels.reference import exit_head_ref
 
 pytestmark = pytest.mark.skipif(
@@ -26,7 +26,7 @@ SHAPES = [(576, 49152), (4096, 32000), (4096, 128256)]
 _HEADS: dict = {}
 
 
-def _head(d: int, n_vocab: int, dt: str, norm: str = "rms", **kw) -> ExitHead:
+def _head(d: int, n_vocab: int, dt: str, norm: str = "rms", **kw) -> ReadoutHead:
     key = (d, n_vocab, dt, norm, tuple(sorted(kw.items())))
     if key not in _HEADS:
         _HEADS.clear()  # one big head at a time
@@ -64,7 +64,7 @@ def test_both_variants_every_norm(variant, n_rows, norm):
 
 
 @pytest.mark.parametrize("variant", ["splitv", "rowtile"])
-def test_subset_bias_project_out_unaligned(variant):
+def test_logit_bias_project_out_unaligned(variant):
     head = make_head(1024, 50272, torch.float16, "layer", d_in=2048, subset=5000, bias=True, seed=1, device="cuda")
     hidden = make_hidden(9, head, torch.float16)
     check_signals(exit_head_triton(hidden, head, SCORE, variant=variant), hidden, head, SCORE)
@@ -83,7 +83,7 @@ def test_ties_and_non_finite_rows(variant):
     hidden = torch.zeros(4, d, device="cuda")
     hidden[:, :4] = torch.tensor([1.0, 2.0, 3.0, 1.0], device="cuda")
     hidden[2, 5] = float("nan")
-    head = ExitHead(weight=w.bfloat16(), norm="none")
+    head = ReadoutHead(weight=w.bfloat16(), norm="none")
     got = exit_head_triton(hidden.bfloat16(), head, SCORE, variant=variant)
     assert got.argmax.tolist() == [7, 7, -1, 7]
     assert got.gap[[0, 1, 3]].tolist() == [0.0, 0.0, 0.0]

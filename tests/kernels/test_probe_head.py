@@ -1,5 +1,5 @@
-"""A probe exit head (issue 10) is an ExitHead with a per-layer (K, d) weight, no norm, the K rows as
-its subset and the probe bias as the subset bias: the fused exit head computes it on every backend
+"""A probe exit head (issue 10) is a ReadoutHead with a per-layer (K, d) weight, no norm, the K rows as
+its subset and the probe bias as the logit bias: the fused exit head computes it on every backend
 (CPU native, torch fallback, Triton under the interpreter) with no second code path, so it must
 match the reference like any head. (The AOT gate compiles that path: norm 'none', subset, bias.)"""
 
@@ -13,25 +13,25 @@ from exit_head_helpers import SCORE, check_signals
 
 from adainfer_kernels.exit_head import _exit_head_cpu, _native_supports
 from adainfer_kernels.exit_head_triton import exit_head_triton
-from adainfer_kernels.head import ExitHead
+from adainfer_kernels.head import ReadoutHead
 from adainfer_kernels.reference import exit_head_ref
 
 
-def probe_head(k: int, d: int, dtype: torch.dtype, seed: int = 0) -> ExitHead:
+def probe_head(k: int, d: int, dtype: torch.dtype, seed: int = 0) -> ReadoutHead:
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(k, d, generator=g) * (3.0 / math.sqrt(d))
-    return ExitHead(
+    return ReadoutHead(
         weight=weight.to(dtype),
         norm="none",
         vocab_subset=torch.arange(k),
-        subset_bias=torch.randn(k, generator=g),
+        logit_bias=torch.randn(k, generator=g),
     )
 
 
 BACKENDS = ["splitv", "rowtile", "torch", "native"]
 
 
-def run(backend: str, hidden: torch.Tensor, head: ExitHead):
+def run(backend: str, hidden: torch.Tensor, head: ReadoutHead):
     if backend in ("splitv", "rowtile"):
         return exit_head_triton(hidden, head, SCORE, variant=backend)
     if backend == "native" and not _native_supports(
@@ -57,7 +57,7 @@ def test_probe_head_matches_the_reference(backend, dtype, k, d, rows):
 def test_probe_head_answer_equals_softmax_of_the_probe_logits():
     head = probe_head(3, 64, torch.float32)
     hidden = torch.randn(9, 64)
-    z = hidden @ head.weight.t() + head.subset_bias
+    z = hidden @ head.weight.t() + head.logit_bias
     p = torch.softmax(z, dim=-1)
     sig = exit_head_ref(hidden, head)
     torch.testing.assert_close(sig.top_prob, p.max(-1).values)

@@ -5,7 +5,7 @@ import math
 import torch
 
 from adainfer_kernels.compaction import compact_rows, scatter_rows
-from adainfer_kernels.head import ExitHead, LinearScore
+from adainfer_kernels.head import ReadoutHead, StopRule
 from adainfer_kernels.reference import compact_rows_ref, exit_head_ref, signals_from_logits
 
 
@@ -30,10 +30,10 @@ def test_rms_head_matches_manual_llama_numerics_and_subset_ids():
     g = torch.rand(d) + 0.5
     subset = torch.tensor([7, 2, 5])
     bias = torch.tensor([0.0, 0.5, -0.5])
-    head = ExitHead(weight=w, norm="rms", norm_weight=g, eps=1e-6, vocab_subset=subset, subset_bias=bias)
+    head = ReadoutHead(weight=w, norm="rms", norm_weight=g, eps=1e-6, vocab_subset=subset, logit_bias=bias)
     normed = g * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6))
     logits = normed @ w[subset].t() + bias
-    sig = exit_head_ref(hidden, head, LinearScore(w_top_prob=2.0, w_gap=-1.0, bias=0.25))
+    sig = exit_head_ref(hidden, head, StopRule(w_top_prob=2.0, w_gap=-1.0, offset=0.25))
     probs = logits.softmax(-1)
     torch.testing.assert_close(sig.top_prob, probs.max(-1).values)
     assert sig.argmax.tolist() == subset[logits.argmax(-1)].tolist()
@@ -41,10 +41,10 @@ def test_rms_head_matches_manual_llama_numerics_and_subset_ids():
 
 
 def test_non_finite_rows_get_nan_signals():
-    head = ExitHead(weight=torch.randn(5, 4), norm="layer", norm_weight=torch.ones(4), norm_bias=torch.zeros(4))
+    head = ReadoutHead(weight=torch.randn(5, 4), norm="layer", norm_weight=torch.ones(4), norm_bias=torch.zeros(4))
     hidden = torch.randn(3, 4)
     hidden[1, 2] = float("inf")
-    sig = exit_head_ref(hidden, head, LinearScore(1.0, 1.0, 0.0))
+    sig = exit_head_ref(hidden, head, StopRule(1.0, 1.0, 0.0))
     assert sig.argmax[1].item() == -1 and math.isnan(sig.top_prob[1]) and math.isnan(sig.score[1])
     assert sig.argmax[0].item() >= 0 and not math.isnan(sig.top_prob[2])
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from adainfer.calibrate.classifier import StopClassifier
+from adainfer.calibration.classifier import StopClassifier
 from adainfer.runtime.config import AdaInferConfig
 from adainfer.runtime.patch import patched
 from adainfer.runtime.wallclock import padded_batches

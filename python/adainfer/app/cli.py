@@ -128,7 +128,7 @@ def _demo(args: argparse.Namespace) -> int:
         sizes=dict(QUICK_SIZES if args.quick else DEMO_SIZES),
         budget=args.budget,
         confidence=args.confidence,
-        bias_method=args.bias,
+        label_bias_estimator=args.bias,
         batch_size=args.batch_size,
         min_confidence=args.min_confidence,
     )
@@ -193,15 +193,15 @@ def _load_task(args: argparse.Namespace, sizes: dict[str, int], stored: dict | N
 def _calibrate(args: argparse.Namespace) -> int:
     from adainfer.app.loading import load_model
     from adainfer.app.pipeline import task_line
-    from adainfer.calibrate.features import collect_content_free, collect_task_features
-    from adainfer.calibrate.fit import calibrate_auto
+    from adainfer.calibration.features import collect_content_free, collect_task_features
+    from adainfer.calibration.fit import calibrate_auto
 
     console = _console()
-    exit_head = args.exit_head
+    readout = args.readout
     if args.vocab == "full":
-        if exit_head == "probe":
-            raise ValueError("--exit-head probe answers over the label tokens: it needs --vocab labels")
-        exit_head = "lens"
+        if readout == "probe":
+            raise ValueError("--readout probe answers over the label tokens: it needs --vocab labels")
+        readout = "lens"
     sizes = {"calibration": args.n_calibration, "heldout": args.n_heldout, "test": args.n_test}
     task, kwargs = _load_task(args, sizes)
     console.print(f"loading model {args.model} ...")
@@ -210,7 +210,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     rendered = task.render(loaded.tokenizer)
     console.print(task_line(rendered, sizes))
     bias = args.bias if args.vocab == "labels" else "none"
-    collect = dict(batch_size=args.batch_size, full_vocab=args.vocab == "full", keep_hidden=exit_head != "lens")
+    collect = dict(batch_size=args.batch_size, full_vocab=args.vocab == "full", keep_hidden=readout != "lens")
     cal = collect_task_features(loaded.model, rendered, "calibration", **collect)
     held = collect_task_features(loaded.model, rendered, "heldout", **collect)
     cf = collect_content_free(loaded.model, rendered) if bias == "content-free" else None
@@ -218,12 +218,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     clf = calibrate_auto(
         cal,
         held,
-        exit_head=exit_head,
+        readout=readout,
         method=args.method,
         target=args.target,
         budget=args.budget,
         confidence=args.confidence or None,
-        bias_method=bias,
+        label_bias_estimator=bias,
         content_free=cf,
         vocab_mode=args.vocab,
         use_layer=not args.no_layer_feature,
@@ -233,8 +233,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     clf.save(args.out)
     i = clf.info
-    if "exit_head_choice" in i:
-        ch = i["exit_head_choice"]
+    if "readout_choice" in i:
+        ch = i["readout_choice"]
         console.print(
             f"exit head: {ch['chosen']} (held-out mean exit layer: lens {ch['lens']['heldout_mean_exit_layer']:.2f}, "
             f"probe {ch['probe']['heldout_mean_exit_layer']:.2f})"
@@ -263,9 +263,9 @@ def _jsonable(d: dict) -> dict:
 def _eval(args: argparse.Namespace) -> int:
     from adainfer.app.loading import load_model
     from adainfer.app.pipeline import RunSettings, print_table, runtime_answers, target_lines, task_line, write_outputs
-    from adainfer.calibrate.classifier import StopClassifier
-    from adainfer.calibrate.evaluate import evaluate
-    from adainfer.calibrate.features import collect_task_features
+    from adainfer.calibration.classifier import StopClassifier
+    from adainfer.calibration.evaluate import evaluate
+    from adainfer.calibration.features import collect_task_features
 
     console = _console()
     clf = StopClassifier.load(args.classifier)
@@ -294,7 +294,7 @@ def _eval(args: argparse.Namespace) -> int:
         "test",
         batch_size=args.batch_size,
         full_vocab=clf.vocab_mode == "full",
-        keep_hidden=clf.exit_head == "probe",
+        keep_hidden=clf.readout == "probe",
     )
     measure = wallclock_measure(args.wallclock_prompts)
     metrics = evaluate(
@@ -308,10 +308,10 @@ def _eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     variant = {
-        "name": f"{clf.method} ({clf.bias_method} bias, {clf.exit_head})",
+        "name": f"{clf.method} ({clf.label_bias_estimator} bias, {clf.readout})",
         "main": True,
         "vocab_mode": clf.vocab_mode,
-        "exit_head": clf.exit_head,
+        "readout": clf.readout,
     }
     rows = [{"variant": variant, "classifier": clf, "metrics": metrics}]
     budget = clf.info.get("budget", float("nan"))
@@ -330,7 +330,7 @@ def _eval(args: argparse.Namespace) -> int:
         seed=task_kwargs.get("seed", task.seed),
         budget=budget,
         confidence=clf.info.get("confidence"),
-        bias_method=clf.bias_method,
+        label_bias_estimator=clf.label_bias_estimator,
         batch_size=args.batch_size,
         full_vocab=clf.vocab_mode == "full",
     )
@@ -600,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_cal.add_argument("--vocab", default="labels", choices=["labels", "full"], help="exit head over labels or all")
     p_cal.add_argument("--no-layer-feature", action="store_true", help="features top_prob and gap only")
     p_cal.add_argument(
-        "--exit-head",
+        "--readout",
         default="auto",
         choices=["auto", "lens", "probe"],
         help="decode layer k through the model's LM head (lens) or a per-layer probe of the hidden state; "
@@ -640,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "info":
         return _print_info(args.json)
-    from adainfer.calibrate.classifier import ClassifierFileError
+    from adainfer.calibration.classifier import ClassifierFileError
 
     handlers = {"demo": _demo, "calibrate": _calibrate, "eval": _eval}
     try:

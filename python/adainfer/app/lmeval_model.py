@@ -69,7 +69,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from adainfer.app.loading import load_model
-from adainfer.calibrate.classifier import StopClassifier
+from adainfer.calibration.classifier import StopClassifier
 from adainfer.runtime.config import AdaInferConfig
 from adainfer.runtime.patch import apply
 from adainfer.runtime.wallclock import synchronize
@@ -230,7 +230,7 @@ class AdaInferLM(HFLM):
         return {
             "model": MODEL_NAME,
             "classifier": self.classifier_source,
-            "exit_head": clf.exit_head,
+            "readout": clf.readout,
             "vocab_mode": clf.vocab_mode,
             "label_words": list(clf.label_words) if clf.label_words else None,
             "num_layers": self.num_layers,

@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from adainfer.calibrate.classifier import StopClassifier
-from adainfer.calibrate.evaluate import RuntimeFn, WallclockFn, evaluate, per_layer_table, simulate, threshold_sweep
-from adainfer.calibrate.features import LayerFeatures, collect_content_free, collect_task_features, label_signals
-from adainfer.calibrate.fit import calibrate, calibrate_auto
-from adainfer.calibrate.labelbias import BIAS_METHODS, estimate_label_bias
+from adainfer.calibration.classifier import StopClassifier
+from adainfer.calibration.evaluate import RuntimeFn, WallclockFn, evaluate, per_layer_table, simulate, threshold_sweep
+from adainfer.calibration.features import LayerFeatures, collect_content_free, collect_task_features, label_signals
+from adainfer.calibration.fit import calibrate, calibrate_auto
+from adainfer.calibration.labelbias import LABEL_BIAS_ESTIMATORS, estimate_label_bias
 
 NOT_MEASURED = "not measured"
 SWEEP_BUDGETS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
@@ -44,32 +44,34 @@ class Variant:
 
     name: str
     method: str = "svm"
-    bias_method: str = "auto"
+    label_bias_estimator: str = "auto"
     vocab_mode: str = "labels"
     target: str = "consistency"
     confidence: float | None = None  # None: the run's setting; 0: the point estimate (no bound)
     main: bool = False
-    exit_head: str = "lens"
+    readout: str = "lens"
 
 
 def demo_variants(
-    bias_method: str, full_vocab: bool = True, bound: float = 0.9, main_exit_head: str = "lens"
+    label_bias_estimator: str, full_vocab: bool = True, bound: float = 0.9, main_readout: str = "lens"
 ) -> list[Variant]:
-    """The table's rows: the paper's lens rule and the probe rule first (``main_exit_head`` is the
+    """The table's rows: the paper's lens rule and the probe rule first (``main_readout`` is the
     main row: measured through the runtime and timed), then the ablations (lens)."""
     variants = [
-        Variant("svm + bias", bias_method=bias_method, main=main_exit_head == "lens"),
-        Variant("probe svm + bias", bias_method=bias_method, exit_head="probe", main=main_exit_head == "probe"),
-        Variant("probe, no bound", bias_method=bias_method, exit_head="probe", confidence=0.0),
-        Variant("svm + bias, no bound", bias_method=bias_method, confidence=0.0),
-        Variant("svm, raw", bias_method="none"),
-        Variant("logreg + bias", method="logreg", bias_method=bias_method),
-        Variant("svm gold + bias", bias_method=bias_method, target="gold"),
-        Variant("gap + bias", method="gap", bias_method=bias_method),
-        Variant("gap, raw", method="gap", bias_method="none"),
+        Variant("svm + bias", label_bias_estimator=label_bias_estimator, main=main_readout == "lens"),
+        Variant(
+            "probe svm + bias", label_bias_estimator=label_bias_estimator, readout="probe", main=main_readout == "probe"
+        ),
+        Variant("probe, no bound", label_bias_estimator=label_bias_estimator, readout="probe", confidence=0.0),
+        Variant("svm + bias, no bound", label_bias_estimator=label_bias_estimator, confidence=0.0),
+        Variant("svm, raw", label_bias_estimator="none"),
+        Variant("logreg + bias", method="logreg", label_bias_estimator=label_bias_estimator),
+        Variant("svm gold + bias", label_bias_estimator=label_bias_estimator, target="gold"),
+        Variant("gap + bias", method="gap", label_bias_estimator=label_bias_estimator),
+        Variant("gap, raw", method="gap", label_bias_estimator="none"),
     ]
     if full_vocab:
-        variants.append(Variant("svm full-vocab", bias_method="none", vocab_mode="full"))
+        variants.append(Variant("svm full-vocab", label_bias_estimator="none", vocab_mode="full"))
     return variants
 
 
@@ -88,10 +90,10 @@ class RunSettings:
     # 0.9: the budget is certified at 90% confidence (research/probe_curve.md: the point estimate
     # kept 1% on new data in only 5-9 of 20 re-draws); 0 or None: the point estimate on held-out
     confidence: float | None = 0.9
-    bias_method: str = "auto"
+    label_bias_estimator: str = "auto"
     batch_size: int = 32
     full_vocab: bool = True
-    exit_head: str = "auto"  # the main row's: lens, probe, or auto (the better on held-out)
+    readout: str = "auto"  # the main row's: lens, probe, or auto (the better on held-out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,12 +139,12 @@ def run_variant(
     clf = calibrate(
         feats["calibration"],
         feats["heldout"],
-        exit_head=variant.exit_head,
+        readout=variant.readout,
         method=variant.method,
         target=variant.target,
         budget=settings.budget,
         confidence=_confidence(settings.confidence if variant.confidence is None else variant.confidence),
-        bias_method=variant.bias_method,
+        label_bias_estimator=variant.label_bias_estimator,
         content_free=feats.get("content-free"),
         vocab_mode=variant.vocab_mode,
         label_words=label_words,
@@ -161,21 +163,21 @@ def run_variant(
     return {"variant": asdict(variant), "classifier": clf, "metrics": metrics}
 
 
-def choose_exit_head(feats: dict[str, LayerFeatures], settings: RunSettings) -> str:
+def choose_readout(feats: dict[str, LayerFeatures], settings: RunSettings) -> str:
     """The main row's exit head: the setting, or with ``auto`` the one whose classifier runs fewer
     layers on the held-out split within the budget (never the test split)."""
-    if settings.exit_head != "auto":
-        return settings.exit_head
+    if settings.readout != "auto":
+        return settings.readout
     clf = calibrate_auto(
         feats["calibration"],
         feats["heldout"],
         method="svm",
         budget=settings.budget,
         confidence=_confidence(settings.confidence),
-        bias_method=settings.bias_method,
+        label_bias_estimator=settings.label_bias_estimator,
         content_free=feats.get("content-free"),
     )
-    return clf.exit_head
+    return clf.readout
 
 
 def _confidence(value: float | None) -> float | None:
@@ -210,7 +212,7 @@ def bias_comparison(feats: dict[str, LayerFeatures]) -> dict[str, dict]:
     test = feats["test"]
     late = slice(2 * test.n_layers // 3, None)
     out = {}
-    for method in BIAS_METHODS:
+    for method in LABEL_BIAS_ESTIMATORS:
         if method == "balanced" and test.n_labels != 2:
             continue
         bias = estimate_label_bias(method, feats["calibration"], feats.get("content-free"))
@@ -265,7 +267,7 @@ def run_demo(
     )
     t_features = time.perf_counter() - t0
     info = {"task": task_info(settings.task, settings)}
-    main_head = choose_exit_head(feats, settings)
+    main_head = choose_readout(feats, settings)
     measured = measure_wallclock is not None or measure_runtime is not None
     prompts = rendered.prompts("test") if measured else None
     rows = [
@@ -281,7 +283,7 @@ def run_demo(
             tokenizer=loaded.tokenizer,
             prompts=prompts,
         )
-        for v in demo_variants(settings.bias_method, settings.full_vocab, main_exit_head=main_head)
+        for v in demo_variants(settings.label_bias_estimator, settings.full_vocab, main_readout=main_head)
     ]
     budget_txt = f"{settings.budget:.1%} disagreement budget" + (
         f" at {settings.confidence:.0%} confidence" if settings.confidence else ""
@@ -473,7 +475,7 @@ def write_outputs(
     label_rows = [r for r in rows if r["variant"]["vocab_mode"] == "labels"]
     sweeps = {r["variant"]["name"]: threshold_sweep(test, r["classifier"]) for r in label_rows}
     # the plot compares like with like: rows with the main row's correction (raw rows are in the table)
-    plotted = [r for r in label_rows if r["classifier"].bias_method == main_clf.bias_method]
+    plotted = [r for r in label_rows if r["classifier"].label_bias_estimator == main_clf.label_bias_estimator]
     payload = {
         "settings": asdict(settings),
         **extra,

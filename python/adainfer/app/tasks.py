@@ -15,7 +15,7 @@ with ``demo_i = query(text_i) + label_word(label_i)``; the model's answer is the
 the prompt, read over the label tokens only. The ``k`` demonstrations are fixed per task (drawn,
 balanced, with a seed, from a pool disjoint from every evaluated split), so every prompt shares
 one prefix: the feature pass can run that prefix once and reuse its K/V cache
-(:mod:`adainfer.calibrate.features`), and the content-free prompts of contextual calibration
+(:mod:`adainfer.calibration.features`), and the content-free prompts of contextual calibration
 (Zhao et al. 2021) are well defined.
 
 Label words must be single tokens *in context*: ``tokenizer(query + word)`` must equal

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adainfer_kernels.head import ExitHead
+from adainfer_kernels.head import ReadoutHead
 
 # (layer, hidden (F, T, d), position_embeddings (cos, sin) or None) -> K, V (F, H_kv, T, D)
 KVFill = Callable[[nn.Module, torch.Tensor, object], tuple[torch.Tensor, torch.Tensor]]
@@ -27,7 +27,7 @@ class ModelFamily:
         model_type: ``config.model_type``.
         causal_lm: the class it patches (for messages), e.g. ``"LlamaForCausalLM"``.
         decoder: model -> the module whose ``forward`` runs the decoder-layer loop (it has ``.layers``).
-        exit_head: model -> its ``ExitHead`` over the full vocabulary: the final norm with the
+        lens_head: model -> its ``ReadoutHead`` over the full vocabulary: the final norm with the
             model's numerics, ``project_out``, the LM head. Built from the live modules at each
             call, so it always decodes with the model's current weights.
         kv_fill: the K/V a decoder layer would have cached for rows that skipped it, computed from
@@ -39,7 +39,7 @@ class ModelFamily:
     model_type: str
     causal_lm: str
     decoder: Callable[[nn.Module], nn.Module]
-    exit_head: Callable[[nn.Module], ExitHead]
+    lens_head: Callable[[nn.Module], ReadoutHead]
     kv_fill: KVFill
     attention: tuple[str, ...] = ("eager", "sdpa")
 

@@ -7,13 +7,13 @@ from torch import nn
 
 from adainfer.models.family import ModelFamily
 from adainfer.models.llama import kv_fill
-from adainfer_kernels.head import ExitHead
+from adainfer_kernels.head import ReadoutHead
 
 
-def exit_head(model: nn.Module) -> ExitHead:
+def lens_head(model: nn.Module) -> ReadoutHead:
     """Final Gemma RMSNorm (``rms_offset``: x * rsqrt(mean(x^2) + eps) * (1 + w) in fp32) and the LM head."""
     norm = model.model.norm
-    return ExitHead(
+    return ReadoutHead(
         weight=model.get_output_embeddings().weight,
         norm="rms_offset",
         norm_weight=norm.weight,
@@ -27,6 +27,6 @@ FAMILY = ModelFamily(
     model_type="gemma",
     causal_lm="GemmaForCausalLM",
     decoder=lambda m: m.model,
-    exit_head=exit_head,
+    lens_head=lens_head,
     kv_fill=kv_fill,
 )

@@ -6,13 +6,13 @@ the model's own output."""
 from __future__ import annotations
 
 from adainfer.models.family import ModelFamily
-from adainfer.models.gemma import exit_head
+from adainfer.models.gemma import lens_head
 from adainfer.models.llama import kv_fill
 
 FAMILY = ModelFamily(
     model_type="gemma2",
     causal_lm="Gemma2ForCausalLM",
     decoder=lambda m: m.model,
-    exit_head=exit_head,
+    lens_head=lens_head,
     kv_fill=kv_fill,
 )

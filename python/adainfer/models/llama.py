@@ -6,13 +6,13 @@ import torch
 from torch import nn
 
 from adainfer.models.family import ModelFamily, apply_rope, split_heads
-from adainfer_kernels.head import ExitHead
+from adainfer_kernels.head import ReadoutHead
 
 
-def rms_exit_head(model: nn.Module) -> ExitHead:
+def rms_lens_head(model: nn.Module) -> ReadoutHead:
     """Final RMSNorm (fp32 statistics, cast back, then the weight) and the LM head."""
     norm = model.model.norm
-    return ExitHead(
+    return ReadoutHead(
         weight=model.get_output_embeddings().weight,
         norm="rms",
         norm_weight=norm.weight,
@@ -37,6 +37,6 @@ FAMILY = ModelFamily(
     model_type="llama",
     causal_lm="LlamaForCausalLM",
     decoder=lambda m: m.model,
-    exit_head=rms_exit_head,
+    lens_head=rms_lens_head,
     kv_fill=kv_fill,
 )

@@ -4,12 +4,12 @@ cache layers) Hugging Face builds, so the exit head and the K/V fill are Llama's
 from __future__ import annotations
 
 from adainfer.models.family import ModelFamily
-from adainfer.models.llama import kv_fill, rms_exit_head
+from adainfer.models.llama import kv_fill, rms_lens_head
 
 FAMILY = ModelFamily(
     model_type="mistral",
     causal_lm="MistralForCausalLM",
     decoder=lambda m: m.model,
-    exit_head=rms_exit_head,
+    lens_head=rms_lens_head,
     kv_fill=kv_fill,
 )

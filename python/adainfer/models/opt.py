@@ -7,14 +7,14 @@ import torch
 from torch import nn
 
 from adainfer.models.family import ModelFamily, split_heads
-from adainfer_kernels.head import ExitHead
+from adainfer_kernels.head import ReadoutHead
 
 
-def exit_head(model: nn.Module) -> ExitHead:
+def lens_head(model: nn.Module) -> ReadoutHead:
     """Final LayerNorm (absent in post-LN models), ``project_out`` when present, the tied LM head."""
     decoder = model.model.decoder
     final_ln = decoder.final_layer_norm
-    return ExitHead(
+    return ReadoutHead(
         weight=model.get_output_embeddings().weight,
         norm="layer" if final_ln is not None else "none",
         norm_weight=final_ln.weight if final_ln is not None else None,
@@ -35,6 +35,6 @@ FAMILY = ModelFamily(
     model_type="opt",
     causal_lm="OPTForCausalLM",
     decoder=lambda m: m.model.decoder,
-    exit_head=exit_head,
+    lens_head=lens_head,
     kv_fill=kv_fill,
 )

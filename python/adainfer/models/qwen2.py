@@ -4,13 +4,13 @@ sliding-window layers (``config.layer_types``; the decoder passes those layers t
 from __future__ import annotations
 
 from adainfer.models.family import ModelFamily
-from adainfer.models.llama import kv_fill, rms_exit_head
+from adainfer.models.llama import kv_fill, rms_lens_head
 
 # The k/v projections carry their bias (nn.Linear applies it), so Llama's K/V fill is Qwen2's.
 FAMILY = ModelFamily(
     model_type="qwen2",
     causal_lm="Qwen2ForCausalLM",
     decoder=lambda m: m.model,
-    exit_head=rms_exit_head,
+    lens_head=rms_lens_head,
     kv_fill=kv_fill,
 )

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from adainfer.models.family import ModelFamily, apply_rope, split_heads
-from adainfer.models.llama import rms_exit_head
+from adainfer.models.llama import rms_lens_head
 
 
 def kv_fill(layer: nn.Module, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,6 +23,6 @@ FAMILY = ModelFamily(
     model_type="qwen3",
     causal_lm="Qwen3ForCausalLM",
     decoder=lambda m: m.model,
-    exit_head=rms_exit_head,
+    lens_head=rms_lens_head,
     kv_fill=kv_fill,
 )

@@ -20,14 +20,14 @@ import torch
 from adainfer.runtime.loop import ExitStats
 
 
-def deliver_answers(stats: ExitStats, logits: torch.Tensor, full_depth_bias: torch.Tensor | None) -> torch.Tensor:
+def deliver_answers(stats: ExitStats, logits: torch.Tensor, final_label_bias: torch.Tensor | None) -> torch.Tensor:
     """Complete ``stats``' answers and return the logits to hand back (``logits`` itself when
     nothing changes; modified in place unless it requires grad).
 
     Args:
         stats: the pass's statistics (exit layers, answers of the rows that stopped early).
         logits: (B, T', V) the model's logits (T' >= 1: the last position is the answer's).
-        full_depth_bias: (K,) fp32 correction of full-depth label answers, or None.
+        final_label_bias: (K,) fp32 correction of full-depth label answers, or None.
     """
     device = logits.device
     batch = stats.exit_layers.numel()
@@ -57,10 +57,10 @@ def deliver_answers(stats: ExitStats, logits: torch.Tensor, full_depth_bias: tor
     labels_here = labels.to(device)
     if full_rows.numel():
         z = last.index_select(0, full_rows).index_select(1, labels_here).float()
-        if full_depth_bias is not None:
-            z = z + full_depth_bias.to(device)
+        if final_label_bias is not None:
+            z = z + final_label_bias.to(device)
         stats.record_answers(full_rows, torch.log_softmax(z, dim=-1), None)
-    rewrite = ~full if full_depth_bias is None else torch.ones_like(full)
+    rewrite = ~full if final_label_bias is None else torch.ones_like(full)
     rows = torch.nonzero(rewrite).squeeze(1)
     if rows.numel() == 0:
         return logits

@@ -44,7 +44,7 @@ from adainfer.runtime.placement import (
 from adainfer.runtime.policy import ExitPolicy
 from adainfer_kernels.compaction import compact_rows, merge_rows, scatter_rows
 from adainfer_kernels.exit_head import exit_head
-from adainfer_kernels.head import ExitHead, ExitSignals, decode_rows
+from adainfer_kernels.head import ExitSignals, ReadoutHead, decode_rows
 
 # kwargs of a decoder layer whose dim 0 is the batch (restricted to the active rows); the rest pass through.
 _BATCH_KWARGS = ("attention_mask", "position_ids")
@@ -92,7 +92,7 @@ class ExitStats:
     answer_label: torch.Tensor | None = None
     label_logprobs: torch.Tensor | None = None
     # (rows, last hidden (S, d), head) of exits decided without signals, answers not decoded yet
-    _pending: list[tuple[torch.Tensor, torch.Tensor, ExitHead]] = field(default_factory=list, repr=False)
+    _pending: list[tuple[torch.Tensor, torch.Tensor, ReadoutHead]] = field(default_factory=list, repr=False)
 
     @property
     def answer_token(self) -> torch.Tensor:
@@ -104,7 +104,7 @@ class ExitStats:
         self._resolve_pending()
         return self._answer_prob
 
-    def defer_answers(self, rows: torch.Tensor, last: torch.Tensor, head: ExitHead) -> None:
+    def defer_answers(self, rows: torch.Tensor, last: torch.Tensor, head: ReadoutHead) -> None:
         """Leave the full-vocabulary answers of ``rows`` (original ids; last hidden (S, d)) pending."""
         self._pending.append((rows, last, head))
 
@@ -288,7 +288,7 @@ class LayerLoop:
     """
 
     def __init__(
-        self, model: nn.Module, family: ModelFamily, policy: ExitPolicy, config: AdaInferConfig, head: ExitHead
+        self, model: nn.Module, family: ModelFamily, policy: ExitPolicy, config: AdaInferConfig, head: ReadoutHead
     ):
         self.model = model
         self.family = family
@@ -313,7 +313,7 @@ class LayerLoop:
         its exit head (``resize_token_embeddings``, a new LM head or norm), read off the live
         modules; a classifier fitted for the model as it was is refused with its own error."""
         layers = list(self.family.layers(self.model)._modules.values())
-        head = self.family.exit_head(self.model)
+        head = self.family.lens_head(self.model)
         same_layers = len(layers) == len(self.layers) and all(a is b for a, b in zip(layers, self.layers, strict=True))
         same_head = all(
             getattr(head, f) is getattr(self.base_head, f)
@@ -348,8 +348,8 @@ class LayerLoop:
         t0 = time.perf_counter()
         policy = self.policy
         with materialised(self._head_modules):
-            base = self.family.exit_head(self.model) if self._head_modules else self.base_head
-            head, score = policy.head_and_score(layer, base)
+            base = self.family.lens_head(self.model) if self._head_modules else self.base_head
+            head, score = policy.head_and_rule(layer, base)
             last = hidden[:, -1, :]
             if policy.needs_signals:
                 signals = self._signals(last, head, score, hidden.device)
@@ -371,7 +371,7 @@ class LayerLoop:
         return stop
 
     @staticmethod
-    def _signals(last: torch.Tensor, head: ExitHead, score, device: torch.device) -> ExitSignals:
+    def _signals(last: torch.Tensor, head: ReadoutHead, score, device: torch.device) -> ExitSignals:
         """The exit head on the rows' last positions, computed where the head is (the few rows move
         there, never the LM head to the rows), returned on ``device``."""
         signals = exit_head(to_device(last, head.weight.device), head, score)
@@ -380,18 +380,18 @@ class LayerLoop:
         return signals
 
 
-def label_logprobs(last: torch.Tensor, head: ExitHead) -> torch.Tensor:
+def label_logprobs(last: torch.Tensor, head: ReadoutHead) -> torch.Tensor:
     """(S, K) fp32 log-probabilities over a head's vocabulary subset (the label tokens) of rows
     (S, d): the norm and ``project_out`` with Hugging Face's ops, then fp32 logits of the K subset
-    rows (+ the subset bias), as the exit head computes them (a K-row product: cheap)."""
+    rows (+ the logit bias), as the exit head computes them (a K-row product: cheap)."""
     x = decode_rows(last, head).float()
     w = head.weight.index_select(0, head.vocab_subset).float()
     z = x @ w.t()
     cap = head.logit_softcap
     if cap is not None:  # the model's own final-logit soft-capping comes before the label bias
         z = torch.tanh(z / cap) * cap
-    if head.subset_bias is not None:
-        z = z + head.subset_bias
+    if head.logit_bias is not None:
+        z = z + head.logit_bias
     return torch.log_softmax(z, dim=-1)
 
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from adainfer.models import ModelFamily, exit_head_for, family_for
+from adainfer.models import ModelFamily, family_for, lens_head
 from adainfer.runtime.answers import deliver_answers
 from adainfer.runtime.config import AdaInferConfig
 from adainfer.runtime.loop import ExitStats, LayerLoop, LayerPass
@@ -117,7 +117,7 @@ class AdaInferHandle:
         self.config = config
         self.policy = policy
         self.family = family_for(model)
-        self.loop = LayerLoop(model, self.family, policy, config, exit_head_for(model))
+        self.loop = LayerLoop(model, self.family, policy, config, lens_head(model))
         # The last ``config.history`` calls' statistics, oldest dropped first (bounded: a server
         # calls forward for ever). A sequence: len(), indexing and iteration as before.
         self.history: deque[ExitStats] = deque(maxlen=config.history)
@@ -131,11 +131,11 @@ class AdaInferHandle:
     def _pass(self) -> LayerPass | None:
         return getattr(self._local, "layer_pass", None)
 
-    def _full_depth_bias(self) -> torch.Tensor | None:
+    def _final_label_bias(self) -> torch.Tensor | None:
         """The correction applied to full-depth answers, or None (the model's own answer)."""
         if not self.config.correct_full_depth:
             return None
-        bias = self.policy.full_depth_bias(self.loop.num_layers)
+        bias = self.policy.final_label_bias(self.loop.num_layers)
         return None if bias is None else torch.as_tensor(bias, dtype=torch.float32)
 
     @property
@@ -198,7 +198,7 @@ class AdaInferHandle:
         layer_pass = getattr(self._local, "finished_pass", None)
         self._local.finished_pass = None
         if layer_pass is not None and getattr(out, "logits", None) is not None:
-            out.logits = deliver_answers(layer_pass.stats, out.logits, self._full_depth_bias())
+            out.logits = deliver_answers(layer_pass.stats, out.logits, self._final_label_bias())
         return out
 
     def _install(self) -> None:
@@ -299,10 +299,10 @@ def _check_unmasked_padding(input_ids, model: nn.Module) -> None:
 def _as_policy(classifier_or_policy, config: AdaInferConfig) -> ExitPolicy:
     if hasattr(classifier_or_policy, "should_stop"):
         return classifier_or_policy
-    if hasattr(classifier_or_policy, "linear_score"):
+    if hasattr(classifier_or_policy, "stop_rule"):
         return ClassifierPolicy(classifier_or_policy)
     raise TypeError(
-        "expected a StopClassifier (with linear_score/subset_bias/vocab_subset) or an exit policy "
+        "expected a StopClassifier (with stop_rule/label_bias_at/vocab_subset) or an exit policy "
         f"(ForcedExits, NeverExit, ...), got {type(classifier_or_policy).__name__}"
     )
 

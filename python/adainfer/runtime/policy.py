@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from adainfer_kernels.head import NEVER_STOP, ExitHead, ExitSignals, LinearScore
+from adainfer_kernels.head import NEVER_STOP, ExitSignals, ReadoutHead, StopRule
 
 
 class ExitPolicy(Protocol):
@@ -29,13 +29,13 @@ class ExitPolicy(Protocol):
     def layers_to_check(self, num_layers: int) -> frozenset[int]:
         """Layers (1 <= k < L) after which this policy wants a check."""
 
-    def head_and_score(self, layer: int, base: ExitHead) -> tuple[ExitHead, LinearScore | None]:
+    def head_and_rule(self, layer: int, base: ReadoutHead) -> tuple[ReadoutHead, StopRule | None]:
         """The exit head (vocabulary subset, per-layer bias) and linear score used at ``layer``."""
 
     def should_stop(self, layer: int, signals: ExitSignals | None, rows: torch.Tensor) -> torch.Tensor:
         """(A,) bool: which of the checked rows (original batch ids ``rows``) stop at ``layer``."""
 
-    def full_depth_bias(self, num_layers: int) -> torch.Tensor | None:
+    def final_label_bias(self, num_layers: int) -> torch.Tensor | None:
         """(K,) fp32 label-logit correction of the full model's answer, or None (used only when
         ``AdaInferConfig(correct_full_depth=True)``)."""
 
@@ -49,8 +49,8 @@ class ClassifierPolicy:
     """AdaInfer's rule: stop a row at layer k when the classifier's score there is positive.
 
     ``classifier`` is duck-typed (``adainfer.classifier.StopClassifier`` fits it): it provides
-    ``linear_score(layer) -> LinearScore`` with the threshold and any layer term folded into the
-    bias, ``subset_bias(layer) -> Tensor | None`` (per-layer label bias), ``vocab_subset``
+    ``stop_rule(layer) -> StopRule`` with the threshold and any layer term folded into the
+    bias, ``label_bias_at(layer) -> Tensor | None`` (per-layer label bias), ``vocab_subset``
     ((K,) token ids, or None for the full vocabulary) and ``checked_layers`` (the layers whose
     check can stop a row).
     """
@@ -64,7 +64,7 @@ class ClassifierPolicy:
         self.label_token_ids = None if ids is None else torch.as_tensor(ids, dtype=torch.int64)
         # layer -> (the base head it was built from, head, score): rebuilt when the base changes (a
         # model whose head is offloaded hands a freshly loaded base to every check)
-        self._cache: dict[int, tuple[ExitHead, ExitHead, LinearScore | None]] = {}
+        self._cache: dict[int, tuple[ReadoutHead, ReadoutHead, StopRule | None]] = {}
         self._subset: torch.Tensor | None = None
 
     def layers_to_check(self, num_layers: int) -> frozenset[int]:
@@ -72,71 +72,71 @@ class ClassifierPolicy:
             return self._layers
         return frozenset(int(k) for k in self.classifier.checked_layers)
 
-    def head_and_score(self, layer: int, base: ExitHead) -> tuple[ExitHead, LinearScore | None]:
+    def head_and_rule(self, layer: int, base: ReadoutHead) -> tuple[ReadoutHead, StopRule | None]:
         cached = self._cache.get(layer)
         if cached is None or cached[0] is not base:
-            if getattr(self.classifier, "exit_head", "lens") == "probe":
-                self._cache[layer] = cached = (base, self._probe_head(layer, base), self.classifier.linear_score(layer))
+            if getattr(self.classifier, "readout", "lens") == "probe":
+                self._cache[layer] = cached = (base, self._probe_head(layer, base), self.classifier.stop_rule(layer))
                 return cached[1], cached[2]
             device = base.weight.device
             if self.classifier.vocab_subset is not None and (self._subset is None or self._subset.device != device):
                 # One subset tensor for every layer: the exit head caches its packed subset weight per tensor.
                 self._subset = torch.as_tensor(self.classifier.vocab_subset, dtype=torch.int64, device=device)
-            bias = self.classifier.subset_bias(layer)
+            bias = self.classifier.label_bias_at(layer)
             head = dataclasses.replace(
                 base,
                 vocab_subset=self._subset,
-                subset_bias=None if bias is None else torch.as_tensor(bias, dtype=torch.float32, device=device),
+                logit_bias=None if bias is None else torch.as_tensor(bias, dtype=torch.float32, device=device),
             )
-            self._cache[layer] = cached = (base, head, self.classifier.linear_score(layer))
+            self._cache[layer] = cached = (base, head, self.classifier.stop_rule(layer))
         return cached[1], cached[2]
 
-    def _probe_head(self, layer: int, base: ExitHead) -> ExitHead:
+    def _probe_head(self, layer: int, base: ReadoutHead) -> ReadoutHead:
         """Layer ``layer``'s probe as an exit head: its (K, d) weight in the model's dtype on the
         head's device, no norm (the probe reads the raw hidden state), subset = its K rows, and
-        its bias as the subset bias (fp32)."""
+        its bias as the logit bias (fp32)."""
         weight, bias = self.classifier.probe_layer(layer)
         device, dtype = base.weight.device, base.weight.dtype
-        return ExitHead(
+        return ReadoutHead(
             weight=torch.as_tensor(weight).to(device=device, dtype=dtype),
             norm="none",
             vocab_subset=torch.arange(weight.shape[0], device=device),
-            subset_bias=torch.as_tensor(bias, dtype=torch.float32).to(device),
+            logit_bias=torch.as_tensor(bias, dtype=torch.float32).to(device),
         )
 
     def should_stop(self, layer: int, signals: ExitSignals | None, rows: torch.Tensor) -> torch.Tensor:
         # NaN scores (non-finite hidden states) compare False: such rows never stop early.
         return signals.score > 0
 
-    def full_depth_bias(self, num_layers: int) -> torch.Tensor | None:
+    def final_label_bias(self, num_layers: int) -> torch.Tensor | None:
         if self.label_token_ids is None:
             return None
-        return self.classifier.subset_bias(num_layers)
+        return self.classifier.label_bias_at(num_layers)
 
 
 @dataclasses.dataclass(frozen=True)
 class _FixedClassifier:
     """The classifier protocol for one fixed score at every layer."""
 
-    score: LinearScore
+    score: StopRule
     checked_layers: frozenset[int]
     vocab_subset: object = None
 
-    def linear_score(self, layer: int) -> LinearScore:
+    def stop_rule(self, layer: int) -> StopRule:
         return self.score
 
-    def subset_bias(self, layer: int) -> None:
+    def label_bias_at(self, layer: int) -> None:
         return None
 
 
-class LinearScorePolicy(ClassifierPolicy):
+class StopRulePolicy(ClassifierPolicy):
     """One fixed linear score (and optional label tokens) at every checked layer."""
 
-    def __init__(self, score: LinearScore, layers, label_token_ids=None) -> None:
+    def __init__(self, score: StopRule, layers, label_token_ids=None) -> None:
         super().__init__(_FixedClassifier(score, frozenset(layers), label_token_ids))
 
 
-class NeverExit(LinearScorePolicy):
+class NeverExit(StopRulePolicy):
     """Runs the full-vocabulary exit head at the given layers but never stops a row."""
 
     def __init__(self, layers: frozenset[int]) -> None:
@@ -169,10 +169,10 @@ class ForcedExits:
     def layers_to_check(self, num_layers: int) -> frozenset[int]:
         return frozenset(int(k) for k in self.exit_layers.unique().tolist() if 1 <= k < num_layers)
 
-    def head_and_score(self, layer: int, base: ExitHead) -> tuple[ExitHead, LinearScore | None]:
+    def head_and_rule(self, layer: int, base: ReadoutHead) -> tuple[ReadoutHead, StopRule | None]:
         return base, None
 
-    def full_depth_bias(self, num_layers: int) -> None:
+    def final_label_bias(self, num_layers: int) -> None:
         return None
 
     def begin_pass(self, batch_size: int) -> None:

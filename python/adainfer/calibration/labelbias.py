@@ -30,18 +30,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from adainfer.calibrate.features import LayerFeatures, label_probs
+from adainfer.calibration.features import LayerFeatures, label_probs
 
-BIAS_METHODS = ("none", "content-free", "mean", "balanced")
+LABEL_BIAS_ESTIMATORS = ("none", "content-free", "mean", "balanced")
 DEFAULT_BIAS = "auto"  # balanced for two labels, else mean (research/prompt_search.md)
 
 
-def resolve_bias_method(method: str, n_labels: int) -> str:
+def resolve_label_bias_estimator(method: str, n_labels: int) -> str:
     """``auto`` -> ``balanced`` for two labels (best on the bundled task), else ``mean``."""
     if method == "auto":
         return "balanced" if n_labels == 2 else "mean"
-    if method not in BIAS_METHODS:
-        raise ValueError(f"unknown label-bias method {method!r} (methods: auto, {', '.join(BIAS_METHODS)})")
+    if method not in LABEL_BIAS_ESTIMATORS:
+        raise ValueError(f"unknown label-bias method {method!r} (methods: auto, {', '.join(LABEL_BIAS_ESTIMATORS)})")
     return method
 
 
@@ -57,11 +57,11 @@ def estimate_label_bias(
     """The per-layer label bias b (L, K) of ``method``, or None for ``"none"``.
 
     Args:
-        method: one of ``BIAS_METHODS``.
+        method: one of ``LABEL_BIAS_ESTIMATORS``.
         calibration: features of the calibration prompts (``mean``, ``balanced``).
         content_free: features of the content-free prompts (``content-free``).
     """
-    method = resolve_bias_method(method, calibration.n_labels)
+    method = resolve_label_bias_estimator(method, calibration.n_labels)
     if method == "none":
         return None
     if method == "content-free":

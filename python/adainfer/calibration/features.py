@@ -10,13 +10,13 @@ and we keep
     * the full-vocabulary exit-head signals: top-1 probability, gap = p1 - p2, argmax token id
       (``_decode_layer``, the one place that calls the exit head);
     * the K raw label logits z_ik, from which every label-mode quantity is derived with or without
-      a per-layer label bias b_k (K,) (see :mod:`adainfer.calibrate.labelbias`):
+      a per-layer label bias b_k (K,) (see :mod:`adainfer.calibration.labelbias`):
           p_ik = softmax(z_ik + b_k),  top_prob = max p,  gap = p(1) - p(2),  pred = argmax p,
           margin (K = 2) = (z_ik1 + b_k1) - (z_ik0 + b_k0).
       These are exactly what the fused kernel computes with ``vocab_subset = label_token_ids``
-      and ``subset_bias = b_k`` (tests check it), so the calibration sees what the runtime sees.
+      and ``logit_bias = b_k`` (tests check it), so the calibration sees what the runtime sees.
     * optionally (``keep_hidden``) the raw last-token hidden states h_ik of layers 1..L-1 (float32),
-      which per-layer probes are fitted on (:mod:`adainfer.calibrate.probe`).
+      which per-layer probes are fitted on (:mod:`adainfer.calibration.probe`).
 
 Hugging Face's ``output_hidden_states`` returns L+1 states: the embeddings, the raw outputs of
 layers 1..L-1, and the *final-normed* output of layer L. Layer L is therefore read from the model's
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adainfer_kernels.head import ExitHead, ExitSignals
+from adainfer_kernels.head import ExitSignals, ReadoutHead
 from adainfer_kernels.reference import exit_head_ref, head_logits_ref, signals_from_logits
 
 FEATURES_FORMAT = 1
@@ -199,13 +199,13 @@ def vocab_label_pred(features: LayerFeatures) -> np.ndarray:
 
 
 def _decode_layer(
-    hidden: torch.Tensor, head: ExitHead | None, label_head: ExitHead
+    hidden: torch.Tensor, head: ReadoutHead | None, label_head: ReadoutHead
 ) -> tuple[ExitSignals | None, torch.Tensor]:
     """Decode last-token hidden states of one layer: the single call site of the exit head.
 
     Args:
         hidden: (R, d) raw (un-normed) hidden states after some layer k < L.
-        head: the full-vocabulary ``ExitHead`` (None: skip the full-vocabulary signals).
+        head: the full-vocabulary ``ReadoutHead`` (None: skip the full-vocabulary signals).
         label_head: the same head restricted to the label tokens, without bias.
 
     Returns:
@@ -307,7 +307,7 @@ def collect_features(
     """
     from tqdm.auto import tqdm
 
-    from adainfer.models import exit_head_for
+    from adainfer.models import lens_head
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         # range(0, n, -1) is empty: no batch would run and every feature would stay 0
@@ -315,8 +315,8 @@ def collect_features(
     n = len(suffixes)
     n_layers = int(model.config.num_hidden_layers)
     label_ids = torch.as_tensor(list(label_token_ids), dtype=torch.int64)
-    head = exit_head_for(model) if full_vocab else None
-    label_head = exit_head_for(model, vocab_subset=label_ids)
+    head = lens_head(model) if full_vocab else None
+    label_head = lens_head(model, vocab_subset=label_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
 

@@ -10,11 +10,11 @@ import threading
 import adainfer
 import pytest
 import torch
-from adainfer import AdaInferConfig, ForcedExits, LinearScorePolicy
-from adainfer.calibrate.classifier import ModelIdentity, StopClassifier
+from adainfer import AdaInferConfig, ForcedExits, StopRulePolicy
+from adainfer.calibration.classifier import ModelIdentity, StopClassifier
 from tiny_models import VOCAB, decode_hidden, left_padded_batch, tiny_llama
 
-from adainfer_kernels.head import LinearScore
+from adainfer_kernels.head import StopRule
 
 
 @torch.inference_mode()
@@ -22,7 +22,7 @@ def test_two_threads_on_one_patched_model_each_get_their_own_exits_and_stats():
     model = tiny_llama("sdpa")
     batches = {3: left_padded_batch(3, 9, seed=1), 5: left_padded_batch(5, 11, seed=2)}
     # a score policy: each row's exit depends on its own hidden state, whatever runs beside it
-    policy = LinearScorePolicy(LinearScore(4.0, 0.0, -1.5), layers=[1, 2, 3], label_token_ids=[5, 17, 40])
+    policy = StopRulePolicy(StopRule(4.0, 0.0, -1.5), layers=[1, 2, 3], label_token_ids=[5, 17, 40])
     with adainfer.patched(model, policy) as handle:
         alone = {}
         for b, batch in batches.items():

@@ -1,6 +1,6 @@
 """Fitting a stop classifier on a task and choosing its threshold under a disagreement budget.
 
-1. Label bias (label mode): b (L, K) from the calibration split (:mod:`adainfer.calibrate.labelbias`).
+1. Label bias (label mode): b (L, K) from the calibration split (:mod:`adainfer.calibration.labelbias`).
 2. Fit (calibration split): one row per (example, layer k < L) with features (p1, g[, k]) of the
    exit head (label tokens + b_k, or the full vocabulary) and target y = [answer at k == target],
    the target being the full model's (equally corrected) answer (``consistency``) or the gold
@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adainfer.calibrate.classifier import METHODS, TARGETS, ModelIdentity, StopClassifier, fit_linear
-from adainfer.calibrate.features import LayerFeatures, label_signals
-from adainfer.calibrate.labelbias import estimate_label_bias, resolve_bias_method
-from adainfer.calibrate.metrics import clopper_pearson_upper
-from adainfer.calibrate.probe import DEFAULT_C, ProbeHeads, cross_fitted_logits, fit_probes
-from adainfer.calibrate.probe import signals_from_logits as probe_signals
+from adainfer.calibration.classifier import METHODS, TARGETS, ModelIdentity, StopClassifier, fit_linear
+from adainfer.calibration.features import LayerFeatures, label_signals
+from adainfer.calibration.labelbias import estimate_label_bias, resolve_label_bias_estimator
+from adainfer.calibration.metrics import clopper_pearson_upper
+from adainfer.calibration.probe import DEFAULT_C, ProbeHeads, cross_fitted_logits, fit_probes
+from adainfer.calibration.probe import signals_from_logits as probe_signals
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def layer_signals(
     """
     if probe is not None or probe_logits is not None:
         if vocab_mode != "labels":
-            raise ValueError("probe exit heads answer over the label tokens (vocab_mode 'labels')")
+            raise ValueError("probe readouts answer over the label tokens (vocab_mode 'labels')")
         if probe_logits is None:
             if features.hidden is None:
                 raise ValueError("a probe classifier needs features collected with keep_hidden=True")
@@ -258,14 +258,14 @@ def calibrate(
     target: str = "consistency",
     budget: float = 0.01,
     confidence: float | None = None,
-    bias_method: str = "auto",
+    label_bias_estimator: str = "auto",
     content_free: LayerFeatures | None = None,
     vocab_mode: str = "labels",
     use_layer: bool = True,
     min_layers: list[int] | None = None,
     label_words: tuple[str, ...] | None = None,
     info: dict | None = None,
-    exit_head: str = "lens",
+    readout: str = "lens",
     probe_c: float = DEFAULT_C,
 ) -> StopClassifier:
     """Fit a stop classifier on ``calibration`` and choose its threshold on ``heldout``.
@@ -276,36 +276,36 @@ def calibrate(
         target: ``consistency`` | ``gold``.
         budget: the largest disagreement rate with the full model allowed on ``heldout``.
         confidence: optional Clopper-Pearson level for the budget (e.g. 0.95).
-        bias_method: label-bias estimator (``auto``, ``none``, ``content-free``, ``mean``,
+        label_bias_estimator: label-bias estimator (``auto``, ``none``, ``content-free``, ``mean``,
             ``balanced``); label mode only.
         content_free: features of the content-free prompts (for ``content-free``).
         vocab_mode: ``labels`` | ``full``.
         use_layer: include the layer index as a feature (folded into each layer's bias).
         min_layers: candidate first checked layers (default: all).
-        exit_head: ``lens`` (the model's own decode path) or ``probe`` (per-layer probes fitted on
+        readout: ``lens`` (the model's own decode path) or ``probe`` (per-layer probes fitted on
             ``calibration``'s hidden states; the stop classifier is fitted on cross-fitted probe
             signals, so never on the probes' own training rows; the threshold on ``heldout``).
         probe_c: the probes' inverse L2 strength.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (methods: {', '.join(METHODS)})")
-    bias_method = resolve_bias_method(bias_method, calibration.n_labels)
-    if vocab_mode == "full" and bias_method != "none":
-        raise ValueError("the label-bias correction applies to label mode only: use bias_method='none'")
+    label_bias_estimator = resolve_label_bias_estimator(label_bias_estimator, calibration.n_labels)
+    if vocab_mode == "full" and label_bias_estimator != "none":
+        raise ValueError("the label-bias correction applies to label mode only: use label_bias_estimator='none'")
     if identity_of(calibration) != identity_of(heldout):
         raise ValueError("calibration and held-out features come from different models")
-    bias = estimate_label_bias(bias_method, calibration, content_free) if vocab_mode == "labels" else None
+    bias = estimate_label_bias(label_bias_estimator, calibration, content_free) if vocab_mode == "labels" else None
     use_layer = use_layer and method != "gap"
     probe = probe_cal = None
-    if exit_head == "probe":
+    if readout == "probe":
         if vocab_mode != "labels":
-            raise ValueError("probe exit heads answer over the label tokens: use vocab_mode='labels'")
+            raise ValueError("probe readouts answer over the label tokens: use vocab_mode='labels'")
         if calibration.hidden is None or heldout.hidden is None:
-            raise ValueError("probe exit heads need features collected with keep_hidden=True")
+            raise ValueError("probe readouts need features collected with keep_hidden=True")
         goal = target_answer(calibration, vocab_mode, bias, target)
         probe, probe_cal = _fitted_probes(calibration, goal, probe_c)
-    elif exit_head != "lens":
-        raise ValueError(f"unknown exit head {exit_head!r} (exit heads: lens, probe)")
+    elif readout != "lens":
+        raise ValueError(f"unknown exit head {readout!r} (exit heads: lens, probe)")
     x, y = training_rows(calibration, vocab_mode, bias, target, use_layer, probe_logits=probe_cal)
     fit = fit_linear(x, y, method)
     w_layer = float(fit.weights[2]) if use_layer else 0.0
@@ -323,8 +323,8 @@ def calibrate(
         label_token_ids=tuple(int(t) for t in calibration.label_token_ids),
         label_words=label_words,
         label_bias=None if bias is None else tuple(tuple(float(v) for v in row) for row in bias),
-        bias_method=bias_method if vocab_mode == "labels" else "none",
-        exit_head=exit_head,
+        label_bias_estimator=label_bias_estimator if vocab_mode == "labels" else "none",
+        readout=readout,
         probe=probe,
     )
     layers = np.arange(1, heldout.n_layers + 1)[None, :]
@@ -356,19 +356,19 @@ def calibrate(
 
 
 def calibrate_auto(
-    calibration: LayerFeatures, heldout: LayerFeatures, exit_head: str = "auto", **kwargs
+    calibration: LayerFeatures, heldout: LayerFeatures, readout: str = "auto", **kwargs
 ) -> StopClassifier:
-    """``calibrate`` with ``exit_head`` ``lens``, ``probe`` or ``auto``: both, and the one that runs
+    """``calibrate`` with ``readout`` ``lens``, ``probe`` or ``auto``: both, and the one that runs
     fewer layers on the held-out split within the budget (ties: the lens, which needs no probe
     file). The held-out figures of both are kept in the chosen classifier's ``info``."""
-    if exit_head != "auto":
-        return calibrate(calibration, heldout, exit_head=exit_head, **kwargs)
-    candidates = {head: calibrate(calibration, heldout, exit_head=head, **kwargs) for head in ("lens", "probe")}
+    if readout != "auto":
+        return calibrate(calibration, heldout, readout=readout, **kwargs)
+    candidates = {head: calibrate(calibration, heldout, readout=head, **kwargs) for head in ("lens", "probe")}
     layers = {head: clf.info["heldout_mean_exit_layer"] for head, clf in candidates.items()}
     best = "probe" if layers["probe"] < layers["lens"] else "lens"
     summary = {
         head: {"heldout_mean_exit_layer": layers[head], "min_layer": c.min_layer} for head, c in candidates.items()
     }
     return candidates[best].with_threshold(
-        candidates[best].threshold, exit_head_choice={"chosen": best, "by": "held-out mean exit layer", **summary}
+        candidates[best].threshold, readout_choice={"chosen": best, "by": "held-out mean exit layer", **summary}
     )

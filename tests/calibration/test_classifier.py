@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from adainfer.calibrate.classifier import ClassifierFileError, ModelIdentity, StopClassifier, fit_linear
-from adainfer.models import exit_head_for
+from adainfer.calibration.classifier import ClassifierFileError, ModelIdentity, StopClassifier, fit_linear
+from adainfer.models import lens_head
 from adainfer.runtime.policy import ClassifierPolicy
 
-from adainfer_kernels.head import ExitHead, LinearScore
+from adainfer_kernels.head import ReadoutHead, StopRule
 from adainfer_kernels.reference import exit_head_ref
 
 IDENT = ModelIdentity(model_type="llama", num_hidden_layers=30, vocab_size=49152, hidden_size=576)
@@ -34,7 +34,7 @@ def _clf(**kw) -> StopClassifier:
         label_token_ids=(3524, 2731),
         label_words=(" negative", " positive"),
         label_bias=tuple((0.1 * k, -0.1 * k) for k in range(30)),
-        bias_method="mean",
+        label_bias_estimator="mean",
         info={"task": {"task": "tweet-sentiment", "k_shot": 4}, "budget": 0.01},
     )
     base.update(kw)
@@ -91,40 +91,40 @@ def test_fit_refuses_one_class():
         fit_linear(np.random.rand(10, 2), np.ones(10, bool), "svm")
 
 
-def test_linear_score_folds_layer_term_and_threshold():
+def test_stop_rule_folds_layer_term_and_threshold():
     clf = _clf()
     for layer in (18, 22, 29):
-        s = clf.linear_score(layer)
-        assert isinstance(s, LinearScore)
+        s = clf.stop_rule(layer)
+        assert isinstance(s, StopRule)
         top, gap = torch.tensor([0.9, 0.6]), torch.tensor([0.8, 0.2])
         expected = clf.decision(top.numpy(), gap.numpy(), layer) - clf.threshold
         np.testing.assert_allclose(s(top, gap).numpy(), expected, rtol=1e-6, atol=1e-6)
     assert clf.checked_layers == tuple(range(18, 30))
     # before min_layer: never stops; layer L: always stops
-    assert float(clf.linear_score(5)(torch.tensor([1.0]), torch.tensor([1.0]))) < 0
-    assert float(clf.linear_score(30)(torch.tensor([0.5]), torch.tensor([0.0]))) > 0
+    assert float(clf.stop_rule(5)(torch.tensor([1.0]), torch.tensor([1.0]))) < 0
+    assert float(clf.stop_rule(30)(torch.tensor([0.5]), torch.tensor([0.0]))) > 0
     with pytest.raises(ValueError, match="out of range"):
-        clf.linear_score(31)
+        clf.stop_rule(31)
 
 
 def test_no_threshold_means_no_checks():
     clf = _clf(threshold=None)
     assert clf.checked_layers == ()
-    assert float(clf.linear_score(25)(torch.tensor([1.0]), torch.tensor([1.0]))) < 0
+    assert float(clf.stop_rule(25)(torch.tensor([1.0]), torch.tensor([1.0]))) < 0
 
 
-def test_subset_bias_and_vocab_subset():
+def test_logit_bias_and_vocab_subset():
     clf = _clf()
-    b = clf.subset_bias(7)
+    b = clf.label_bias_at(7)
     assert b.dtype == torch.float32 and b.shape == (2,)
     np.testing.assert_allclose(b.numpy(), [0.6, -0.6], rtol=1e-6)
     assert clf.vocab_subset.tolist() == [3524, 2731]
     full = _clf(vocab_mode="full", label_bias=None)
-    assert full.vocab_subset is None and full.subset_bias(3) is None
+    assert full.vocab_subset is None and full.label_bias_at(3) is None
 
 
 def test_kernel_score_equals_the_numpy_decision():
-    """What the runtime computes (exit head over label tokens + subset_bias, LinearScore) equals
+    """What the runtime computes (exit head over label tokens + logit_bias, StopRule) equals
     the classifier's numpy decision on the label probabilities the features give."""
     torch.manual_seed(0)
     d, v = 32, 100
@@ -134,15 +134,15 @@ def test_kernel_score_equals_the_numpy_decision():
     head_w = torch.randn(v, d)
     h = torch.randn(5, d)
     layer = 20
-    head = ExitHead(
+    head = ReadoutHead(
         weight=head_w,
         norm="rms",
         norm_weight=torch.ones(d),
         eps=1e-6,
         vocab_subset=clf.vocab_subset,
-        subset_bias=clf.subset_bias(layer),
+        logit_bias=clf.label_bias_at(layer),
     )
-    sig = exit_head_ref(h, head, clf.linear_score(layer))
+    sig = exit_head_ref(h, head, clf.stop_rule(layer))
     # numpy path: softmax over the two biased label logits
     x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
     z = (x @ head_w[list(ids)].T).double().numpy() + np.array(bias_rows[layer - 1])
@@ -167,9 +167,16 @@ def test_json_round_trip_is_bit_exact(tmp_path):
     data = json.loads(path.read_text())
     assert data["model"] == {"model_type": "llama", "num_hidden_layers": 30, "vocab_size": 49152, "hidden_size": 576}
     assert data["features"] == ["top_prob", "gap", "layer"]
-    assert data["version"] == 2 and data["exit_head"] == "lens" and data["probe"] is None
+    assert data["version"] == 3 and data["readout"] == "lens" and data["probe"] is None
+    # a version-2 file (keys "exit_head" and "bias_method") still loads, with its own values
+    v2 = {k: v for k, v in data.items() if k not in ("readout", "label_bias_estimator")}
+    v2 |= {"version": 2, "exit_head": "lens", "bias_method": data["label_bias_estimator"]}
+    assert StopClassifier.from_dict(v2) == clf
+    v2["exit_head"] = "nonsense"
+    with pytest.raises(ClassifierFileError, match="readout 'nonsense'"):
+        StopClassifier.from_dict(v2)
     # a version-1 file (lens only, before probes) still loads
-    del data["exit_head"], data["probe"]
+    del data["readout"], data["probe"]
     data["version"] = 1
     assert StopClassifier.from_dict(data) == clf
 
@@ -204,7 +211,7 @@ def _edited(tmp_path, edit):
         (lambda d: d["weights"].update(gap="3.0"), "gap must be a number"),
         (lambda d: d["model"].update(num_hidden_layers="30"), "num_hidden_layers must be int"),
         (lambda d: d["model"].pop("vocab_size"), "lacks 'vocab_size'"),
-        (lambda d: d.update(version=3), "version 3 is not supported"),
+        (lambda d: d.update(version=4), "version 4 is not supported"),
         (lambda d: d.update(format="something else"), "not a stop classifier"),
         (lambda d: d.update(method="forest"), "method 'forest'"),
         (lambda d: d.update(min_layer=0), "min_layer 0 is outside"),
@@ -267,10 +274,10 @@ def test_policy_head_for_a_layer_carries_the_label_subset_and_bias():
     )
     clf.check_compatible(model)
     # The runtime's policy is the one place a per-layer head is built.
-    head, score = ClassifierPolicy(clf).head_and_score(2, exit_head_for(model))
+    head, score = ClassifierPolicy(clf).head_and_rule(2, lens_head(model))
     assert head.vocab_subset.tolist() == [7, 42] and head.norm == "rms"
-    np.testing.assert_allclose(head.subset_bias.numpy(), [0.2, -0.2], rtol=1e-6)
-    assert score == clf.linear_score(2)
+    np.testing.assert_allclose(head.logit_bias.numpy(), [0.2, -0.2], rtol=1e-6)
+    assert score == clf.stop_rule(2)
     with torch.inference_mode():
         sig = exit_head_ref(torch.randn(3, 16), head, score)
     assert set(sig.argmax.tolist()) <= {7, 42} and sig.score.shape == (3,)
@@ -358,5 +365,5 @@ def test_a_directory_and_other_header_values_are_file_errors(tmp_path):
     for version in (True, 1.0, "1"):
         with pytest.raises(ClassifierFileError, match=r"version .* is not supported"):
             StopClassifier.load(_edited(tmp_path, lambda d, v=version: d.update(version=v)))
-    with pytest.raises(ClassifierFileError, match="bias_method 'median' is not one of"):
-        StopClassifier.load(_edited(tmp_path, lambda d: d.update(bias_method="median")))
+    with pytest.raises(ClassifierFileError, match="label_bias_estimator 'median' is not one of"):
+        StopClassifier.load(_edited(tmp_path, lambda d: d.update(label_bias_estimator="median")))

@@ -9,7 +9,7 @@ import json
 import pytest
 from adainfer.app import loading
 from adainfer.app.cli import main
-from adainfer.calibrate.classifier import StopClassifier
+from adainfer.calibration.classifier import StopClassifier
 from tiny_models import save_tiny_model_dir
 
 
@@ -193,7 +193,7 @@ def test_eval_records_the_settings_it_ran_with(tiny_dir, tmp_path, capsys):
     assert settings["label_words"] == [" bad", " good"]
     assert settings["sizes"] == {"calibration": 12, "heldout": 12, "test": 8}
     assert settings["batch_size"] == 5 and settings["budget"] == 0.2 and settings["min_confidence"] is None
-    assert settings["bias_method"] == result["rows"][0]["classifier"]["bias_method"]
+    assert settings["label_bias_estimator"] == result["rows"][0]["classifier"]["label_bias_estimator"]
     task = result["task"]
     assert task["label_words_arg"] == ["neg=bad", "pos=good"] and task["text_column"] == "review"
     # an option given to eval wins over the stored one, and is what gets recorded

@@ -10,7 +10,7 @@ into its weights, so that on *raw* hidden states h (d,)
     z_k(h) = W_k h + b_k        (K,) label logits,   W_k = A_k / s_k,   b_k = c_k - A_k (m_k / s_k)
 
 for the fitted (A_k, c_k) on (h - m_k) / s_k. The runtime decodes them with the same fused exit
-head as the lens (an ``ExitHead`` with the (K, d) weight, no norm, subset = all K rows, subset bias
+head as the lens (a ``ReadoutHead`` with the (K, d) weight, no norm, subset = all K rows, logit bias
 b_k): top prob and gap of softmax(z_k) are the paper's features over a better lens.
 
 The stop classifier over these features must not be fitted on the probes' own training rows

@@ -10,11 +10,11 @@ import pytest
 import torch
 from accelerate import cpu_offload, dispatch_model
 from accelerate.utils import offload_state_dict
-from adainfer import ForcedExits, LinearScorePolicy, NeverExit
+from adainfer import ForcedExits, NeverExit, StopRulePolicy
 from adainfer.runtime.placement import container_hooks_within, modules_owning
 from tiny_models import left_padded_batch, run_configs, tiny_family, tiny_llama, tiny_opt
 
-from adainfer_kernels.head import LinearScore
+from adainfer_kernels.head import StopRule
 
 GEN = {"max_new_tokens": 5, "do_sample": False}
 BUILDERS = {
@@ -85,8 +85,8 @@ def test_offloaded_model_patched_equals_the_model_in_memory(name, how, tmp_path)
 def test_score_policy_on_an_offloaded_head_decides_like_the_model_in_memory(how, tmp_path):
     """The exit head itself (label subset, score) is read off the offloaded LM head at each check."""
     batch = left_padded_batch(6, 9)
-    score = LinearScore(w_top_prob=4.0, w_gap=0.0, bias=-1.5)  # stops rows whose top label prob > 0.375
-    policy = lambda: LinearScorePolicy(score, layers=[1, 2, 3], label_token_ids=[5, 17, 40])
+    score = StopRule(w_top_prob=4.0, w_gap=0.0, offset=-1.5)  # stops rows whose top label prob > 0.375
+    policy = lambda: StopRulePolicy(score, layers=[1, 2, 3], label_token_ids=[5, 17, 40])
     want = _runs(tiny_llama("sdpa"), batch, policy())
     offloaded = _offload("llama", how, tmp_path)
     got = _runs(offloaded, batch, policy())

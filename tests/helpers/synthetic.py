@@ -1,18 +1,9 @@
-"""Shared helpers for the algorithm tests: synthetic per-layer features with a known structure, and
-the bundled model loaded once per session (slow tests only)."""
+"""Synthetic per-layer features with a known structure (the calibration tests' data)."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
-import pytest
-from adainfer.calibrate.features import LayerFeatures
-
-# Lets tests import the helpers of this folder by name (e.g. tiny_models). Tests run with
-# --import-mode=importlib, so that this folder never shadows the `adainfer` package.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from adainfer.calibration.features import LayerFeatures
 
 LLAMA_LIKE = {
     "model_type": "llama",
@@ -58,21 +49,3 @@ def synthetic_features(
             "config": {**LLAMA_LIKE, "num_hidden_layers": n_layers},
         },
     )
-
-
-@pytest.fixture
-def make_features():
-    return synthetic_features
-
-
-@pytest.fixture
-def llama_like():
-    return dict(LLAMA_LIKE)
-
-
-@pytest.fixture(scope="session")
-def bundled():
-    """The bundled SmolLM2-135M (fp32, eval, left padding), loaded once."""
-    from adainfer.app.loading import load_bundled
-
-    return load_bundled()

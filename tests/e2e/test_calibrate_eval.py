@@ -8,8 +8,8 @@ import json
 import pytest
 from adainfer.app.cli import main
 from adainfer.app.pipeline import NOT_MEASURED, TABLE_COLUMNS, RunSettings, run_demo, runtime_answers
-from adainfer.calibrate.classifier import StopClassifier
-from adainfer.calibrate.evaluate import METRIC_KEYS
+from adainfer.calibration.classifier import StopClassifier
+from adainfer.calibration.evaluate import METRIC_KEYS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -52,9 +52,9 @@ def test_demo_pipeline_on_the_bundled_model_produces_a_complete_table(bundled, t
         info = row["classifier"]["info"]
         assert info["heldout_disagreement"] <= 0.05  # the budget holds where it was chosen
     (main_row,) = [r for r in payload["rows"] if r["variant"]["main"]]
-    assert main_row["classifier"]["bias_method"] == "balanced"
+    assert main_row["classifier"]["label_bias_estimator"] == "balanced"
     # both exit heads are in the table; the main row is the one that saved more layers on held-out
-    heads = {r["variant"]["name"]: r["classifier"]["exit_head"] for r in payload["rows"]}
+    heads = {r["variant"]["name"]: r["classifier"]["readout"] for r in payload["rows"]}
     assert heads["svm + bias"] == "lens" and heads["probe svm + bias"] == "probe"
     assert main_row["variant"]["name"] in ("svm + bias", "probe svm + bias")
     # the correction is applied to the full model's answer alike: raw and corrected rows differ there

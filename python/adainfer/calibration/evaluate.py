@@ -38,10 +38,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from adainfer.calibrate.classifier import StopClassifier
-from adainfer.calibrate.features import LayerFeatures, label_margin
-from adainfer.calibrate.fit import gold_answer, layer_signals
-from adainfer.calibrate.metrics import (
+from adainfer.calibration.classifier import StopClassifier
+from adainfer.calibration.features import LayerFeatures, label_margin
+from adainfer.calibration.fit import gold_answer, layer_signals
+from adainfer.calibration.metrics import (
     check_flops,
     head_flops,
     layer_flops,

@@ -6,11 +6,11 @@ import itertools
 
 import numpy as np
 import pytest
-from adainfer.calibrate.evaluate import METRIC_KEYS, evaluate, threshold_sweep
-from adainfer.calibrate.features import label_signals
-from adainfer.calibrate.fit import calibrate, choose_threshold
-from adainfer.calibrate.labelbias import estimate_label_bias
-from adainfer.calibrate.metrics import (
+from adainfer.calibration.evaluate import METRIC_KEYS, evaluate, threshold_sweep
+from adainfer.calibration.features import label_signals
+from adainfer.calibration.fit import calibrate, choose_threshold
+from adainfer.calibration.labelbias import estimate_label_bias
+from adainfer.calibration.metrics import (
     clopper_pearson_upper,
     layer_flops,
     oracle_exit_layers,
@@ -171,10 +171,10 @@ def test_label_bias_estimators(make_features):
 
 
 @pytest.mark.parametrize("method", ["svm", "logreg", "gap"])
-@pytest.mark.parametrize("bias_method", ["none", "mean"])
-def test_calibrate_then_evaluate_respects_the_budget_on_heldout(make_features, method, bias_method):
+@pytest.mark.parametrize("label_bias_estimator", ["none", "mean"])
+def test_calibrate_then_evaluate_respects_the_budget_on_heldout(make_features, method, label_bias_estimator):
     cal, held, test = make_features(300, seed=0), make_features(300, seed=1), make_features(300, seed=2)
-    clf = calibrate(cal, held, method=method, bias_method=bias_method, budget=0.02)
+    clf = calibrate(cal, held, method=method, label_bias_estimator=label_bias_estimator, budget=0.02)
     on_held = evaluate(held, clf)
     assert 1 - on_held["agreement"] <= 0.02 + 1e-12
     assert on_held["mean_exit_layer"] == pytest.approx(clf.info["heldout_mean_exit_layer"])
@@ -209,7 +209,7 @@ def test_wallclock_interface(make_features):
 
     def fake_measure(model, tokenizer, prompts, classifier, batch_size):
         calls.append((len(prompts), classifier, batch_size))
-        from adainfer.calibrate.evaluate import simulate
+        from adainfer.calibration.evaluate import simulate
 
         return {"full_s": 2.0, "adainfer_s": 1.0, "exit_layers": simulate(test, classifier)["exit_layers"]}
 
@@ -233,8 +233,8 @@ def test_threshold_sweep_spans_no_exit_to_earliest(make_features):
 
 
 def test_flops_saved_counts_layers_checks_and_head(make_features, llama_like):
-    from adainfer.calibrate.evaluate import simulate
-    from adainfer.calibrate.metrics import check_flops, head_flops
+    from adainfer.calibration.evaluate import simulate
+    from adainfer.calibration.metrics import check_flops, head_flops
 
     test = make_features(50, seed=3)
     test.prompt_lengths[:] = 64  # equal lengths: FLOPs saved is the layer saving minus overheads

@@ -56,7 +56,7 @@ def test_calibrate_then_eval_on_an_lm_eval_task_from_the_command_line(tmp_path, 
     import json
 
     from adainfer.app.cli import main
-    from adainfer.calibrate.classifier import StopClassifier
+    from adainfer.calibration.classifier import StopClassifier
     from tiny_models import tiny_llama
 
     tiny_llama().save_pretrained(tmp_path / "model")

@@ -187,7 +187,7 @@ def save_tiny_model_dir(path, layers: int = 4, seed: int = 0):
 def label_classifier(model, label_token_ids, label_words, bias_scale: float = 0.05):
     """A label-mode StopClassifier for a tiny model, built by hand: it stops a row when its top
     label probability (3 labels, with a small per-layer label bias) passes 0.4, from layer 1."""
-    from adainfer.calibrate.classifier import ModelIdentity, StopClassifier
+    from adainfer.calibration.classifier import ModelIdentity, StopClassifier
 
     n_layers = model.config.num_hidden_layers
     return StopClassifier(
@@ -204,7 +204,7 @@ def label_classifier(model, label_token_ids, label_words, bias_scale: float = 0.
         label_token_ids=tuple(label_token_ids),
         label_words=tuple(label_words),
         label_bias=tuple((bias_scale * k, -bias_scale * k, 0.0) for k in range(1, n_layers + 1)),
-        bias_method="mean",
+        label_bias_estimator="mean",
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from adainfer.calibrate.features import (
+from adainfer.calibration.features import (
     LayerFeatures,
     collect_features,
     label_margin,
@@ -14,7 +14,7 @@ from adainfer.calibrate.features import (
     label_signals,
     vocab_label_pred,
 )
-from adainfer.models import exit_head_for
+from adainfer.models import lens_head
 
 from adainfer_kernels.reference import exit_head_ref, head_logits_ref
 
@@ -91,12 +91,12 @@ def test_logit_lens_matches_the_models_own_decode(tiny):
         for i, s in enumerate(SUFFIXES):
             with torch.inference_mode():
                 out = model(**tok(PREFIX + s, return_tensors="pt"))
-            label_head = exit_head_for(model, vocab_subset=torch.tensor(LABEL_IDS))
+            label_head = lens_head(model, vocab_subset=torch.tensor(LABEL_IDS))
             for k in range(1, 5):
                 z = head_logits_ref(raw[k][:, -1].detach(), label_head)[0].detach().numpy()
                 np.testing.assert_allclose(f.label_logits[i, k - 1], z, rtol=1e-4, atol=1e-4)
             with torch.inference_mode():
-                sig = exit_head_ref(raw[2][:, -1], exit_head_for(model))
+                sig = exit_head_ref(raw[2][:, -1], lens_head(model))
             assert f.vocab_argmax[i, 1] == int(sig.argmax[0])
             np.testing.assert_allclose(f.vocab_top_prob[i, 1], float(sig.top_prob[0]), rtol=1e-4)
             # the last layer is the model's own answer (its hidden state is not normed twice)
@@ -122,7 +122,7 @@ def test_label_signals_equal_the_exit_head_over_label_tokens_with_bias(tiny):
     finally:
         hook.remove()
     h = raw["h"][0] if isinstance(raw["h"], tuple) else raw["h"]
-    head = exit_head_for(model, vocab_subset=torch.tensor(LABEL_IDS), subset_bias=torch.tensor([0.5, -0.5]))
+    head = lens_head(model, vocab_subset=torch.tensor(LABEL_IDS), logit_bias=torch.tensor([0.5, -0.5]))
     with torch.inference_mode():
         sig = exit_head_ref(h[:, -1], head)
     np.testing.assert_allclose(top[2, 1], float(sig.top_prob[0]), rtol=1e-4)

@@ -1,4 +1,4 @@
-"""Every registered model family beyond Llama and OPT (tests/adainfer/test_patch.py covers those two),
+"""Every registered model family beyond Llama and OPT (tests/runtime/test_patch.py covers those two),
 on tiny random configs: exits off bit-identical (logits; greedy, sampled and beam generation), undo
 exact, forced exits equal the logit lens of that layer, a row's result independent of its
 batch-mates, generation with state-propagated K/V, compact == mask."""
@@ -9,7 +9,7 @@ import adainfer
 import pytest
 import torch
 from adainfer import AdaInferConfig, ForcedExits, NeverExit
-from adainfer.models import FAMILIES, exit_head_for, supported_model_types
+from adainfer.models import FAMILIES, lens_head, supported_model_types
 from tiny_models import (
     FAMILY_CONFIGS,
     assert_rows_generate_as_alone,
@@ -58,7 +58,7 @@ def test_exit_head_decodes_like_the_model(name):
     finally:
         hook.remove()
     raw = seen["raw"][0] if isinstance(seen["raw"], tuple) else seen["raw"]  # the last layer's raw output
-    got = head_logits_ref(raw[:, -1], exit_head_for(model), upcast=True)
+    got = head_logits_ref(raw[:, -1], lens_head(model), upcast=True)
     torch.testing.assert_close(got, logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(decode_hidden(model, raw[:, -1]), logits, rtol=1e-6, atol=1e-6)
 

@@ -5,19 +5,19 @@ After layer k, with the exit head's top-1 probability p1 and gap g = p1 - p2 of 
     d_k = w_top_prob * p1 + w_gap * g + w_layer * k + intercept        (the fitted function)
     stop  iff  d_k - threshold > 0                                        (the budgeted threshold)
 
-so each checked layer gets a ``LinearScore(w_top_prob, w_gap, bias_k)`` with
-``bias_k = intercept + w_layer * k - threshold``: the kernel's ``score > 0`` is the decision.
+so each checked layer gets a ``StopRule(w_top_prob, w_gap, offset_k)`` with
+``offset_k = intercept + w_layer * k - threshold``: the kernel's ``score > 0`` is the decision.
 Layers before ``min_layer`` are not checked; layer L always stops. In label mode the exit head
-decodes onto the task's label tokens with the per-layer label bias ``subset_bias(k)`` (K,) added
+decodes onto the task's label tokens with the per-layer label bias ``label_bias_at(k)`` (K,) added
 to their logits, so p1 and g are the *corrected* label probabilities the classifier was fitted on.
 
 Fitting (scikit-learn): ``svm`` = ``LinearSVC(class_weight="balanced")`` as in the paper,
 ``logreg`` = ``LogisticRegression(class_weight="balanced")``, both on standardised features with
 the standardisation folded back into raw-feature weights; ``gap`` = the plain baseline d = g.
 
-Exit heads (``exit_head``): ``lens`` decodes through the model's own final norm and LM head (the
+Readouts (``readout``): ``lens`` decodes through the model's own final norm and LM head (the
 paper); ``probe`` decodes layer k through a per-layer linear probe of the hidden state
-(:mod:`adainfer.calibrate.probe`), whose (K, d) weights go into the same fused exit head.
+(:mod:`adainfer.calibration.probe`), whose (K, d) weights go into the same fused exit head.
 
 Saved as JSON (never pickle) with a format version and the model's identity; a probe's weights go
 beside it in a safetensors file (``clf.probe.safetensors`` for ``clf.json``) named in the JSON with
@@ -44,15 +44,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adainfer.calibrate.labelbias import BIAS_METHODS
-from adainfer.calibrate.probe import ProbeHeads
-from adainfer_kernels.head import ALWAYS_STOP, NEVER_STOP, LinearScore
+from adainfer.calibration.labelbias import LABEL_BIAS_ESTIMATORS
+from adainfer.calibration.probe import ProbeHeads
+from adainfer_kernels.head import ALWAYS_STOP, NEVER_STOP, StopRule
 
 FORMAT = "adainfer.StopClassifier"
-FORMAT_VERSION = 2  # 2: exit_head and probe; version 1 files (lens only) still load
-READ_VERSIONS = (1, 2)
+# 3: the keys "readout" and "label_bias_estimator" (version 2 named them "exit_head" and
+# "bias_method"); 2: probes; version 1 files (lens only) still load.
+FORMAT_VERSION = 3
+READ_VERSIONS = (1, 2, 3)
+# Keys renamed in version 3: the old spelling is read from older files.
+_RENAMED_KEYS = {"readout": "exit_head", "label_bias_estimator": "bias_method"}
 PROBE_FORMAT = "adainfer.ProbeHeads"
-EXIT_HEADS = ("lens", "probe")
+READOUTS = ("lens", "probe")
 METHODS = ("svm", "logreg", "gap")
 TARGETS = ("consistency", "gold")
 VOCAB_MODES = ("labels", "full")
@@ -113,11 +117,11 @@ class StopClassifier:
         label_token_ids: (K,) label token ids (label mode: the exit head's vocab subset).
         label_words: the K label words as they appear in prompts.
         label_bias: (L, K) per-layer additive label-logit bias, or None (no correction).
-        bias_method: how ``label_bias`` was estimated (``none`` when absent).
+        label_bias_estimator: how ``label_bias`` was estimated (``none`` when absent).
         info: free-form facts (task, budget, held-out figures); saved, not interpreted.
-        exit_head: ``lens`` (the model's final norm + LM head over the label tokens, with the label
+        readout: ``lens`` (the model's final norm + LM head over the label tokens, with the label
             bias) or ``probe`` (layer k's linear probe; label mode only; layer L is the model's own).
-        probe: the ``ProbeHeads`` when ``exit_head == "probe"``.
+        probe: the ``ProbeHeads`` when ``readout == "probe"``.
     """
 
     identity: ModelIdentity
@@ -133,9 +137,9 @@ class StopClassifier:
     label_token_ids: tuple[int, ...] | None = None
     label_words: tuple[str, ...] | None = None
     label_bias: tuple[tuple[float, ...], ...] | None = None
-    bias_method: str = "none"
+    label_bias_estimator: str = "none"
     info: dict = field(default_factory=dict, compare=False)
-    exit_head: str = "lens"
+    readout: str = "lens"
     probe: ProbeHeads | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -157,8 +161,8 @@ class StopClassifier:
             return ()
         return tuple(range(self.min_layer, self.n_layers))
 
-    def linear_score(self, layer: int) -> LinearScore:
-        """The kernel's ``LinearScore`` after ``layer`` (1-based): stop iff score > 0.
+    def stop_rule(self, layer: int) -> StopRule:
+        """The kernel's ``StopRule`` after ``layer`` (1-based): stop iff score > 0.
 
         Layer L always stops; a layer that is not checked never does.
         """
@@ -167,10 +171,10 @@ class StopClassifier:
             return ALWAYS_STOP
         if layer not in self.checked_layers:
             return NEVER_STOP
-        bias = self.intercept + self.w_layer * layer - self.threshold
-        return LinearScore(w_top_prob=float(self.w_top_prob), w_gap=float(self.w_gap), bias=float(bias))
+        offset = self.intercept + self.w_layer * layer - self.threshold
+        return StopRule(w_top_prob=float(self.w_top_prob), w_gap=float(self.w_gap), offset=float(offset))
 
-    def subset_bias(self, layer: int) -> torch.Tensor | None:
+    def label_bias_at(self, layer: int) -> torch.Tensor | None:
         """(K,) fp32 label-logit bias of ``layer`` for the exit head, or None."""
         self._check_layer(layer)
         if self.label_bias is None:
@@ -246,9 +250,9 @@ class StopClassifier:
             "label_token_ids": None if self.label_token_ids is None else list(self.label_token_ids),
             "label_words": None if self.label_words is None else list(self.label_words),
             "label_bias": None if self.label_bias is None else [list(r) for r in self.label_bias],
-            "bias_method": self.bias_method,
+            "label_bias_estimator": self.label_bias_estimator,
             "info": self.info,
-            "exit_head": self.exit_head,
+            "readout": self.readout,
             "probe": None if self.probe is None else _probe_meta(self.probe),
         }
 
@@ -326,6 +330,8 @@ class StopClassifier:
         threshold = data["threshold"]
         if threshold is not None:
             threshold = _number(data, "threshold")
+        if version < 3:
+            data = {new: data[old] for new, old in _RENAMED_KEYS.items() if old in data} | data
         bias = data.get("label_bias")
         ids = data.get("label_token_ids")
         words = data.get("label_words")
@@ -345,9 +351,11 @@ class StopClassifier:
             label_token_ids=None if ids is None else tuple(_int_list(ids, "label_token_ids")),
             label_words=None if words is None else tuple(_str_list(words, "label_words")),
             label_bias=None if bias is None else _matrix(bias),
-            bias_method=_typed(data, "bias_method", str) if "bias_method" in data else "none",
+            label_bias_estimator=_typed(data, "label_bias_estimator", str)
+            if "label_bias_estimator" in data
+            else "none",
             info=_info(data.get("info")),
-            exit_head=_typed(data, "exit_head", str) if "exit_head" in data else "lens",
+            readout=_typed(data, "readout", str) if "readout" in data else "lens",
             probe=_load_probe(data.get("probe"), folder),
         )
 
@@ -507,16 +515,16 @@ def _matrix(rows) -> tuple[tuple[float, ...], ...]:
 
 
 def _validate_probe(c: StopClassifier) -> None:
-    if c.exit_head not in EXIT_HEADS:
-        raise ClassifierFileError(f"exit_head {c.exit_head!r} is not one of {', '.join(EXIT_HEADS)}")
-    if c.exit_head == "lens":
+    if c.readout not in READOUTS:
+        raise ClassifierFileError(f"readout {c.readout!r} is not one of {', '.join(READOUTS)}")
+    if c.readout == "lens":
         if c.probe is not None:
             raise ClassifierFileError("a lens classifier carries no probe")
         return
     if c.vocab_mode != "labels":
-        raise ClassifierFileError("probe exit heads answer over the label tokens: vocab_mode must be 'labels'")
+        raise ClassifierFileError("probe readouts answer over the label tokens: vocab_mode must be 'labels'")
     if c.probe is None:
-        raise ClassifierFileError("exit_head 'probe' needs the probe weights")
+        raise ClassifierFileError("readout 'probe' needs the probe weights")
     want = (c.identity.num_hidden_layers - 1, len(c.label_token_ids), c.identity.hidden_size)
     if c.probe.weight.shape != want or c.probe.bias.shape != want[:2]:
         raise ClassifierFileError(
@@ -542,8 +550,10 @@ def _validate(c: StopClassifier) -> None:
     for name, allowed in (("method", METHODS), ("target", TARGETS), ("vocab_mode", VOCAB_MODES)):
         if getattr(c, name) not in allowed:
             raise ClassifierFileError(f"{name} {getattr(c, name)!r} is not one of {', '.join(allowed)}")
-    if c.bias_method not in BIAS_METHODS:
-        raise ClassifierFileError(f"bias_method {c.bias_method!r} is not one of {', '.join(BIAS_METHODS)}")
+    if c.label_bias_estimator not in LABEL_BIAS_ESTIMATORS:
+        raise ClassifierFileError(
+            f"label_bias_estimator {c.label_bias_estimator!r} is not one of {', '.join(LABEL_BIAS_ESTIMATORS)}"
+        )
     for name in ("w_top_prob", "w_gap", "w_layer", "intercept"):
         value = getattr(c, name)
         if not math.isfinite(value):
@@ -560,7 +570,7 @@ def _validate(c: StopClassifier) -> None:
     if not 1 <= c.min_layer <= n_layers:
         raise ClassifierFileError(f"min_layer {c.min_layer} is outside 1..{n_layers}")
     for k in c.checked_layers:
-        # the bias of the kernel's LinearScore at layer k (linear_score), in the runtime's float32
+        # the bias of the kernel's StopRule at layer k (stop_rule), in the runtime's float32
         bias = c.intercept + c.w_layer * k - c.threshold
         if not abs(bias) <= FLOAT32_MAX:
             raise ClassifierFileError(

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from adainfer.app.lmeval_model import AdaInferLM, add_to_results, main
-from adainfer.calibrate.classifier import StopClassifier
+from adainfer.calibration.classifier import StopClassifier
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from lmeval_helpers import CHOICES, LABELS, random_contexts, word_tokenizer, write_task

@@ -8,9 +8,9 @@ import adainfer
 import numpy as np
 import pytest
 import torch
-from adainfer import AdaInferConfig, LinearScorePolicy
-from adainfer.calibrate.classifier import StopClassifier
-from adainfer.models import exit_head_for
+from adainfer import AdaInferConfig, StopRulePolicy
+from adainfer.calibration.classifier import StopClassifier
+from adainfer.models import lens_head
 from tiny_models import label_classifier, left_padded_batch, tiny_llama
 
 from adainfer_kernels.reference import exit_head_ref
@@ -21,9 +21,9 @@ LABELS = (5, 17, 40)
 def _policy():
     """Stops a row when its top label probability passes 0.375: on the 6-row batch below rows 0, 1
     and 5 stop at layer 1, row 2 at layer 2, rows 3 and 4 run all 4 layers (asserted)."""
-    from adainfer_kernels.head import LinearScore
+    from adainfer_kernels.head import StopRule
 
-    return LinearScorePolicy(LinearScore(4.0, 0.0, -1.5), layers=[1, 2, 3], label_token_ids=list(LABELS))
+    return StopRulePolicy(StopRule(4.0, 0.0, -1.5), layers=[1, 2, 3], label_token_ids=list(LABELS))
 
 
 def _classifier(model, bias_scale: float = 0.05) -> StopClassifier:
@@ -48,7 +48,7 @@ def test_every_read_out_gives_the_exit_answer(mode):
     label_argmax = logits[:, -1, labels].argmax(-1)
     assert torch.equal(label_argmax, stats.answer_label), "label-token argmax of the logits"
     assert torch.equal(labels[stats.answer_label], stats.answer_token)
-    base = exit_head_for(model, vocab_subset=labels)
+    base = lens_head(model, vocab_subset=labels)
     for row, k in enumerate(exits):
         if k < 4:
             # the answer is the exit head's at the exit layer (the kernel's decision)

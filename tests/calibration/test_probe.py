@@ -10,11 +10,11 @@ import adainfer
 import numpy as np
 import pytest
 import torch
-from adainfer.calibrate.classifier import ClassifierFileError, ModelIdentity, StopClassifier
-from adainfer.calibrate.evaluate import evaluate, simulate
-from adainfer.calibrate.features import LayerFeatures
-from adainfer.calibrate.fit import calibrate
-from adainfer.calibrate.probe import ProbeHeads, cross_fitted_logits, fit_probes, signals_from_logits
+from adainfer.calibration.classifier import ClassifierFileError, ModelIdentity, StopClassifier
+from adainfer.calibration.evaluate import evaluate, simulate
+from adainfer.calibration.features import LayerFeatures
+from adainfer.calibration.fit import calibrate
+from adainfer.calibration.probe import ProbeHeads, cross_fitted_logits, fit_probes, signals_from_logits
 from tiny_models import decode_hidden, left_padded_batch, tiny_llama
 
 META = {
@@ -91,11 +91,11 @@ def test_probe_calibration_saves_far_more_layers_than_the_lens_when_the_lens_is_
     cal, _ = planted(300, seed=4)
     held, _ = planted(300, seed=5)
     test, _ = planted(300, seed=6)
-    kw = dict(method="logreg", budget=0.02, bias_method="none")
-    lens = calibrate(cal, held, exit_head="lens", **kw)
-    probe = calibrate(cal, held, exit_head="probe", **kw)
+    kw = dict(method="logreg", budget=0.02, label_bias_estimator="none")
+    lens = calibrate(cal, held, readout="lens", **kw)
+    probe = calibrate(cal, held, readout="probe", **kw)
     m_lens, m_probe = evaluate(test, lens), evaluate(test, probe)
-    assert probe.exit_head == "probe" and probe.probe.n_fit == 300
+    assert probe.readout == "probe" and probe.probe.n_fit == 300
     assert m_probe["pruning_ratio"] > m_lens["pruning_ratio"] + 0.3, (m_lens["pruning_ratio"], m_probe["pruning_ratio"])
     assert m_probe["agreement"] >= 0.95
 
@@ -114,7 +114,7 @@ def _probe_classifier(model, probes: ProbeHeads, threshold: float = 0.0) -> Stop
         min_layer=1,
         label_token_ids=(5, 17),
         label_words=(" a", " b"),
-        exit_head="probe",
+        readout="probe",
         probe=probes,
     )
 
@@ -130,7 +130,7 @@ def test_probe_classifier_file_round_trip_and_refusals(tmp_path):
     clf.save(path)
     side = tmp_path / "clf.probe.safetensors"
     data = json.loads(path.read_text())
-    assert data["exit_head"] == "probe" and data["probe"]["file"] == side.name
+    assert data["readout"] == "probe" and data["probe"]["file"] == side.name
     assert data["probe"]["bytes"] == side.stat().st_size and data["probe"]["layers"] == 3
     back = StopClassifier.load(path)
     assert back == clf and back.probe.n_fit == 9
