@@ -27,7 +27,8 @@ Metrics (one dict, keys in ``METRIC_KEYS``):
                            ``runtime_exit_match`` the share of timed prompts that stopped where
                            the simulation from the features says
 
-The wall clock needs the early-exit runtime (issue 5); it plugs in through ``WallclockFn``.
+The wall clock needs the early-exit runtime, which this wing does not import: it plugs in through
+``WallclockFn`` (``adainfer.runtime.wallclock`` implements it).
 """
 
 from __future__ import annotations

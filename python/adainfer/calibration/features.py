@@ -403,7 +403,7 @@ def collect_features(
 
 
 def collect_task_features(model, rendered, split: str, **kwargs) -> LayerFeatures:
-    """``collect_features`` over one split of a :class:`adainfer.tasks.RenderedTask`."""
+    """``collect_features`` over one split of a :class:`adainfer.app.tasks.RenderedTask`."""
     kwargs.setdefault("desc", split)
     meta = {"task": rendered.task.name, "split": split, **kwargs.pop("meta", {})}
     return collect_features(

@@ -4,7 +4,7 @@
 2. Fit (calibration split): one row per (example, layer k < L) with features (p1, g[, k]) of the
    exit head (label tokens + b_k, or the full vocabulary) and target y = [answer at k == target],
    the target being the full model's (equally corrected) answer (``consistency``) or the gold
-   label (``gold``, the paper's). See :func:`adainfer.classifier.fit_linear`.
+   label (``gold``, the paper's). See :func:`adainfer.calibration.linear_fit.fit_linear`.
 3. Budgeted threshold (held-out split): the early-exit run is simulated exactly from the features:
    a row stops at the first checked layer k in [m, L) with d_ik > t, else at L. Over every first
    checked layer m and every threshold t that changes some row's exit, choose the pair with the
@@ -25,9 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adainfer.calibration.classifier import METHODS, TARGETS, ModelIdentity, StopClassifier, fit_linear
+from adainfer.calibration.choices import METHODS, TARGETS
+from adainfer.calibration.classifier import ModelIdentity, StopClassifier
 from adainfer.calibration.features import LayerFeatures, label_signals
 from adainfer.calibration.labelbias import estimate_label_bias, resolve_label_bias_estimator
+from adainfer.calibration.linear_fit import fit_linear
 from adainfer.calibration.metrics import clopper_pearson_upper
 from adainfer.calibration.probe import DEFAULT_C, ProbeHeads, cross_fitted_logits, fit_probes
 from adainfer.calibration.probe import signals_from_logits as probe_signals

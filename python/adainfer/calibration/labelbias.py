@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from adainfer.calibration.choices import LABEL_BIAS_ESTIMATORS
 from adainfer.calibration.features import LayerFeatures, label_probs
 
-LABEL_BIAS_ESTIMATORS = ("none", "content-free", "mean", "balanced")
 DEFAULT_BIAS = "auto"  # balanced for two labels, else mean (research/prompt_search.md)
 
 

@@ -1,4 +1,4 @@
-"""Probe exit heads: per-layer linear probes of the last token's hidden state.
+"""Probe readouts: per-layer linear probes of the last token's hidden state.
 
 On small models the logit lens carries little information before the last third of the layers
 (the final norm and LM head were trained for the last layer only), while a linear probe of the

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from adainfer.runtime.loop import ExitStats
+from adainfer.runtime.stats import ExitStats
 
 
 def deliver_answers(stats: ExitStats, logits: torch.Tensor, final_label_bias: torch.Tensor | None) -> torch.Tensor:

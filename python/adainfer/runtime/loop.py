@@ -19,21 +19,25 @@ embeddings and the final norm stay Hugging Face's own code:
 Generation: Hugging Face's ``DynamicCache`` grows every layer for the whole batch, so every layer
 must receive K/V for all B rows at every step. Rows still active compute theirs; rows that exited
 get K/V computed from their frozen exit state through that layer's own input norm and k/v
-projections (+ RoPE), CALM's "state propagation" (the family's ``kv_fill``). ``_RowSubsetCache``
+projections (+ RoPE), CALM's "state propagation" (the family's ``kv_fill``). ``rows.RowSubsetCache``
 merges the two and hands the attention only the active rows' history. Once every row has stopped,
 the remaining steps only fill K/V (no layer runs).
+
+``LayerLoop`` (one per patched model) starts a ``LayerPass`` per forward call. The row bookkeeping
+of a compact pass lives in ``runtime.rows``, what a pass did in ``runtime.stats.ExitStats``, and the
+decoding of exit answers in ``runtime.decode``.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from adainfer.models import ModelFamily
 from adainfer.runtime.config import AdaInferConfig
+from adainfer.runtime.decode import exit_signals, label_logprobs
 from adainfer.runtime.placement import (
     container_hooks_within,
     execution_device,
@@ -42,220 +46,15 @@ from adainfer.runtime.placement import (
     to_device,
 )
 from adainfer.runtime.policy import ExitPolicy
+from adainfer.runtime.rows import FinishedRows, RowSubsetCache, RowView
+from adainfer.runtime.stats import ExitStats
 from adainfer_kernels.compaction import compact_rows, merge_rows, scatter_rows
-from adainfer_kernels.exit_head import exit_head
-from adainfer_kernels.head import ExitSignals, ReadoutHead, decode_rows
+from adainfer_kernels.head import ExitSignals, ReadoutHead
 
 # kwargs of a decoder layer whose dim 0 is the batch (restricted to the active rows); the rest pass through.
 _BATCH_KWARGS = ("attention_mask", "position_ids")
 _ROPE_KWARG = "position_embeddings"
 _CACHE_KWARGS = ("cache", "past_key_values")
-
-
-@dataclass
-class ExitStats:
-    """What one forward call did.
-
-    Attributes:
-        exit_layers: (B,) int64 layers run per row (L for rows that never exited early).
-        num_layers: L.
-        rows_checked: exit-head rows evaluated, summed over checks.
-        check_seconds: wall time spent in exit checks (exit head + decision).
-        layer_rows: decoder-layer rows actually computed, summed over layers (B * L without exits
-            in compact mode; always B * L in mask mode).
-        mode: "compact" or "mask".
-        label_token_ids: (K,) int64 label token ids when the policy answers over a task's labels
-            (a classifier in label mode), else None (answers over the full vocabulary).
-        answer_token: (B,) int64 vocabulary id of each row's answer, -1 where not known: at an exit,
-            the exit head's answer; at full depth, the model's own (from the returned logits, so
-            known only when the ``*ForCausalLM`` forward ran, not the bare decoder). A policy that
-            decides without the exit head's signals (``ForcedExits``) leaves the full-vocabulary
-            answers of its exits *pending*: they come from the model's own last-position logits
-            (the LM head on the frozen state: the same logit-lens answer, decoded once instead of a
-            second full-vocabulary pass per exit event), or from the exit head on the first read
-            of ``answer_token`` / ``answer_prob`` when only the bare decoder ran.
-        answer_prob: (B,) fp32 probability of that answer (over the label tokens in label mode).
-        answer_label: (B,) int64 label index (0..K-1) of the answer in label mode, -1 where not known;
-            None without labels.
-        label_logprobs: (B, K) fp32 log-probabilities of the labels behind each answer (label mode).
-    """
-
-    exit_layers: torch.Tensor
-    num_layers: int
-    rows_checked: int = 0
-    check_seconds: float = 0.0
-    layer_rows: int = 0
-    mode: str = "compact"
-    label_token_ids: torch.Tensor | None = None
-    _answer_token: torch.Tensor | None = field(default=None, repr=False)
-    _answer_prob: torch.Tensor | None = field(default=None, repr=False)
-    answer_label: torch.Tensor | None = None
-    label_logprobs: torch.Tensor | None = None
-    # (rows, last hidden (S, d), head) of exits decided without signals, answers not decoded yet
-    _pending: list[tuple[torch.Tensor, torch.Tensor, ReadoutHead]] = field(default_factory=list, repr=False)
-
-    @property
-    def answer_token(self) -> torch.Tensor:
-        self._resolve_pending()
-        return self._answer_token
-
-    @property
-    def answer_prob(self) -> torch.Tensor:
-        self._resolve_pending()
-        return self._answer_prob
-
-    def defer_answers(self, rows: torch.Tensor, last: torch.Tensor, head: ReadoutHead) -> None:
-        """Leave the full-vocabulary answers of ``rows`` (original ids; last hidden (S, d)) pending."""
-        self._pending.append((rows, last, head))
-
-    def take_pending_rows(self) -> torch.Tensor | None:
-        """Original ids of the rows whose answers are pending (now dropped: the caller answers
-        them from the model's own logits), or None."""
-        if not self._pending:
-            return None
-        rows = torch.cat([to_device(r, self.exit_layers.device) for r, _, _ in self._pending])
-        self._pending = []
-        return rows
-
-    def set_answers(self, rows: torch.Tensor, token: torch.Tensor, prob: torch.Tensor) -> None:
-        """Full-vocabulary answers of ``rows`` (original ids): token ids and their probabilities."""
-        self._resolve_pending()
-        rows = to_device(rows, self._answer_token.device)
-        self._answer_token.index_copy_(0, rows, to_device(token, rows.device))
-        self._answer_prob.index_copy_(0, rows, to_device(prob.float(), rows.device))
-
-    def _resolve_pending(self) -> None:
-        pending, self._pending = self._pending, []
-        for rows, last, head in pending:
-            with torch.no_grad():
-                signals = LayerLoop._signals(last, head, None, self.exit_layers.device)
-            self.record_answers(rows, None, signals)
-
-    @classmethod
-    def start(cls, batch: int, num_layers: int, mode: str, label_token_ids, device) -> ExitStats:
-        """The stats of a pass over ``batch`` rows before any layer ran: no exits, answers unknown."""
-        stats = cls(
-            exit_layers=torch.full((batch,), num_layers, dtype=torch.int64, device=device),
-            num_layers=num_layers,
-            mode=mode,
-            _answer_token=torch.full((batch,), -1, dtype=torch.int64, device=device),
-            _answer_prob=torch.full((batch,), float("nan"), device=device),
-        )
-        if label_token_ids is not None:
-            # a fresh copy: the policy's tensor may have been made under inference_mode, and this
-            # call may need autograd (indices get saved for backward when answers are delivered)
-            stats.label_token_ids = label_token_ids.to(device).clone()
-            stats.answer_label = torch.full((batch,), -1, dtype=torch.int64, device=device)
-            stats.label_logprobs = torch.full((batch, label_token_ids.numel()), float("nan"), device=device)
-        return stats
-
-    def record_answers(self, rows: torch.Tensor, logprobs: torch.Tensor | None, signals: ExitSignals | None) -> None:
-        """Answers of ``rows`` (original ids): from (S, K) label log-probabilities in label mode,
-        else from the exit head's full-vocabulary signals."""
-        device = self.exit_layers.device
-        rows = to_device(rows, device)
-        if self.label_token_ids is not None:
-            logprobs = to_device(logprobs.float(), device)
-            best, label = logprobs.max(dim=-1)  # ties: the lower label index, as the kernel
-            self.label_logprobs.index_copy_(0, rows, logprobs)
-            self.answer_label.index_copy_(0, rows, label)
-            self._answer_token.index_copy_(0, rows, self.label_token_ids[label])
-            self._answer_prob.index_copy_(0, rows, best.exp())
-        else:
-            self._answer_token.index_copy_(0, rows, to_device(signals.argmax, device))
-            self._answer_prob.index_copy_(0, rows, to_device(signals.top_prob, device))
-
-    @property
-    def batch_size(self) -> int:
-        return self.exit_layers.numel()
-
-    @property
-    def layers_saved_fraction(self) -> float:
-        """1 - (layers run per row, averaged) / L: the paper's layer pruning ratio for this call."""
-        if self.batch_size == 0:
-            return 0.0
-        return 1.0 - float(self.exit_layers.float().mean()) / self.num_layers
-
-
-@dataclass
-class _Finished:
-    """Rows that exited during this pass: original ids and frozen hidden states."""
-
-    rows: list[torch.Tensor] = field(default_factory=list)
-    hidden: list[torch.Tensor] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.rows)
-
-    def add(self, rows: torch.Tensor, hidden: torch.Tensor) -> None:
-        self.rows.append(rows)
-        self.hidden.append(hidden)
-
-    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows (F,), hidden (F, T, d)), concatenated over exit events (once per event)."""
-        if len(self.rows) > 1:
-            device = self.hidden[0].device  # rows may have exited on layers of different devices
-            self.rows = [torch.cat([to_device(r, device) for r in self.rows])]
-            self.hidden = [torch.cat([to_device(h, device) for h in self.hidden])]
-        return self.rows[0], self.hidden[0]
-
-
-class _RowSubsetCache:
-    """The model's cache, seen by a layer that runs on a subset of the batch's rows.
-
-    ``update`` receives K/V of the active rows only; it adds the state-propagated K/V of rows that
-    already finished (so the real cache grows for all B rows, in batch order) and returns the
-    active rows' full history for attention. Everything else is delegated to the real cache.
-    """
-
-    def __init__(self, cache, active_rows: torch.Tensor, batch_size: int, fill) -> None:
-        self._cache = cache
-        self._active_rows = active_rows
-        self._batch_size = batch_size
-        self._fill = fill  # (layer_idx, device) -> (rows, K, V) of the finished rows, on that device
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        device = key_states.device
-        rows, k_fill, v_fill = self._fill(layer_idx, device)
-        active = self._active_rows if self._active_rows.device == device else self._active_rows.to(device)
-        keys = merge_rows(key_states, active, k_fill, rows, self._batch_size)
-        values = merge_rows(value_states, active, v_fill, rows, self._batch_size)
-        keys, values = self._cache.update(keys, values, layer_idx, *args, **kwargs)
-        return keys.index_select(0, active), values.index_select(0, active)
-
-    def __getattr__(self, name):
-        return getattr(self._cache, name)
-
-
-class _RowView:
-    """Rows of the decoder's batch-leading tensors, taken once per tensor and exit event.
-
-    The decoder passes every layer the same full-batch tensors (or, for models with several
-    attention kinds, one of a few): keyed by identity, each is indexed once until the rows change.
-    Broadcasts (dim 0 == 1 while the batch is larger) pass through unchanged, or are expanded
-    when ``expand``.
-    """
-
-    def __init__(self, batch: int, expand: bool) -> None:
-        self.batch = batch
-        self.expand = expand
-        self.rows: torch.Tensor | None = None
-        self._taken: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def reset(self, rows: torch.Tensor) -> None:
-        self.rows = rows
-        self._taken.clear()
-
-    def __call__(self, t):
-        if not isinstance(t, torch.Tensor):
-            return t
-        if t.shape[0] != self.batch:
-            return t.expand(self.rows.numel(), *t.shape[1:]) if self.expand else t
-        hit = self._taken.get(id(t))
-        if hit is None or hit[0] is not t:
-            hit = (t, t.index_select(0, to_device(self.rows, t.device)))
-            self._taken[id(t)] = hit
-        return hit[1]
 
 
 class _LayerStep:
@@ -282,7 +81,7 @@ class _LayerStep:
 
 
 class LayerLoop:
-    """The early-exit loop of one patched model: its layers, checked layers, policy and exit head.
+    """The early-exit loop of one patched model: its layers, checked layers, policy and readout head.
 
     ``start()`` begins one forward pass (a ``LayerPass``, whose ``steps`` the decoder iterates).
     """
@@ -349,10 +148,10 @@ class LayerLoop:
         policy = self.policy
         with materialised(self._head_modules):
             base = self.family.lens_head(self.model) if self._head_modules else self.base_head
-            head, score = policy.head_and_rule(layer, base)
+            head, stop_rule = policy.head_and_rule(layer, base)
             last = hidden[:, -1, :]
             if policy.needs_signals:
-                signals = self._signals(last, head, score, hidden.device)
+                signals = exit_signals(last, head, stop_rule, hidden.device)
                 stop = policy.should_stop(layer, signals, rows)
             else:  # decided without the signals: decode only the rows that stop
                 stop = policy.should_stop(layer, None, rows)
@@ -369,30 +168,6 @@ class LayerLoop:
         stats.rows_checked += rows.numel()
         stats.check_seconds += time.perf_counter() - t0
         return stop
-
-    @staticmethod
-    def _signals(last: torch.Tensor, head: ReadoutHead, score, device: torch.device) -> ExitSignals:
-        """The exit head on the rows' last positions, computed where the head is (the few rows move
-        there, never the LM head to the rows), returned on ``device``."""
-        signals = exit_head(to_device(last, head.weight.device), head, score)
-        if signals.top_prob.device != device:
-            signals = ExitSignals(*(None if t is None else t.to(device) for t in vars(signals).values()))
-        return signals
-
-
-def label_logprobs(last: torch.Tensor, head: ReadoutHead) -> torch.Tensor:
-    """(S, K) fp32 log-probabilities over a head's vocabulary subset (the label tokens) of rows
-    (S, d): the norm and ``project_out`` with Hugging Face's ops, then fp32 logits of the K subset
-    rows (+ the logit bias), as the exit head computes them (a K-row product: cheap)."""
-    x = decode_rows(last, head).float()
-    w = head.weight.index_select(0, head.vocab_subset).float()
-    z = x @ w.t()
-    cap = head.logit_softcap
-    if cap is not None:  # the model's own final-logit soft-capping comes before the label bias
-        z = torch.tanh(z / cap) * cap
-    if head.logit_bias is not None:
-        z = z + head.logit_bias
-    return torch.log_softmax(z, dim=-1)
 
 
 class LayerPass:
@@ -445,10 +220,10 @@ class _CompactPass(LayerPass):
     def _begin(self, h: torch.Tensor, kwargs: dict) -> None:
         self.batch = h.shape[0]
         self.row_map = torch.arange(self.batch, device=h.device)  # active row -> original row
-        self.finished = _Finished()
+        self.finished = FinishedRows()
         self.cache_key = next((k for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
-        self.active_view = _RowView(self.batch, expand=False)
-        self.finished_view = _RowView(self.batch, expand=True)
+        self.active_view = RowView(self.batch, expand=False)
+        self.finished_view = RowView(self.batch, expand=True)
         self._rope = None  # this step's rotary embeddings (cos, sin), for the K/V fill
         # Decode (one position per row): fewer finished rows than this run the layer frozen.
         self.compact_rows = self.loop.config.compact_rows_for(h.device) if h.shape[1] == 1 else 1
@@ -500,7 +275,7 @@ class _CompactPass(LayerPass):
         if kwargs.get(_ROPE_KWARG) is not None:
             kwargs[_ROPE_KWARG] = tuple(self.active_view(t) for t in kwargs[_ROPE_KWARG])
         if cache is not None:
-            kwargs[self.cache_key] = _RowSubsetCache(cache, self.row_map, self.batch, self._fill)
+            kwargs[self.cache_key] = RowSubsetCache(cache, self.row_map, self.batch, self._fill)
         return kwargs
 
     def _exit(self, k: int, h: torch.Tensor) -> torch.Tensor:

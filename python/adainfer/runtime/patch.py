@@ -29,8 +29,9 @@ from torch import nn
 from adainfer.models import ModelFamily, family_for, lens_head
 from adainfer.runtime.answers import deliver_answers
 from adainfer.runtime.config import AdaInferConfig
-from adainfer.runtime.loop import ExitStats, LayerLoop, LayerPass
+from adainfer.runtime.loop import LayerLoop, LayerPass
 from adainfer.runtime.policy import ClassifierPolicy, ExitPolicy
+from adainfer.runtime.stats import ExitStats
 
 # transformers releases whose decoder loop and cache API the patch was written against:
 # 5.0 - 5.23 pass `past_key_values=`, 5.24+ pass `cache=` (the old name is accepted until 5.40).

@@ -30,7 +30,7 @@ class ExitPolicy(Protocol):
         """Layers (1 <= k < L) after which this policy wants a check."""
 
     def head_and_rule(self, layer: int, base: ReadoutHead) -> tuple[ReadoutHead, StopRule | None]:
-        """The exit head (vocabulary subset, per-layer bias) and linear score used at ``layer``."""
+        """The readout head (vocabulary subset, per-layer logit bias) and stop rule used at ``layer``."""
 
     def should_stop(self, layer: int, signals: ExitSignals | None, rows: torch.Tensor) -> torch.Tensor:
         """(A,) bool: which of the checked rows (original batch ids ``rows``) stop at ``layer``."""
@@ -48,9 +48,9 @@ class ExitPolicy(Protocol):
 class ClassifierPolicy:
     """AdaInfer's rule: stop a row at layer k when the classifier's score there is positive.
 
-    ``classifier`` is duck-typed (``adainfer.classifier.StopClassifier`` fits it): it provides
-    ``stop_rule(layer) -> StopRule`` with the threshold and any layer term folded into the
-    bias, ``label_bias_at(layer) -> Tensor | None`` (per-layer label bias), ``vocab_subset``
+    ``classifier`` is duck-typed (``adainfer.calibration.classifier.StopClassifier`` fits it): it
+    provides ``stop_rule(layer) -> StopRule`` with the threshold and any layer term folded into the
+    offset, ``label_bias_at(layer) -> Tensor | None`` (per-layer label bias), ``vocab_subset``
     ((K,) token ids, or None for the full vocabulary) and ``checked_layers`` (the layers whose
     check can stop a row).
     """
@@ -62,7 +62,7 @@ class ClassifierPolicy:
         self._layers = layers
         ids = classifier.vocab_subset
         self.label_token_ids = None if ids is None else torch.as_tensor(ids, dtype=torch.int64)
-        # layer -> (the base head it was built from, head, score): rebuilt when the base changes (a
+        # layer -> (the base head it was built from, head, stop rule): rebuilt when the base changes (a
         # model whose head is offloaded hands a freshly loaded base to every check)
         self._cache: dict[int, tuple[ReadoutHead, ReadoutHead, StopRule | None]] = {}
         self._subset: torch.Tensor | None = None
@@ -92,7 +92,7 @@ class ClassifierPolicy:
         return cached[1], cached[2]
 
     def _probe_head(self, layer: int, base: ReadoutHead) -> ReadoutHead:
-        """Layer ``layer``'s probe as an exit head: its (K, d) weight in the model's dtype on the
+        """Layer ``layer``'s probe as a readout head: its (K, d) weight in the model's dtype on the
         head's device, no norm (the probe reads the raw hidden state), subset = its K rows, and
         its bias as the logit bias (fp32)."""
         weight, bias = self.classifier.probe_layer(layer)
@@ -116,24 +116,24 @@ class ClassifierPolicy:
 
 @dataclasses.dataclass(frozen=True)
 class _FixedClassifier:
-    """The classifier protocol for one fixed score at every layer."""
+    """The classifier protocol for one fixed stop rule at every layer."""
 
-    score: StopRule
+    rule: StopRule
     checked_layers: frozenset[int]
     vocab_subset: object = None
 
     def stop_rule(self, layer: int) -> StopRule:
-        return self.score
+        return self.rule
 
     def label_bias_at(self, layer: int) -> None:
         return None
 
 
 class StopRulePolicy(ClassifierPolicy):
-    """One fixed linear score (and optional label tokens) at every checked layer."""
+    """One fixed stop rule (and optional label tokens) at every checked layer."""
 
-    def __init__(self, score: StopRule, layers, label_token_ids=None) -> None:
-        super().__init__(_FixedClassifier(score, frozenset(layers), label_token_ids))
+    def __init__(self, stop_rule: StopRule, layers, label_token_ids=None) -> None:
+        super().__init__(_FixedClassifier(stop_rule, frozenset(layers), label_token_ids))
 
 
 class NeverExit(StopRulePolicy):

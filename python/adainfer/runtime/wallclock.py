@@ -1,11 +1,11 @@
 """Wall-clock speedup of the early-exit runtime on real prompts: full model vs AdaInfer.
 
-Implements ``adainfer.evaluate.WallclockFn``. Prompts run in left-padded batches (position ids
-count real tokens only, as in generation), with ``logits_to_keep=1`` (a classifier needs the last
-position only, and the full LM head over every position would dilute what the layers cost). Each
-batch runs once unpatched and once with the classifier, alternately, so that load on a shared
-machine hits both alike; the patch is installed once and toggled with ``handle.enabled`` (when off,
-the model runs its original code).
+Implements ``adainfer.calibration.evaluate.WallclockFn``. Prompts run in left-padded batches
+(position ids count real tokens only, as in generation), with ``logits_to_keep=1`` (a classifier
+needs the last position only, and the full LM head over every position would dilute what the
+layers cost). Each batch runs once unpatched and once with the classifier, alternately, so that
+load on a shared machine hits both alike; the patch is installed once and toggled with
+``handle.enabled`` (when off, the model runs its original code).
 
 Each batch is moved to the model's device before the clock starts, and the device is synchronised
 before each clock read (CUDA kernels run asynchronously: without it the clock would time the

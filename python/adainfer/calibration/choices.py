@@ -1,0 +1,19 @@
+"""The named choices of calibration, defined once: the library validates against these tuples, the
+classifier file stores one of each, and the ``adainfer`` CLI offers them as ``choices``.
+
+``auto`` is not a value a fitted classifier holds: it asks the fitting code to pick one (the readout
+that saves more layers on the held-out split; the label-bias estimator by the number of labels).
+"""
+
+from __future__ import annotations
+
+AUTO = "auto"
+READOUTS = ("lens", "probe")  # how a checked layer is decoded: the model's own head, or a per-layer probe
+METHODS = ("svm", "logreg", "gap")  # the decision function: LinearSVC, logistic regression, the plain gap
+TARGETS = ("consistency", "gold")  # what the classifier learns to predict: the full model's answer, or the gold label
+VOCAB_MODES = ("labels", "full")  # the exit head reads the task's label tokens, or the whole vocabulary
+LABEL_BIAS_ESTIMATORS = ("none", "content-free", "mean", "balanced")
+SPLITS = ("calibration", "heldout", "test")  # a task's splits; the keys of a classifier's info["task"]["sizes"]
+
+READOUT_CHOICES = (AUTO, *READOUTS)
+LABEL_BIAS_CHOICES = (AUTO, *LABEL_BIAS_ESTIMATORS)
