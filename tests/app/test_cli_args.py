@@ -1,14 +1,16 @@
 """The CLI refuses every bad argument before any work (before a model loads), with one line
-`adainfer <cmd>: error: <problem and fix>` and exit status 2; `eval` records the settings it ran with.
-A tiny random Llama saved as a model directory (word-level tokenizer) runs calibrate and eval in seconds."""
+`adainfer <cmd>: error: <problem and fix>` and exit status 2; deprecated spellings still work and warn;
+`eval` records the settings it ran with. A tiny random Llama saved as a model directory (word-level
+tokenizer) runs calibrate and eval in seconds."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from adainfer.app import loading
-from adainfer.app.cli import main
+from adainfer.app.cli import build_parser, main
 from adainfer.calibration.classifier import StopClassifier
 from tiny_models import save_tiny_model_dir
 
@@ -56,7 +58,7 @@ def _error_line(capsys, command: str) -> str:
     return lines[0]
 
 
-CAL = ["calibrate", "--task", "{csv}", "--out", "{clf}"]
+CAL = ["calibrate", "--task", "{csv}", "--out-dir", "{out}"]
 EVAL = ["eval", "--task", "{csv}", "--classifier", "{file}"]
 DEMO = ["demo"]
 BAD_ARGS = [
@@ -76,7 +78,8 @@ BAD_ARGS = [
     ([*DEMO, "--budget", "5%"], "--budget: '5%' is not a number"),
     ([*CAL, "--confidence", "1"], r"--confidence: 1 is out of range; the confidence is a level in \[0, 1\)"),
     ([*DEMO, "--confidence", "95"], "--confidence: 95 is out of range"),
-    ([*DEMO, "--min-confidence", "2"], "--min-confidence: 2 is out of range"),
+    ([*DEMO, "--min-agreement", "2"], "--min-agreement: 2 is out of range"),
+    ([*DEMO, "--min-confidence", "2"], "--min-confidence: 2 is out of range"),  # the deprecated spelling too
     ([*CAL, "--k-shot", "-1"], "--k-shot: -1 is out of range; use an integer >= 0"),
     ([*DEMO, "--k-shot", "-2"], "--k-shot: -2 is out of range"),
     ([*CAL, "--seed", "-3"], "--seed: -3 is out of range"),
@@ -90,17 +93,26 @@ BAD_ARGS = [
     ([*CAL, "--text-column", ""], "--text-column: --text-column must not be blank"),
     ([*CAL, "--model", "{folder}"], "--model: .* is not a Hugging Face model directory"),
     ([*CAL, "--model", "{missing}.gguf"], "--model: GGUF file not found"),
-    (["calibrate", "--task", "{missing}", "--out", "{clf}"], "--task: task file not found"),
-    (["calibrate", "--task", "{folder}", "--out", "{clf}"], "--task: .* is not a task file"),
+    (["calibrate", "--task", "{missing}", "--out-dir", "{out}"], "--task: task file not found"),
+    (["calibrate", "--task", "{folder}", "--out-dir", "{out}"], "--task: .* is not a task file"),
+    (["calibrate", "--task", "{csv}"], "the following arguments are required: --out-dir"),
+    (["calibrate", "--task", "{csv}", "--out-dir", "{file}"], "--out-dir: .* is an existing file; the output is a"),
+    (["calibrate", "--task", "{csv}", "--out-dir", "{under_file}"], "--out-dir: cannot create .* is a file, not a"),
     (["calibrate", "--task", "{csv}", "--out", "{folder}"], "--out: .* is a folder: give the classifier file's path"),
     (["calibrate", "--task", "{csv}", "--out", "{under_file}"], "--out: cannot create .* is a file, not a folder"),
+    ([*CAL, "--out", "{clf}"], "argument --out: not allowed with argument --out-dir"),
+    ([*CAL, "--readout", "probe", "--vocab", "full"], "--readout probe answers over the label tokens"),
+    ([*CAL, "--label-bias", "median"], "--label-bias: invalid choice: 'median'"),
+    ([*CAL, "--method", "tree"], "--method: invalid choice: 'tree'"),
+    ([*DEMO, "--out-dir", "{file}"], "--out-dir: .* is an existing file; the output is a folder"),
     ([*DEMO, "--out", "{file}"], "--out: .* is an existing file; the output is a folder"),
     ([*EVAL, "--out-dir", "{file}"], "--out-dir: .* is an existing file"),
-    (["eval", "--task", "{csv}", "--classifier", "{folder}"], "--classifier: .* is a directory: pass the classifier"),
+    (["eval", "--task", "{csv}", "--classifier", "{folder}"], "--classifier: .* is a folder without classifier.json"),
     (["eval", "--task", "{csv}", "--classifier", "{missing}"], "--classifier: classifier file not found"),
-    (["calibrate", "--task", "tweet-sentiment", "--out", "{clf}", "--text-column", "t"], "applies to task files only"),
-    ([*CAL, "--min-confidence", "0.5"], "--min-confidence applies to the tweet-sentiment task only"),
-    (["calibrate", "--out", "{clf}"], "the following arguments are required: --task"),
+    (["calibrate", "--task", "tweet-sentiment", "--out-dir", "{out}", "--text-column", "t"], "applies to task files"),
+    ([*CAL, "--min-agreement", "0.5"], "--min-agreement applies to the tweet-sentiment task only"),
+    ([*EVAL, "--min-agreement", "0.5"], "--min-agreement applies to the tweet-sentiment task only"),
+    (["calibrate", "--out-dir", "{out}"], "the following arguments are required: --task"),
 ]
 
 
@@ -119,6 +131,61 @@ def test_bad_arguments_are_one_line_errors_before_any_work(files, no_model, caps
 def test_help_still_exits_zero(capsys):
     assert main(["eval", "--help"]) == 0
     assert "--classifier" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["demo", "calibrate", "eval"])
+def test_help_shows_only_the_current_spellings(capsys, command):
+    assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--out-dir" in text and "--min-agreement" in text
+    for old in ("--out ", "--bias", "--min-confidence", "--exit-head"):
+        assert old not in text, old
+
+
+# -- deprecated spellings: they parse as the new ones and print one warning line ------------------------------
+DEPRECATED = [
+    (["demo", "--out", "{out}"], ["demo", "--out-dir", "{out}"]),
+    (["demo", "--bias", "mean"], ["demo", "--label-bias", "mean"]),
+    (["demo", "--min-confidence", "0.5"], ["demo", "--min-agreement", "0.5"]),
+    ([*CAL, "--bias", "none"], [*CAL, "--label-bias", "none"]),
+    ([*CAL, "--exit-head", "probe"], [*CAL, "--readout", "probe"]),
+    (
+        ["calibrate", "--task", "tweet-sentiment", "--out-dir", "{out}", "--min-confidence", "0.8"],
+        ["calibrate", "--task", "tweet-sentiment", "--out-dir", "{out}", "--min-agreement", "0.8"],
+    ),
+    (
+        ["eval", "--task", "tweet-sentiment", "--classifier", "{file}", "--min-confidence", "0"],
+        ["eval", "--task", "tweet-sentiment", "--classifier", "{file}", "--min-agreement", "0"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("old", "new"), DEPRECATED, ids=[f"{o[0]} {o[-2]}" for o, _ in DEPRECATED])
+def test_deprecated_spellings_still_work_and_warn(files, capsys, old, new):
+    old, new = [[a.format(**files) for a in argv] for argv in (old, new)]
+    expected = vars(build_parser().parse_args(new))
+    assert capsys.readouterr().err == ""  # the new spelling is silent
+    assert vars(build_parser().parse_args(old)) == expected
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    old_option = old[-2]
+    new_option = next(a for a in new if a.startswith("--") and a not in old)
+    assert line.startswith(f"adainfer {old[0]}: warning: {old_option} is deprecated"), line
+    assert f"use {new_option}" in line, line
+
+
+def test_calibrate_out_file_is_a_deprecated_spelling_of_out_dir(files, capsys):
+    args = build_parser().parse_args(["calibrate", "--task", files["csv"], "--out", files["clf"]])
+    assert args.out_file == files["clf"] and args.out_dir is None
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("adainfer calibrate: warning: --out is deprecated") and "use --out-dir DIR" in line
+
+
+def test_eval_takes_the_classifier_file_or_its_folder(files):
+    inside = str(Path(files["folder"]) / "classifier.json")
+    _write_classifier(Path(inside))
+    base = ["eval", "--task", files["csv"], "--classifier"]
+    assert build_parser().parse_args([*base, files["folder"]]).classifier == inside
+    assert build_parser().parse_args([*base, files["file"]]).classifier == files["file"]
 
 
 def _write_classifier(path, **edits):
@@ -161,7 +228,7 @@ def test_bad_classifier_files_are_one_line_errors_before_the_model_loads(tmp_pat
 def test_task_file_without_rows_is_a_clear_error(tmp_path, no_model, capsys):
     header = tmp_path / "header.csv"
     header.write_text("text,label\n")
-    assert main(["calibrate", "--task", str(header), "--out", str(tmp_path / "c.json")]) == 2
+    assert main(["calibrate", "--task", str(header), "--out-dir", str(tmp_path / "c")]) == 2
     assert "header.csv has a header row but no examples" in _error_line(capsys, "calibrate")
 
 
@@ -173,16 +240,19 @@ def tiny_dir(tmp_path_factory):
 
 def test_eval_records_the_settings_it_ran_with(tiny_dir, tmp_path, capsys):
     data = str(_reviews(tmp_path / "reviews.csv"))
-    clf_path = tmp_path / "new" / "folder" / "clf.json"  # created
+    clf_dir = tmp_path / "new" / "folder"  # created
     common = ["--model", tiny_dir, "--task", data, "--text-column", "review", "--label-column", "stars"]
     cal = ["--label-words", "neg=bad", "pos=good", "--k-shot", "2", "--template", "instruct", "--seed", "3"]
     sizes = ["--n-calibration", "12", "--n-heldout", "12", "--n-test", "8"]
-    rc = main(["calibrate", *common, *cal, *sizes, "--out", str(clf_path), "--budget", "0.2", "--method", "gap"])
-    assert rc == 0, capsys.readouterr().err
-    stored = StopClassifier.load(clf_path).info["task"]
+    rc = main(["calibrate", *common, *cal, *sizes, "--out-dir", str(clf_dir), "--budget", "0.2", "--method", "gap"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "warning" not in out.err and f"wrote {clf_dir / 'classifier.json'}" in out.out
+    stored = StopClassifier.load(clf_dir / "classifier.json").info["task"]
     assert stored["k_shot"] == 2 and stored["template"] == "instruct" and stored["seed"] == 3
     out = tmp_path / "out"
-    evaluate = ["eval", *common, "--classifier", str(clf_path), "--out-dir", str(out), "--no-plots"]
+    # eval reads the folder calibrate wrote
+    evaluate = ["eval", *common, "--classifier", str(clf_dir), "--out-dir", str(out), "--no-plots"]
     evaluate += ["--wallclock-prompts", "0"]
     rc = main([*evaluate, "--batch-size", "5"])
     assert rc == 0, capsys.readouterr().err
@@ -196,8 +266,28 @@ def test_eval_records_the_settings_it_ran_with(tiny_dir, tmp_path, capsys):
     assert settings["label_bias_estimator"] == result["rows"][0]["classifier"]["label_bias_estimator"]
     task = result["task"]
     assert task["label_words_arg"] == ["neg=bad", "pos=good"] and task["text_column"] == "review"
+    assert result["classifier_file"] == str(clf_dir / "classifier.json")
     # an option given to eval wins over the stored one, and is what gets recorded
     rc = main([*evaluate, "--k-shot", "1", "--n-test", "4"])
     assert rc == 0, capsys.readouterr().err
     settings = json.loads((out / "results.json").read_text())["settings"]
     assert settings["k_shot"] == 1 and settings["sizes"]["test"] == 4 and settings["template"] == "instruct"
+
+
+def test_calibrate_out_file_still_writes_that_file_and_warns(tiny_dir, tmp_path, capsys):
+    data = str(_reviews(tmp_path / "reviews.csv"))
+    clf_path = tmp_path / "clf.json"
+    argv = ["calibrate", "--model", tiny_dir, "--task", data, "--text-column", "review", "--label-column", "stars"]
+    argv += ["--n-calibration", "12", "--n-heldout", "12", "--n-test", "8", "--method", "gap", "--budget", "0.2"]
+    assert main([*argv, "--out", str(clf_path), "--bias", "mean"]) == 0
+    out = capsys.readouterr()
+    warnings = [line for line in out.err.splitlines() if "warning" in line]
+    assert warnings == [
+        "adainfer calibrate: warning: --out is deprecated and will be removed in the next release; "
+        "use --out-dir DIR (it writes DIR/classifier.json)",
+        "adainfer calibrate: warning: --bias is deprecated and will be removed in the next release; use --label-bias",
+    ], out.err
+    assert f"wrote {clf_path}" in out.out
+    clf = StopClassifier.load(clf_path)
+    assert clf.label_bias_estimator == "mean"
+    assert not list(tmp_path.glob("**/classifier.json"))  # the old meaning: that file, no folder

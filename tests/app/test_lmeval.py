@@ -233,7 +233,7 @@ def test_bundled_model_lm_eval_accuracy_and_savings_equal_the_runtimes(bundled, 
     docs through lm-eval with the adainfer model: accuracy and layers saved equal ``adainfer.classify``'s
     (``adainfer eval``'s runtime figures, correct_full_depth=True) on the same prompts."""
     from adainfer.app.cli import main as adainfer_main
-    from adainfer.app.tasks import tweet_sentiment
+    from adainfer.app.datasets import tweet_sentiment
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -248,10 +248,10 @@ def test_bundled_model_lm_eval_accuracy_and_savings_equal_the_runtimes(bundled, 
         "training_split: train\ntest_split: test\noutput_type: multiple_choice\n"
         'doc_to_text: prompt\ndoc_to_choice: ["negative", "positive"]\ndoc_to_target: label\n'
     )
-    clf_path = tmp_path / "clf.json"
+    clf_path = tmp_path / "clf" / "classifier.json"
     sizes = ["--n-calibration", "12", "--n-heldout", "12", "--n-test", "2", "--batch-size", "12", "--confidence", "0"]
     task = ["--task", "lmeval:tweets", "--include-path", str(tmp_path)]
-    rc = adainfer_main(["calibrate", *task, "--out", str(clf_path), "--budget", "0.1", *sizes])
+    rc = adainfer_main(["calibrate", *task, "--out-dir", str(clf_path.parent), "--budget", "0.1", *sizes])
     assert rc == 0, capsys.readouterr().err
     clf = StopClassifier.load(clf_path)
     assert clf.label_words == (" negative", " positive") and clf.threshold is not None

@@ -45,16 +45,18 @@ def test_calibrate_cli_rejects_options_that_lm_eval_tasks_define_themselves(tmp_
     from adainfer.app.cli import main as adainfer_main
 
     write_task(tmp_path)
-    argv = ["calibrate", "--task", "lmeval:tiny_mc", "--include-path", str(tmp_path), "--out", str(tmp_path / "c.json")]
+    argv = ["calibrate", "--task", "lmeval:tiny_mc", "--include-path", str(tmp_path), "--out-dir", str(tmp_path / "c")]
     assert adainfer_main([*argv, "--k-shot", "2"]) == 2
     assert "--k-shot do not apply to lm-eval tasks" in capsys.readouterr().err
 
 
-def test_calibrate_then_eval_on_an_lm_eval_task_from_the_command_line(tmp_path, capsys):
+def test_calibrate_then_eval_on_an_lm_eval_task_from_the_command_line(tmp_path, capsys, monkeypatch):
     """`adainfer calibrate --task lmeval:NAME --include-path DIR`, then `eval` with the stored settings (no
     --include-path again), on a tiny model saved as a Hugging Face folder."""
     import json
 
+    import adainfer.app.classify
+    import numpy as np
     from adainfer.app.cli import main
     from adainfer.calibration.classifier import StopClassifier
     from tiny_models import tiny_llama
@@ -64,16 +66,36 @@ def test_calibrate_then_eval_on_an_lm_eval_task_from_the_command_line(tmp_path, 
     write_task(tmp_path / "tasks", n_train=60, n_test=6)
     model = ["--model", str(tmp_path / "model"), "--task", "lmeval:tiny_mc", "--batch-size", "16"]
     sizes = ["--n-calibration", "24", "--n-heldout", "18", "--n-test", "18", "--budget", "0.2"]
-    clf_path = tmp_path / "clf.json"
-    rc = main(["calibrate", *model, "--include-path", str(tmp_path / "tasks"), "--out", str(clf_path), *sizes])
+    clf_path = tmp_path / "clf" / "classifier.json"
+    rc = main(
+        ["calibrate", *model, "--include-path", str(tmp_path / "tasks"), "--out-dir", str(clf_path.parent), *sizes]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "task lmeval:tiny_mc: labels neg/pos/neu -> tokens ' neg'/' pos'/' neu' [5, 17, 40]" in out.out
     clf = StopClassifier.load(clf_path)
     assert clf.label_token_ids == tuple(LABELS)
     assert clf.info["task"]["include_path"] == str((tmp_path / "tasks").resolve())
+    # the runtime's own answers, as `eval` reads them (adainfer.classify), recorded to score them here
+    runs = []
+    real_classify = adainfer.app.classify.classify
+
+    def spy(model, tokenizer, prompts, *args, **kwargs):
+        runs.append((list(prompts), real_classify(model, tokenizer, prompts, *args, **kwargs)))
+        return runs[-1][1]
+
+    monkeypatch.setattr(adainfer.app.classify, "classify", spy)
     rc = main(["eval", *model, "--classifier", str(clf_path), "--out-dir", str(tmp_path / "out"), "--no-plots"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     metrics = json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]["metrics"]
-    assert metrics["n"] == 18 and metrics["runtime_prompts"] == 18 and 0.0 <= metrics["runtime_accuracy"] <= 1.0
+    assert metrics["n"] == 18 and metrics["runtime_prompts"] == 18
+    # runtime accuracy = mean(runtime answer == gold), gold from lm-eval's own docs, and the runtime's
+    # pruning ratio = 1 - mean exit / L, recomputed from the runtime's rows
+    (prompts, result), *_ = runs
+    lm_task = load_lmeval_task_object("tiny_mc", tmp_path / "tasks")
+    gold_of = {lm_task.fewshot_context(d, 0): d["label"] for d in lm_task.training_docs()}
+    gold = np.array([gold_of[p] for p in prompts])
+    assert len(runs) == 1 and len(prompts) == 18
+    assert metrics["runtime_accuracy"] == pytest.approx(float(np.mean(result.label_index == gold)), abs=1e-12)
+    assert metrics["runtime_pruning_ratio"] == pytest.approx(1.0 - float(np.mean(result.exit_layers)) / 4, abs=1e-12)

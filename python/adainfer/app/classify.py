@@ -102,8 +102,9 @@ def classify(
         tokenizer: its tokenizer, padding on the left.
         inputs: prompts, or texts when ``prompt`` turns a text into a prompt.
         classifier: a ``StopClassifier`` calibrated for this model and task.
-        prompt: None (``inputs`` are prompts), a format string with ``{text}``, a callable, or an
-            ``adainfer.app.tasks.RenderedTask`` (its few-shot prompt for each text).
+        prompt: None (``inputs`` are prompts), a format string with ``{text}``, a callable, or a
+            task (``ClassificationTask``, rendered with ``tokenizer``, or a ``RenderedTask``): its
+            few-shot prompt for each text.
         batch_size: prompts per forward pass (left-padded; similar lengths are batched together).
         correct_full_depth: correct the answers of inputs that run every layer with the
             classifier's layer-L label bias (the evaluation's convention); off: the model's own.
@@ -115,6 +116,8 @@ def classify(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if classifier.label_token_ids is None:
         raise ValueError("this classifier has no label tokens: classify needs one calibrated on a task")
+    if hasattr(prompt, "render") and not hasattr(prompt, "prompt"):
+        prompt = prompt.render(tokenizer)  # a ClassificationTask: its few-shot prompt for this tokenizer
     prompts = _prompts(inputs, prompt)
     n = len(prompts)
     labels = torch.tensor(classifier.label_token_ids, dtype=torch.int64)

@@ -1,7 +1,7 @@
 """An lm-evaluation-harness task as a ``ClassificationTask``, so that ``adainfer calibrate`` / ``eval`` and
 ``lm_eval`` run the same task definition.
 
-    adainfer calibrate --model bundled --task lmeval:NAME --include-path DIR --out clf.json
+    adainfer calibrate --model bundled --task lmeval:NAME --include-path DIR --out-dir DIR
     adainfer calibrate ... --task lmeval:NAME:train,validation     # name the splits to draw from
 
 The task must be a ``multiple_choice`` task (not a multiple-input one) with the same choices on every
@@ -29,11 +29,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from adainfer.app.tasks import ClassificationTask, PromptTemplate, balanced_splits
+from adainfer.app.splits import balanced_splits
+from adainfer.app.tasks import ClassificationTask
+from adainfer.app.templates import PromptTemplate
 
 PREFIX = "lmeval:"
 # Not used by lm-eval tasks: their prompts and label words come from the task's own definition.
-_NOT_FOR_LMEVAL = ("text_column", "label_column", "label_words", "template", "k_shot", "encoding", "min_confidence")
+_NOT_FOR_LMEVAL = ("text_column", "label_column", "label_words", "template", "k_shot", "encoding", "min_agreement")
 
 
 def is_lmeval_spec(spec: str) -> bool:
@@ -209,7 +211,7 @@ def load_lmeval_task(
 
 
 def load_from_args(args, sizes: dict[str, int], stored: dict | None = None):
-    """``_load_task`` of the CLI for an ``lmeval:`` task: (task, the settings to store with a classifier)."""
+    """``load_task_from_args`` of the CLI for an ``lmeval:`` task: (task, the settings to store with a classifier)."""
     stored = stored or {}
     given = [f"--{k.replace('_', '-')}" for k in _NOT_FOR_LMEVAL if getattr(args, k, None) is not None]
     if given:

@@ -1,6 +1,7 @@
-"""The end-to-end job behind ``adainfer demo`` / ``calibrate`` / ``eval``: collect the per-layer
-features of a task's splits once, fit and threshold stop classifiers, evaluate them side by side,
-and write ``results.json`` plus PNG plots.
+"""The end-to-end job behind ``adainfer demo``: collect the per-layer features of a task's splits
+once, fit and threshold stop classifiers, evaluate them side by side, and write ``results.json``
+plus PNG plots; and the presentation ``adainfer calibrate`` / ``eval`` share (the table, the
+summary lines, the output files).
 
 The variants of the demo table (all from the same features, so the comparison is exact):
 
@@ -28,11 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from adainfer.calibration.choices import LABEL_BIAS_ESTIMATORS
 from adainfer.calibration.classifier import StopClassifier
 from adainfer.calibration.evaluate import RuntimeFn, WallclockFn, evaluate, per_layer_table, simulate, threshold_sweep
 from adainfer.calibration.features import LayerFeatures, collect_content_free, collect_task_features, label_signals
 from adainfer.calibration.fit import calibrate, calibrate_auto
-from adainfer.calibration.labelbias import LABEL_BIAS_ESTIMATORS, estimate_label_bias
+from adainfer.calibration.labelbias import estimate_label_bias
 
 NOT_MEASURED = "not measured"
 SWEEP_BUDGETS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
@@ -242,7 +244,7 @@ def run_demo(
     """
     from rich.console import Console
 
-    from adainfer.app.tasks import tweet_sentiment
+    from adainfer.app.datasets import tweet_sentiment
 
     console = console or Console(width=200)
     t0 = time.perf_counter()
@@ -291,7 +293,7 @@ def run_demo(
     title = f"AdaInfer on {task.name}, test split ({len(task.split('test'))} examples), {budget_txt}"
     print_table(rows, title, console)
     main = next(r for r in rows if r["variant"]["main"])
-    for line in target_lines(main, settings.budget):
+    for line in summary_lines(main, settings.budget):
         console.print("  " + line)
     comparison = bias_comparison(feats)
     console.print(
@@ -407,21 +409,20 @@ def task_line(rendered, sizes) -> str:
     )
 
 
-def target_lines(main: dict, budget: float) -> list[str]:
-    """The issue's targets, stated against the measured figures (reported, never asserted)."""
+def summary_lines(main: dict, budget: float) -> list[str]:
+    """The main row's measured figures in words: accuracy against the full model, disagreement
+    against the budget, layer savings against the oracle, the runtime's own answers, wall clock."""
     m = main["metrics"]
     drop = m["full_accuracy"] - m["adainfer_accuracy"]
     lines = [
-        f"accuracy: AdaInfer {m['adainfer_accuracy']:.3f} vs full {m['full_accuracy']:.3f} "
-        f"({-drop * 100:+.1f} points; target: within 1 point -> {'met' if drop <= 0.01 else 'missed'})",
+        f"accuracy: AdaInfer {m['adainfer_accuracy']:.3f} vs full {m['full_accuracy']:.3f} ({-drop * 100:+.1f} points)",
         f"disagreement with the full model on test: {1 - m['agreement']:.3f} "
         f"(budget {budget:.3f}, threshold chosen on held-out)",
     ]
     if m["savings_vs_oracle"] is not None:
-        met = "met" if m["savings_vs_oracle"] >= 0.8 else "missed"
         lines.append(
             f"layer savings: pruning ratio {m['pruning_ratio']:.3f} = {m['savings_vs_oracle']:.0%} of the oracle's "
-            f"{m['oracle_pruning_ratio']:.3f} (target >= 80% -> {met})"
+            f"{m['oracle_pruning_ratio']:.3f}"
         )
     if m.get("runtime_accuracy") is not None:
         lines.append(
@@ -434,13 +435,22 @@ def target_lines(main: dict, budget: float) -> list[str]:
     if m["speedup"] is None:
         lines.append(f"wall clock: {NOT_MEASURED} (--wallclock-prompts 0)")
     else:
-        met = "met" if m["speedup_vs_ideal"] >= 0.9 else "missed"
         lines.append(
             f"wall clock: {m['speedup']:.2f}x vs ideal {m['ideal_speedup']:.2f}x "
-            f"({m['speedup_vs_ideal']:.0%}; target >= 90% -> {met}), "
-            f"{m['wallclock_prompts']} prompts"
+            f"({m['speedup_vs_ideal']:.0%} of ideal), {m['wallclock_prompts']} prompts"
         )
     return lines
+
+
+def model_line(loaded) -> str:
+    """One line about a loaded model (``adainfer.app.loading.LoadedModel``): class, size, attention."""
+    model = loaded.model
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    return (
+        f"{type(model).__name__}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+        f"vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M parameters, attention {cfg._attn_implementation}"
+    )
 
 
 def task_info(spec: str, settings: RunSettings) -> dict:

@@ -1,0 +1,90 @@
+"""`adainfer.app.workflow`: calibrate and evaluate from Python on a model already loaded (what the
+CLI's calibrate / eval call), on a tiny random Llama saved as a model directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from adainfer.app import loading
+from adainfer.app.cli import main
+from adainfer.app.user_tasks import load_user_task
+from adainfer.app.workflow import Evaluation, calibrate, evaluate, task_info_of
+from adainfer.calibration.classifier import StopClassifier
+from adainfer.calibration.evaluate import METRIC_KEYS
+from tiny_models import save_tiny_model_dir
+
+SIZES = {"calibration": 12, "heldout": 12, "test": 8}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = save_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
+    return str(folder), loading.load_model(str(folder))
+
+
+@pytest.fixture
+def reviews(tmp_path):
+    lines = ["text,label"]
+    for i in range(40):
+        lines += [f"great product number {i},pos", f"awful thing number {i},neg"]
+    path = tmp_path / "reviews.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_calibrate_and_evaluate_from_python(tiny, reviews):
+    _, loaded = tiny
+    task = load_user_task(reviews, label_words=["bad", "good"], k_shot=2, sizes=SIZES)
+    clf = calibrate(loaded.model, loaded.tokenizer, task, budget=0.2, method="gap", readout="lens", progress=False)
+    assert isinstance(clf, StopClassifier) and clf.readout == "lens" and clf.method == "gap"
+    assert clf.label_words == (" bad", " good") and clf.info["budget"] == 0.2 and clf.info["confidence"] == 0.9
+    stored = clf.info["task"]
+    assert stored == task_info_of(task.render(loaded.tokenizer))
+    assert stored["task"] == "reviews.csv" and stored["template"] == "user" and stored["sizes"] == SIZES
+    assert stored["k_shot"] == 2 and stored["label_words_arg"] == ["bad", "good"]
+
+    result = evaluate(loaded.model, loaded.tokenizer, task, clf, batch_size=5, progress=False)
+    assert isinstance(result, Evaluation) and result.classifier is clf
+    assert set(result.metrics) == set(METRIC_KEYS) and result.metrics["n"] == 8
+    assert result.features.n_examples == 8 and result.metrics["speedup"] is None  # not timed by default
+    assert 0.0 <= result.metrics["runtime_accuracy"] <= 1.0
+    row = result.row()
+    assert row["variant"]["main"] and row["metrics"] is result.metrics and row["classifier"] is clf
+
+
+def test_calibrate_refuses_what_cannot_be_fitted(tiny, reviews):
+    _, loaded = tiny
+    task = load_user_task(reviews, k_shot=2, sizes=SIZES)
+    with pytest.raises(ValueError, match="readout 'probe' answers over the label tokens"):
+        calibrate(loaded.model, loaded.tokenizer, task, readout="probe", vocab_mode="full")
+    with pytest.raises(ValueError, match="unknown readout 'logit'"):
+        calibrate(loaded.model, loaded.tokenizer, task, readout="logit")
+    with pytest.raises(ValueError, match="unknown vocab_mode 'some'"):
+        calibrate(loaded.model, loaded.tokenizer, task, vocab_mode="some")
+
+
+def test_evaluate_refuses_a_classifier_of_other_label_tokens(tiny, reviews):
+    _, loaded = tiny
+    task = load_user_task(reviews, label_words=["bad", "good"], k_shot=2, sizes=SIZES)
+    clf = calibrate(loaded.model, loaded.tokenizer, task, budget=0.2, method="gap", readout="lens", progress=False)
+    other = load_user_task(reviews, label_words=["negative", "positive"], k_shot=2, sizes=SIZES)
+    with pytest.raises(ValueError, match="classifier was fitted for label tokens"):
+        evaluate(loaded.model, loaded.tokenizer, other, clf, progress=False)
+
+
+def test_the_cli_evaluates_a_classifier_calibrated_from_python(tiny, reviews, tmp_path, capsys, monkeypatch):
+    """``adainfer eval`` rebuilds the task from the settings ``calibrate`` stored (no task options given)."""
+    folder, loaded = tiny
+    task = load_user_task(reviews, label_words=["bad", "good"], k_shot=2, sizes=SIZES, seed=5)
+    clf = calibrate(loaded.model, loaded.tokenizer, task, budget=0.2, method="gap", readout="lens", progress=False)
+    (tmp_path / "clf").mkdir()
+    clf.save(tmp_path / "clf" / "classifier.json")
+    out = tmp_path / "out"
+    argv = ["eval", "--model", folder, "--task", "reviews.csv", "--classifier", str(tmp_path / "clf")]
+    argv += ["--out-dir", str(out), "--no-plots", "--wallclock-prompts", "0"]
+    monkeypatch.chdir(reviews.parent)  # the stored task name is the file's name: run from its folder
+    assert main(argv) == 0, capsys.readouterr().err
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert settings["k_shot"] == 2 and settings["seed"] == 5 and settings["sizes"] == SIZES
+    assert settings["label_words"] == [" bad", " good"] and settings["template"] == "user"
