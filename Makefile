@@ -3,7 +3,7 @@
 #
 #   make demo    the main job on the bundled model and data
 #   make test    pytest (Triton kernels under TRITON_INTERPRET=1) + the CMake build and ctest
-#   make bench   kernel microbenchmarks (CPU here; Triton too where CUDA is present)
+#   make bench   quick benchmarks (CPU here; Triton too where CUDA is present); rows to build/bench
 #   make lint    ruff check + ruff format --check
 
 PYTHON ?= python3
@@ -68,8 +68,10 @@ test-compat: $(BUILD_STAMP) $(COMPAT_VENV)/.adainfer-deps
 	PYTHONPATH=$(CURDIR):$(CURDIR)/python TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest \
 	  tests/runtime/test_patch.py -q -p no:cacheprovider
 
+# Quick runs only: their CSV rows go to build/bench, never to the committed bench/results (which only
+# an explicit full run of a script, e.g. `python bench/bench_runtime.py`, appends to).
 bench: $(BUILD_STAMP)
-	$(PY) -m pytest bench -q --benchmark-columns=median,iqr,min,rounds --benchmark-sort=name
+	ADAINFER_BENCH_DIR=build/bench $(PY) -m pytest bench -q --benchmark-columns=median,iqr,min,rounds --benchmark-sort=name
 
 lint: $(DEPS_STAMP)
 	$(VENV)/bin/ruff check .

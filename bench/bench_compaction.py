@@ -16,15 +16,16 @@ Providers:
                 runs without a KV cache, which under-states a decode layer, so the % is an upper
                 bound there. Only for d == 576 (the layer's width).
 
-Targets (issue 4): native >= 1.5x faster than bool_index; native <= 2% of the layer.
+Targets: native >= 1.5x faster than bool_index; native <= 2% of the layer.
 
-Run: ``make bench`` (pytest-benchmark over the default cases, plus the report below), or
-``python bench/bench_compaction.py [--full]``; ``ADAINFER_BENCH_FULL=1`` selects the full grid
+Run: ``make bench`` (pytest-benchmark over the default cases, plus the report below, recorded under
+build/bench), or ``python bench/bench_compaction.py [--full]`` (appended to
+bench/results/bench_compaction.csv); ``ADAINFER_BENCH_FULL=1`` selects the full grid
 (B in {8,64,256} x T in {1,128,512} x d in {576,4096} x keep in {0.9,0.5,0.1}; combos whose tensors
 would exceed ~2 GB are skipped and listed); ``ADAINFER_BENCH_THREADS=N`` / ``--threads N`` sets torch's
-CPU threads, ``ADAINFER_BENCH_DEVICE=cuda`` / ``--device cuda`` runs on a GPU (synchronised timing;
-the 2 GB cap still applies). Providers are sampled round-robin so that they share the machine's load. Results are
-appended to bench/results/bench_compaction.csv.
+CPU threads, ``ADAINFER_BENCH_DEVICE=cuda`` / ``--device cuda`` runs on a GPU (the 2 GB cap still
+applies). Timing: ``harness.interleaved`` (round-robin, synchronised), as many rounds as fit a
+2-second budget per case.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +42,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import append_rows, time_fn
+from harness import append_rows, interleaved, reps_for_budget
 
 from adainfer_kernels import _native, compaction
 
@@ -178,26 +178,10 @@ def build_layer():
     return LlamaDecoderLayer(config, layer_idx=0).eval()
 
 
-def _summary(samples: list[float]) -> dict[str, float]:
-    samples = sorted(samples)
-    q = statistics.quantiles(samples, n=5) if len(samples) >= 5 else [samples[0]] * 4
-    return {"median_ms": statistics.median(samples), "p20_ms": q[0], "p80_ms": q[3]}
-
-
-def interleaved_time(
-    fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int, max_reps: int, device: str = "cpu"
-):
-    """Median / p20 / p80 ms of each function, sampled round-robin (rotating the order each round)
-    so that every provider sees the same machine load: on a shared 2-core machine the load moves
-    faster than one provider's whole run. Each sample is one ``time_fn`` call (synchronised)."""
-    probe = {name: time_fn(fn, warmup=2, reps=1, device=device)["median_ms"] / 1e3 for name, fn in fns.items()}
-    reps = int(max(min_reps, min(max_reps, budget_s / max(sum(probe.values()), 1e-6))))
-    names = list(fns)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(reps):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            samples[name].append(time_fn(fns[name], warmup=0, reps=1, device=device)["median_ms"])
-    return {name: _summary(v) for name, v in samples.items()}
+def budget_time(fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int, max_reps: int, device: str):
+    """``harness.interleaved`` with as many rounds as fit ``budget_s`` (the probe calls are the warm-up)."""
+    reps = reps_for_budget(fns, budget_s, min_reps, max_reps, device)
+    return interleaved(fns, reps, warmup=0, device=device)
 
 
 def measure(case: Case, layer=None, device: str = "cpu") -> dict[str, object]:
@@ -215,10 +199,8 @@ def measure(case: Case, layer=None, device: str = "cpu") -> dict[str, object]:
     }
     with torch.inference_mode():
         fns = {name: (lambda fn=PROVIDERS[name]: fn(keep, row_map, tensors)) for name in available_providers()}
-        for name, t in interleaved_time(fns, budget_s=2.0, min_reps=7, max_reps=300, device=device).items():
-            row[f"{name}_ms"] = t["median_ms"]
-            row[f"{name}_p20_ms"] = t["p20_ms"]
-            row[f"{name}_p80_ms"] = t["p80_ms"]
+        for name, t in budget_time(fns, budget_s=2.0, min_reps=7, max_reps=300, device=device).items():
+            row.update(t.columns(provider=name))
         if layer is not None and case.hidden == LAYER_HIDDEN:
             if case.layer_bytes() > MEMORY_CAP_BYTES:
                 row["layer_note"] = f"layer skipped: ~{case.layer_bytes() / 2**30:.1f} GB > cap"
@@ -231,10 +213,8 @@ def measure(case: Case, layer=None, device: str = "cpu") -> dict[str, object]:
                         hidden, attention_mask=attn_mask, position_ids=position_ids, position_embeddings=(cos, sin)
                     )
 
-                t = interleaved_time({"layer": run_layer}, 2.0, min_reps=3, max_reps=30, device=device)["layer"]
-                row["layer_ms"] = t["median_ms"]
-                row["layer_p20_ms"] = t["p20_ms"]
-                row["layer_p80_ms"] = t["p80_ms"]
+                t = budget_time({"layer": run_layer}, 2.0, min_reps=3, max_reps=30, device=device)["layer"]
+                row.update(t.columns(provider="layer"))
     base = "native" if "native_ms" in row else "wrapper"
     row["speedup_vs_bool_index"] = row["bool_index_ms"] / row[f"{base}_ms"]
     row["speedup_vs_index_select"] = row["index_select_ms"] / row[f"{base}_ms"]
@@ -269,9 +249,10 @@ def format_table(rows: list[dict[str, object]]) -> str:
 
 
 def run_report(
-    cases: list[Case], with_layer: bool = True, record: bool = True, device: str = "cpu"
+    cases: list[Case], with_layer: bool = True, record: bool | None = True, device: str = "cpu"
 ) -> list[dict[str, object]]:
-    """Times every case, prints the table (ms, medians) and appends the rows to the CSV record."""
+    """Times every case, prints the table (ms, medians) and appends the rows to bench_compaction.csv
+    (``record``: bench/results, else build/bench; ``None``: no CSV)."""
     layer = build_layer().to(device) if with_layer else None
     rows, skipped = [], []
     for case in cases:
@@ -298,8 +279,8 @@ def run_report(
                 f"         <= 2% of one layer -> max {max(pcts):.2f}% "
                 f"({sum(p <= 2 for p in pcts)}/{len(pcts)} cases met)"
             )
-    if record and rows:
-        path = append_rows("bench_compaction", rows)
+    if record is not None and rows:
+        path = append_rows("bench_compaction", rows, record=record)
         print(f"recorded {len(rows)} rows in {path}")
     return rows
 
@@ -333,10 +314,10 @@ def test_compaction(benchmark, provider, case):
 
 
 def test_compaction_report(capsys):
-    """The side-by-side table with the decoder layer, recorded to CSV (the issue's closing table)."""
+    """The side-by-side table with the decoder layer and the targets, written under build/bench."""
     set_threads(int(os.environ.get("ADAINFER_BENCH_THREADS", "0")))
     with capsys.disabled():
-        rows = run_report(selected_cases(), device=selected_device())
+        rows = run_report(selected_cases(), device=selected_device(), record=False)
     assert rows
 
 
@@ -344,7 +325,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="the full grid (B x T x d x keep)")
     parser.add_argument("--no-layer", action="store_true", help="skip the decoder-layer comparison")
-    parser.add_argument("--no-record", action="store_true", help="do not append to bench/results")
+    parser.add_argument("--no-record", action="store_true", help="write no CSV")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("ADAINFER_BENCH_THREADS", "0")),
                         help="torch CPU threads (default: torch's choice)")  # fmt: skip
     parser.add_argument("--device", default=selected_device(), help="cpu or cuda (ADAINFER_BENCH_DEVICE)")
@@ -353,6 +334,6 @@ if __name__ == "__main__":
     run_report(
         FULL_CASES if args.full else selected_cases(),
         with_layer=not args.no_layer,
-        record=not args.no_record,
+        record=None if args.no_record else True,
         device=args.device,
     )

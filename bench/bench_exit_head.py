@@ -18,15 +18,19 @@ Reported: median ms (p20, p80, min), GB/s of W streamed (W's bytes / time), rati
 and vs the faster GEMM from the medians and (starred) from the fastest runs, peak extra memory
 (tensor allocations seen by the profiler on CPU, by the caching allocator on CUDA; the native
 op's per-thread scratch of <= 1 MiB is not a tensor and not counted), and on CUDA the fraction
-of the HBM roofline (``--hbm-gbs``, 4300 for an H200). On CUDA times are GPU times from
-``triton.testing.do_bench`` (L2 flushed between runs) plus the wall time per call from Python,
+of the HBM roofline (``--hbm-gbs``, 4300 for an H200). Timing through ``harness``: on the CPU
+interleaved wall times (two warm-up calls each); on CUDA GPU times from ``harness.device_time``
+(``triton.testing.do_bench``, L2 flushed between runs) plus the wall time per call from Python,
 launches included.
 
-Targets (issue 3): CPU fused within 1.2x of the bare GEMM and >= 2x faster than the reference at
-R >= 8 on (576, 49152); GPU >= 85% of HBM roofline at R <= 64 and >= 1.5x the reference at R = 256.
+Targets: CPU fused within 1.2x of the bare GEMM and >= 2x faster than the reference at R >= 8 on
+(576, 49152); GPU >= 85% of HBM roofline at R <= 64 and >= 1.5x the reference at R = 256.
 
     python bench/bench_exit_head.py [--quick] [--reps N] [--shapes 576x49152,4096x32000] [--dtypes fp32,bf16]
                                     [--norm rms_offset] [--softcap 30]
+
+A full run appends its rows to bench/results/bench_exit_head.csv; ``--quick`` writes build/bench/
+(``harness.output_dir``), ``--no-record`` writes nothing.
 """
 
 from __future__ import annotations
@@ -34,22 +38,19 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from record import append_rows
+from harness import DTYPES, Timing, append_rows, device_time, interleaved, wall_ms_per_call
 
 from adainfer_kernels import ReadoutHead, StopRule, exit_head
 from adainfer_kernels.exit_head import _exit_head_cpu, cpu_impl
 from adainfer_kernels.reference import exit_head_ref
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CLS = StopRule(w_top_prob=1.0, w_gap=2.0, offset=-1.5)
+STOP_RULE = StopRule(w_top_prob=1.0, w_gap=2.0, offset=-1.5)
 FULL_SHAPES = [(576, 49152), (4096, 32000), (4096, 128256)]
 ROWS = [1, 8, 64, 256]
 
@@ -75,34 +76,21 @@ def providers(head: ReadoutHead, hidden: torch.Tensor, fallback: bool = True) ->
     w = head.weight
     x = hidden
     out: dict[str, Callable[[], object]] = {
-        "reference": lambda: exit_head_ref(hidden, head, CLS, upcast=False),
+        "reference": lambda: exit_head_ref(hidden, head, STOP_RULE, upcast=False),
         "gemm": lambda: x @ w.t(),
     }
     if hidden.device.type == "cpu":
         wt = w.t().contiguous()
         out["gemm_t"] = lambda: x @ wt
-        out["fused"] = lambda: exit_head(hidden, head, CLS)
+        out["fused"] = lambda: exit_head(hidden, head, STOP_RULE)
         if fallback:
-            out["fused_torch"] = lambda: _exit_head_cpu(hidden, head, CLS, impl="torch")
+            out["fused_torch"] = lambda: _exit_head_cpu(hidden, head, STOP_RULE, impl="torch")
     else:
-        out["fused"] = lambda: exit_head(hidden, head, CLS)
+        out["fused"] = lambda: exit_head(hidden, head, STOP_RULE)
     if head.logit_softcap is not None:
         plain = ReadoutHead(**{**head.__dict__, "logit_softcap": None})
-        out["fused_nocap"] = lambda: exit_head(hidden, plain, CLS)
+        out["fused_nocap"] = lambda: exit_head(hidden, plain, STOP_RULE)
     return out
-
-
-def _interleaved_cpu(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():  # warm-up: packs the fused path's weight, JIT, allocator
-        fn()
-        fn()
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 def _peak_extra_cpu(fn: Callable[[], object]) -> float:
@@ -142,12 +130,6 @@ def _peak_extra_cuda(fn: Callable[[], object]) -> float:
     return float(torch.cuda.max_memory_allocated() - base)
 
 
-def _quantiles(ts: list[float]) -> tuple[float, float, float, float]:
-    ts = sorted(ts)
-    q = statistics.quantiles(ts, n=5) if len(ts) >= 5 else [ts[0]] * 4
-    return statistics.median(ts), q[0], q[3], ts[0]
-
-
 def bench_case(
     d: int,
     n_vocab: int,
@@ -169,27 +151,20 @@ def bench_case(
     rows = []
     w_bytes = head.weight.numel() * head.weight.element_size()
     with torch.inference_mode():
+        stats: dict[str, Timing]
         if device == "cpu":
-            times = _interleaved_cpu(fns, reps)
-            stats = {k: _quantiles(v) for k, v in times.items()}
+            # two warm-up calls: the first packs the fused path's weight (and JITs, sizes the allocator)
+            stats = interleaved(fns, reps, warmup=2, device=device)
             peaks = {k: _peak_extra_cpu(fn) for k, fn in fns.items()}
             wall = {}
         else:
-            import triton.testing
-
-            stats, wall = {}, {}
-            for k, fn in fns.items():
-                lo, med, hi, best = triton.testing.do_bench(fn, quantiles=[0.2, 0.5, 0.8, 0.0], rep=max(20, 10 * reps))
-                stats[k] = (med, lo, hi, best)
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    fn()
-                torch.cuda.synchronize()
-                wall[k] = (time.perf_counter() - t0) * 1e3 / reps
+            stats = {k: device_time(fn, reps) for k, fn in fns.items()}
+            wall = {k: wall_ms_per_call(fn, reps, device) for k, fn in fns.items()}
             peaks = {k: _peak_extra_cuda(fn) for k, fn in fns.items()}
-    floor = min(stats[k][0] for k in ("gemm", "gemm_t") if k in stats)
-    floor_min = min(stats[k][3] for k in ("gemm", "gemm_t") if k in stats)
-    for name, (med, p20, p80, best) in stats.items():
+    floor = min(stats[k].median for k in ("gemm", "gemm_t") if k in stats)
+    floor_min = min(stats[k].min for k in ("gemm", "gemm_t") if k in stats)
+    for name, t in stats.items():
+        med, best = t.median, t.min
         gbs = w_bytes / (med * 1e-3) / 1e9
         row = {
             "op": op_label(head),
@@ -199,18 +174,16 @@ def bench_case(
             "d": d,
             "V": n_vocab,
             "R": n_rows,
-            "median_ms": round(med, 4),
-            "p20_ms": round(p20, 4),
-            "p80_ms": round(p80, 4),
+            **t.columns(digits=4),
             "min_ms": round(best, 4),
             "wall_ms": round(wall[name], 4) if name in wall else "",
             "w_gbs": round(gbs, 1),
             "hbm_roofline_frac": round(gbs / hbm_gbs, 3) if device != "cpu" else "",
-            "speedup_vs_reference": round(stats["reference"][0] / med, 2),
+            "speedup_vs_reference": round(stats["reference"].median / med, 2),
             "ratio_vs_gemm_floor": round(med / floor, 2),
             # The same ratios from the fastest run of each: on a shared, loaded machine the least
             # disturbed runs compare the code, the medians also compare the load.
-            "speedup_vs_reference_min": round(stats["reference"][3] / best, 2),
+            "speedup_vs_reference_min": round(stats["reference"].min / best, 2),
             "ratio_vs_gemm_floor_min": round(best / floor_min, 2),
             "peak_extra_mb": round(peaks[name] / 2**20, 2),
         }
@@ -250,7 +223,9 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="(576, 49152) only, R in {1, 8, 64}, 5 reps")
+    p.add_argument(
+        "--quick", action="store_true", help="(576, 49152) only, R in {1, 8, 64}, 5 reps; rows to build/bench"
+    )
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--shapes", default=None, help="comma-separated dxV, e.g. 576x49152,4096x32000")
     p.add_argument("--dtypes", default=None, help="comma-separated: fp32, fp16, bf16")
@@ -266,7 +241,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     p.add_argument("--norm", choices=("rms", "rms_offset"), default="rms", help="the head's norm (rms_offset: Gemma)")
     p.add_argument("--softcap", type=float, default=None, help="final-logit soft-cap (Gemma2: 30); adds fused_nocap")
-    p.add_argument("--no-record", action="store_true", help="do not append to bench/results/")
+    p.add_argument("--no-record", action="store_true", help="write no CSV")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -294,7 +269,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print_table([r for r in out if r["d"] == d and r["V"] == n_vocab and r["dtype"] == dt])
             print(flush=True)
     if not args.no_record:
-        path = append_rows("bench_exit_head", out)
+        path = append_rows("bench_exit_head", out, record=not quick)
         print(f"appended {len(out)} rows to {path}")
     return out
 

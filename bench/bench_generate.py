@@ -24,9 +24,18 @@ the prompt (cache on, last position's logits). The ideal of each run comes from 
     python bench/bench_generate.py                      # the CPU grid (the GPU grid: --grid gpu)
     python bench/bench_generate.py --batches 8 32 --prompt-lens 256 --new-tokens 32
     python bench/bench_generate.py --plot bench/results/bench_generate.csv   # plot a CSV
+    python bench/bench_generate.py --weights random     # no bundled model: its shape, random weights
 
-Rows go to bench/results/bench_generate.csv (with machine, versions and git sha); ``--label``
+Each configuration's runs are timed with ``harness.interleaved`` (round robin, one warm-up each,
+median / p20 / p80 of ``--reps``). Rows go to bench/results/bench_generate.csv (with machine,
+versions and git sha; ``--quick``, the small grid ``make bench`` runs: build/bench); ``--label``
 tags a run (e.g. before / after a change), and the plot draws one line per label and pattern.
+
+``--weights random`` (``auto``: when the bundled model or corpus is not installed, as on a lent GPU
+whose working tree cannot carry the 98 MB model) builds SmolLM2-135M's architecture from its config
+with random weights and feeds random token ids: the rows say ``weights=random``. Forced exit patterns
+make the same layers run whatever the weights, so the timings and the cost-model ratios keep their
+meaning; only the tokens generated are noise. ``--classifier`` needs the bundled model.
 """
 
 from __future__ import annotations
@@ -44,14 +53,32 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cost_model import StepCosts, active_rows, measure
+from harness import append_rows, dtype_name, interleaved, sync
 from inputs import bundled_tweets
-from record import RESULTS_DIR, append_rows, sync
 
+# The bundled SmolLM2-135M-Instruct's architecture (its config.json, as transformers reads the GGUF).
+SMOLLM2_135M = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+}
 GRIDS = {
     # 2 CPU cores: prefill of 128 x 1024 tokens alone would take minutes, so the CPU grid keeps the
-    # product batch x prompt small; the GPU grid is the issue's.
+    # product batch x prompt small; the GPU grid runs every batch at every prompt length.
     "cpu": {"batches": (1, 8, 32, 128), "prompt_lens": {1: 256, 8: 256, 32: 256, 128: 64}, "new_tokens": 32},
     "gpu": {"batches": (1, 8, 32, 128), "prompt_lens": (64, 256, 1024), "new_tokens": 128},
+    "quick": {"batches": (2,), "prompt_lens": (32,), "new_tokens": 4},
 }
 
 
@@ -74,6 +101,38 @@ class StepClock:
         if len(self.stamps) < 3:
             raise RuntimeError("need at least 2 new tokens to time decode")
         return (self.stamps[-1] - self.stamps[1]) / (len(self.stamps) - 2)
+
+
+def random_prompts(vocab_size: int, n: int, tokens: int) -> dict[str, torch.Tensor]:
+    """``n`` rows of ``tokens`` random token ids (ids 3.. of the vocabulary: no special token)."""
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, vocab_size, (n, tokens), generator=g)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def random_weights_model(device: str, dtype: torch.dtype):
+    """SmolLM2-135M's architecture (``SMOLLM2_135M``) with random weights (seeded), eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(SMOLLM2_135M)
+    rope = {"rope_type": "default", "rope_theta": cfg.pop("rope_theta")}
+    config = LlamaConfig(**cfg, rope_parameters=rope)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def bundled_available() -> bool:
+    """Whether the bundled model and tweet corpus are installed (the real-weights runs need both)."""
+    from adainfer.app.loading import bundled_model_dir
+
+    try:
+        bundled_model_dir()
+        bundled_tweets()
+    except (FileNotFoundError, ImportError, ModuleNotFoundError):
+        return False
+    return True
 
 
 def real_prompts(tokenizer, n: int, tokens: int) -> dict[str, torch.Tensor]:
@@ -111,13 +170,20 @@ def _reset_peak(device: torch.device) -> None:
 
 
 class Runs:
-    """One (batch, prompt) configuration: prompts, the prompt cache, and one callable per run."""
+    """One (batch, prompt) configuration: prompts, the prompt cache, and one callable per run.
+
+    ``tok`` None: random token ids (a random-weights model)."""
 
     def __init__(self, model, tok, batch: int, prompt_len: int, new_tokens: int, cache: str = "dynamic") -> None:
         self.model, self.tok = model, tok
         self.device = next(model.parameters()).device
         self.batch, self.prompt_len, self.new_tokens = batch, prompt_len, new_tokens
-        enc = real_prompts(tok, batch, prompt_len)
+        if tok is None:
+            enc = random_prompts(model.config.vocab_size, batch, prompt_len)
+            self.pad_token_id = model.config.pad_token_id
+        else:
+            enc = real_prompts(tok, batch, prompt_len)
+            self.pad_token_id = tok.pad_token_id or tok.eos_token_id
         self.enc = {k: v.to(self.device) for k, v in enc.items()}
         kwargs = {}
         if cache == "static":  # preallocated for the whole generation: updates write in place, nothing is copied
@@ -162,7 +228,7 @@ class Runs:
                     min_new_tokens=self.new_tokens,
                     do_sample=False,
                     streamer=clock,
-                    pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id,
+                    pad_token_id=self.pad_token_id,
                 )
                 self.memory[name] = _peak_memory(self.device)
                 if handle is not None:
@@ -186,15 +252,13 @@ class Runs:
         return fn
 
 
-def interleaved(fns: dict, reps: int) -> dict[str, float]:
-    """Median of ``reps`` round-robin runs (each rep runs every callable once, after one warm-up each)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(reps):
-        for name, fn in fns.items():
-            times[name].append(fn())
-    return {k: statistics.median(v) for k, v in times.items()}
+def time_runs(fns: dict, reps: int):
+    """``harness.interleaved`` over callables that return their own seconds (one warm-up each)."""
+    return interleaved(fns, reps, warmup=1, self_timed=True)
+
+
+def _seconds(timings) -> dict[str, float]:
+    return {k: t.median / 1e3 for k, t in timings.items()}
 
 
 def ideal_step_s(costs: StepCosts, full_s: float, batch: int, num_layers: int, exit_layers, checked=()) -> float:
@@ -208,6 +272,7 @@ def run_config(model, tok, batch: int, prompt_len: int, args, label: str) -> lis
     from adainfer import ForcedExits
 
     num_layers = model.config.num_hidden_layers
+    model_columns = {"dtype": dtype_name(next(model.parameters()).dtype), "weights": args.weights}
     runs = Runs(model, tok, batch, prompt_len, args.new_tokens, args.cache)
     pats = patterns(batch, num_layers, args.k)
     if batch == 1:  # one row: half and staggered are the same as all@K or no exit at all
@@ -221,8 +286,9 @@ def run_config(model, tok, batch: int, prompt_len: int, args, label: str) -> lis
             if args.prefill and mode == "compact":  # mask mode's prefill is the full model's work
                 prefill_fns[key] = runs.prefill(key, ForcedExits(exits), mode)
     t0 = time.perf_counter()
-    decode = interleaved(decode_fns, args.reps)
-    prefill = interleaved(prefill_fns, args.prefill_reps) if args.prefill else {}
+    decode_t = time_runs(decode_fns, args.reps)
+    prefill_t = time_runs(prefill_fns, args.prefill_reps) if args.prefill else {}
+    decode, prefill = _seconds(decode_t), _seconds(prefill_t)
     t_ctx = prompt_len + args.new_tokens // 2
     costs_decode = measure(model, batch, t=t_ctx, new=1)
     costs_prefill = measure(model, batch, t=0, new=prompt_len, reps=3, warmup=1) if args.prefill else None
@@ -241,7 +307,8 @@ def run_config(model, tok, batch: int, prompt_len: int, args, label: str) -> lis
             "new_tokens": args.new_tokens,
             "pattern": pname,
             "provider": mode,
-            "ms": round(step_s * 1e3, 3),
+            **model_columns,
+            **decode_t[key].columns(digits=3),
             "tokens_per_s": round(batch / step_s, 1),
             "saving": round(1 - step_s / decode["full"], 4),
             "ideal_ms": round(ideal * 1e3, 3),
@@ -267,7 +334,8 @@ def run_config(model, tok, batch: int, prompt_len: int, args, label: str) -> lis
                 "new_tokens": 0,
                 "pattern": pname,
                 "provider": mode,
-                "ms": round(s * 1e3, 3),
+                **model_columns,
+                **prefill_t[key].columns(digits=3),
                 "tokens_per_s": round(batch * prompt_len / s, 1),
                 "saving": round(1 - s / prefill["full"], 4),
                 "ideal_ms": round(ideal * 1e3, 3),
@@ -293,6 +361,7 @@ def run_config(model, tok, batch: int, prompt_len: int, args, label: str) -> lis
                     "phase": phase,
                     "batch": batch,
                     "prompt": prompt_len,
+                    **model_columns,
                     "rows": r,
                     "context": costs.t,
                     "layer_ms": round(costs.layer[r] * 1e3, 4),
@@ -311,13 +380,17 @@ def run_config(model, tok, batch: int, prompt_len: int, args, label: str) -> lis
             for r in sorted(costs_decode.layer)
         )
     )
-    print(f"\nbatch {batch} x {prompt_len} tokens, {args.new_tokens} new ({elapsed:.0f} s, median of {args.reps})")
+    weights = " (RANDOM WEIGHTS, random token ids)" if args.weights == "random" else ""
+    print(
+        f"\nbatch {batch} x {prompt_len} tokens, {args.new_tokens} new ({elapsed:.0f} s, median of {args.reps})"
+        + weights
+    )
     print(f"{'phase':<8}{'pattern':<11}{'provider':<9}{'ms':>9}{'tok/s':>9}{'saving':>8}{'ideal':>8}{'of ideal':>9}")
     for r in rows:
         if r["bench"] != "generate":
             continue
         print(
-            f"{r['phase']:<8}{r['pattern']:<11}{r['provider']:<9}{r['ms']:9.2f}{r['tokens_per_s']:9.1f}"
+            f"{r['phase']:<8}{r['pattern']:<11}{r['provider']:<9}{r['median_ms']:9.2f}{r['tokens_per_s']:9.1f}"
             f"{r['saving']:8.1%}{r['ideal_saving']:8.1%}{r['of_ideal']:9.1%}"
         )
     return rows
@@ -345,12 +418,13 @@ def classifier_rows(model, tok, runs: Runs, batch: int, args, label: str) -> lis
         ).past_key_values
     full_fn = runs.decode("clf_full", enc=enc, cache=cache)
     fn = runs.decode("classifier", ClassifierPolicy(clf), "compact", enc=enc, cache=cache)
-    times = interleaved({"full": full_fn, "compact": fn}, args.reps)
+    timings = time_runs({"full": full_fn, "compact": fn}, args.reps)
+    times = _seconds(timings)
     num_layers = model.config.num_hidden_layers
     policy = ClassifierPolicy(clf)
-    head, score = policy.head_and_rule(min(policy.layers_to_check(num_layers)), lens_head(model))
+    head, stop_rule = policy.head_and_rule(min(policy.layers_to_check(num_layers)), lens_head(model))
     t_ctx = enc["input_ids"].shape[1] + args.new_tokens // 2
-    costs = measure(model, batch, t=t_ctx, new=1, exit_head=head, score=score)
+    costs = measure(model, batch, t=t_ctx, new=1, head=head, stop_rule=stop_rule)
     steps = runs.stats["classifier"][1:]  # the decode steps (the first call is the last prompt token)
     checked = sorted(policy.layers_to_check(num_layers))
     ideal = []
@@ -371,7 +445,9 @@ def classifier_rows(model, tok, runs: Runs, batch: int, args, label: str) -> lis
             "new_tokens": args.new_tokens,
             "pattern": "classifier",
             "provider": prov,
-            "ms": round(s * 1e3, 3),
+            "dtype": dtype_name(next(model.parameters()).dtype),
+            "weights": args.weights,
+            **timings[prov].columns(digits=3),
             "tokens_per_s": round(batch / s, 1),
             "saving": round(1 - s / times["full"], 4),
             "ideal_ms": round((ideal_s if prov == "compact" else s) * 1e3, 3),
@@ -494,9 +570,10 @@ def memory_rows(batch: int, prompt_len: int, new_tokens: int, label: str) -> lis
 
 
 def test_bench_generate_quick(tmp_path, monkeypatch):
-    """`make bench` runs a small grid (batch 2 x 32 tokens, 4 new); `python bench/bench_generate.py` the full one."""
+    """`make bench` runs the quick grid (batch 2 x 32 tokens, 4 new, one repetition; rows to build/bench);
+    `python bench/bench_generate.py` the full one."""
     monkeypatch.setenv("ADAINFER_BENCH_DIR", str(tmp_path))
-    main(["--batches", "2", "--prompt-lens", "32", "--new-tokens", "4", "--reps", "1", "--prefill-reps", "1"])
+    main(["--quick"])
     import csv
 
     with (tmp_path / "bench_generate.csv").open(newline="") as f:
@@ -506,19 +583,23 @@ def test_bench_generate_quick(tmp_path, monkeypatch):
         ("decode", "compact"),
         ("prefill", "compact"),
     }
+    assert {r["weights"] for r in rows} == {"bundled"} and all(float(r["median_ms"]) > 0 for r in rows)
     assert (tmp_path / "bench_generate.png").exists()
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", choices=sorted(GRIDS), default=None, help="a preset grid (default: cpu, or gpu)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the small grid, 1 repetition (`make bench`); rows to build/bench"
+    )
     parser.add_argument("--batches", type=int, nargs="+")
     parser.add_argument("--prompt-lens", type=int, nargs="+")
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--k", type=int, default=10, help="the exit layer of the all@K and half@K patterns")
     parser.add_argument("--modes", nargs="+", default=["compact", "mask"], choices=["compact", "mask"])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--prefill-reps", type=int, default=2, help="round-robin repetitions of the prefill runs")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions of the decode runs (3)")
+    parser.add_argument("--prefill-reps", type=int, default=None, help="repetitions of the prefill runs (2)")
     parser.add_argument("--no-prefill", dest="prefill", action="store_false")
     parser.add_argument("--classifier", help="a calibrated classifier file: adds its decode row")
     parser.add_argument(
@@ -527,9 +608,16 @@ def main(argv=None) -> None:
         default="dynamic",
         help="the generation's cache (static: preallocated; the cost model always times DynamicCache parts)",
     )
+    parser.add_argument(
+        "--weights",
+        choices=["bundled", "random", "auto"],
+        default="bundled",
+        help="the bundled model, or its architecture with random weights (auto: random when it is not installed)",
+    )
     parser.add_argument("--label", default="current", help="tags the rows of this run (before / after)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--plot", type=Path, help="only draw the plot of this CSV")
+    parser.add_argument("--no-plot", action="store_true", help="do not draw the plot next to the CSV")
     parser.add_argument(
         "--memory", type=int, nargs=3, metavar=("BATCH", "PROMPT", "NEW"), help="only measure peak memory (CPU)"
     )
@@ -540,20 +628,29 @@ def main(argv=None) -> None:
         memory_child(int(b), int(p), int(n), pattern, mode)
         return
     if args.memory:
-        print(append_rows("bench_generate", memory_rows(*args.memory, args.label)))
+        print(append_rows("bench_generate", memory_rows(*args.memory, args.label), record=True))
         return
     if args.plot:
         print(plot(args.plot, args.plot.with_suffix(".png")))
         return
-    grid = GRIDS[args.grid or ("gpu" if args.device == "cuda" else "cpu")]
+    grid = GRIDS["quick" if args.quick else args.grid or ("gpu" if args.device == "cuda" else "cpu")]
     batches = args.batches or grid["batches"]
     args.new_tokens = args.new_tokens or grid["new_tokens"]
-    from adainfer.app.loading import load_bundled
+    args.reps = args.reps or (1 if args.quick else 3)
+    args.prefill_reps = args.prefill_reps or (1 if args.quick else 2)
+    if args.weights == "auto":
+        args.weights = "bundled" if bundled_available() else "random"
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    if args.weights == "random":
+        if args.classifier:
+            parser.error("--classifier needs the bundled model (--weights bundled)")
+        print("SmolLM2-135M architecture with RANDOM WEIGHTS and random token ids (the bundled model is not used)")
+        model, tok = random_weights_model(args.device, dtype), None
+    else:
+        from adainfer.app.loading import load_bundled
 
-    loaded = load_bundled()
-    model, tok = loaded.model.to(args.device), loaded.tokenizer
-    if args.device == "cuda":
-        model = model.to(torch.bfloat16)
+        loaded = load_bundled()
+        model, tok = loaded.model.to(device=args.device, dtype=dtype), loaded.tokenizer
     path = None
     for batch in batches:
         lens = args.prompt_lens or (
@@ -561,9 +658,10 @@ def main(argv=None) -> None:
         )
         for prompt_len in [lens] if isinstance(lens, int) else lens:
             # appended per configuration: a run cut short by a time limit keeps what it measured
-            path = append_rows("bench_generate", run_config(model, tok, batch, prompt_len, args, args.label))
+            rows = run_config(model, tok, batch, prompt_len, args, args.label)
+            path = append_rows("bench_generate", rows, record=not args.quick)
     print(f"\nrows appended to {path}")
-    if str(path).startswith(str(RESULTS_DIR)) or os.environ.get("ADAINFER_BENCH_DIR"):
+    if not args.no_plot:
         print(plot(path, path.with_suffix(".png")))
 
 

@@ -10,24 +10,25 @@ pattern (half the rows stop at layer 10, the rest run all 30 layers), side by si
 ideal saving = 1 - (rows x layers run) / (B x L); realised = 1 - t(provider) / t(full).
 Target: compact realises >= 90% of the ideal; mask ~0. Also one exit check's cost as a fraction
 of one decoder layer on the same rows (full vocabulary and a 2-token label subset), in prefill
-(the prompt) and decode (one token).
+(the prompt) and decode (one token). Timing through ``harness`` (interleaved, warm-up excluded).
 
     python bench/bench_runtime.py [--quick] [--reps N]
+
+A full run appends its rows to bench/results/runtime.csv; ``--quick`` (batch 8 x 64 tokens, what
+``make bench`` runs) writes build/bench/runtime.csv (``harness.output_dir``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import RESULTS_DIR, append_rows, dtype_name, interleaved, time_fn
 from inputs import bundled_tweets
-from record import append_rows, time_fn
 
 
 def real_prompts(tokenizer, n: int, target_tokens: int) -> list[str]:
@@ -43,19 +44,6 @@ def real_prompts(tokenizer, n: int, target_tokens: int) -> list[str]:
     return prompts
 
 
-def _interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
-    """Round-robin timing (each rep runs every provider once) so load on a shared machine hits all alike."""
-    times = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 @torch.inference_mode()
 def run(quick: bool = False, reps: int = 5) -> list[dict]:
     import adainfer
@@ -67,6 +55,7 @@ def run(quick: bool = False, reps: int = 5) -> list[dict]:
 
     loaded = load_bundled()
     model, tok = loaded.model, loaded.tokenizer
+    dtype = dtype_name(next(model.parameters()).dtype)
     batch_size, tokens = (8, 64) if quick else (32, 200)
     prompts = real_prompts(tok, batch_size, tokens)
     batch = tok(prompts, return_tensors="pt", padding=True)
@@ -91,8 +80,8 @@ def run(quick: bool = False, reps: int = 5) -> list[dict]:
                 h.remove()
 
         fns[mode] = fn
-    times = _interleaved(fns, reps)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times = interleaved(fns, reps, warmup=1)
+    med = {k: t.median / 1e3 for k, t in times.items()}  # seconds
     rows = []
     print(
         f"\nSmolLM2-135M, batch {batch_size} x {batch['input_ids'].shape[1]} tokens, "
@@ -100,17 +89,18 @@ def run(quick: bool = False, reps: int = 5) -> list[dict]:
     )
     print(f"{'provider':<9} {'median s':>9} {'p20 s':>8} {'p80 s':>8} {'saving':>8} {'of ideal':>9}")
     for name in fns:
-        q = statistics.quantiles(times[name], n=5) if reps >= 5 else [min(times[name])] * 4
+        t = times[name]
         saving = 1 - med[name] / med["full"]
         of_ideal = saving / ideal if name != "full" else float("nan")
-        print(f"{name:<9} {med[name]:9.3f} {q[0]:8.3f} {q[3]:8.3f} {saving:8.1%} {of_ideal:9.1%}")
+        print(f"{name:<9} {med[name]:9.3f} {t.p20 / 1e3:8.3f} {t.p80 / 1e3:8.3f} {saving:8.1%} {of_ideal:9.1%}")
         rows.append(
             {
                 "bench": "runtime",
                 "provider": name,
+                "dtype": dtype,
                 "batch": batch_size,
                 "tokens": batch["input_ids"].shape[1],
-                "median_s": round(med[name], 4),
+                **t.columns(digits=3),
                 "saving": round(saving, 4),
                 "ideal_saving": round(ideal, 4),
                 "fraction_of_ideal": round(of_ideal, 4),
@@ -129,7 +119,7 @@ def run(quick: bool = False, reps: int = 5) -> list[dict]:
     head_labels = lens_head(model, vocab_subset=[ids[0] for ids in label_ids])
     from adainfer_kernels.head import StopRule
 
-    score = StopRule(1.0, 1.0, -1.0)
+    stop_rule = StopRule(1.0, 1.0, -1.0)
     last = hidden[:, -1].contiguous()
     t_prefill = time_fn(lambda: layer(hidden, attention_mask=None, position_embeddings=rope, position_ids=pos), 2, 5)
     t_decode = time_fn(
@@ -142,43 +132,47 @@ def run(quick: bool = False, reps: int = 5) -> list[dict]:
         3,
         20,
     )
-    t_full = time_fn(lambda: exit_head(last, head_full, score), 3, 20)
-    t_labels = time_fn(lambda: exit_head(last, head_labels, score), 3, 20)
+    t_full = time_fn(lambda: exit_head(last, head_full, stop_rule), 3, 20)
+    t_labels = time_fn(lambda: exit_head(last, head_labels, stop_rule), 3, 20)
     print(
         f"\none exit check on {batch_size} rows vs one decoder layer "
         f"(prefill {hidden.shape[1]} tokens / decode 1 token):"
     )
     for name, t in (("full vocab", t_full), ("2 label tokens", t_labels)):
         print(
-            f"  {name:<15} {t['median_ms']:8.3f} ms = "
-            f"{t['median_ms'] / t_prefill['median_ms']:7.2%} of a prefill layer "
-            f"({t_prefill['median_ms']:.2f} ms), {t['median_ms'] / t_decode['median_ms']:7.1%} of a decode layer "
-            f"({t_decode['median_ms']:.3f} ms)"
+            f"  {name:<15} {t.median:8.3f} ms = "
+            f"{t.median / t_prefill.median:7.2%} of a prefill layer "
+            f"({t_prefill.median:.2f} ms), {t.median / t_decode.median:7.1%} of a decode layer "
+            f"({t_decode.median:.3f} ms)"
         )
         rows.append(
             {
                 "bench": "check_cost",
                 "provider": name,
+                "dtype": dtype,
                 "batch": batch_size,
                 "tokens": hidden.shape[1],
-                "median_s": round(t["median_ms"] / 1e3, 6),
-                "fraction_of_prefill_layer": round(t["median_ms"] / t_prefill["median_ms"], 4),
-                "fraction_of_decode_layer": round(t["median_ms"] / t_decode["median_ms"], 4),
+                **t.columns(digits=4),
+                "fraction_of_prefill_layer": round(t.median / t_prefill.median, 4),
+                "fraction_of_decode_layer": round(t.median / t_decode.median, 4),
             }
         )
-    append_rows("runtime", rows)
+    append_rows("runtime", rows, record=not quick)
     return rows
 
 
 def test_bench_runtime_quick():
-    """`make bench` runs a quick version; `python bench/bench_runtime.py` the full one."""
+    """`make bench` runs a quick version (rows to build/bench); `python bench/bench_runtime.py` the full one."""
+    record = RESULTS_DIR / "runtime.csv"
+    before = record.read_bytes() if record.exists() else None
     rows = run(quick=True, reps=3)
     assert {r["provider"] for r in rows} >= {"full", "compact", "mask"}
+    assert (record.read_bytes() if record.exists() else None) == before, "a quick run wrote the committed record"
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="batch 8 x 64 tokens")
+    parser.add_argument("--quick", action="store_true", help="batch 8 x 64 tokens; rows to build/bench")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     run(args.quick, args.reps)

@@ -9,8 +9,9 @@ machine, at the same context length:
     check(r)      one exit check (the fused exit head) on r rows; only policies that read signals
     head(r)       the model's final norm + LM head on r rows (every step pays it once)
 
-Every part is timed cold (a 64 MiB buffer is written before each call: in the model, a layer's
-weights and K/V history were evicted by the other layers since its last step). A layer timed alone
+Every part is timed cold (``harness.time_fn(cold=True)``: a buffer larger than the last-level cache
+is written before each call, since in the model a layer's weights and K/V history were evicted by
+the other layers since its last step). A layer timed alone
 still does not cost exactly what it costs inside the model (caches, other layers'
 weights, the embedding and sampling around them), so the layer and fill costs are scaled by one
 factor per configuration, kappa = (full step - head(B)) / (L x layer(B, t)), which makes the model
@@ -29,39 +30,17 @@ from __future__ import annotations
 
 import bisect
 import inspect
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from record import sync
-
-_FLUSH: dict[str, torch.Tensor] = {}
-
-
-def _flush_caches(device: torch.device) -> None:
-    """Write a buffer larger than the last-level cache: inside the model a layer's weights and its
-    K/V history were evicted by the other layers since its last step, so a part timed alone must
-    start cold too (else it reads from cache what the model reads from memory)."""
-    buf = _FLUSH.get(str(device))
-    if buf is None:
-        buf = _FLUSH[str(device)] = torch.empty(64 * 2**20 if device.type == "cpu" else 512 * 2**20, device=device)
-    buf.fill_(1.0)
-    sync(device)
+from harness import time_fn
 
 
 def _median_s(fn: Callable[[], object], warmup: int, reps: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        _flush_caches(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``fn`` timed cold: a part timed alone must not read from cache what the
+    model reads from memory."""
+    return time_fn(fn, warmup=warmup, reps=reps, device=device, cold=True).median / 1e3
 
 
 def _interp(points: dict[int, float], r: float) -> float:
@@ -142,12 +121,13 @@ def _row_counts(batch: int) -> list[int]:
 
 @torch.inference_mode()
 def measure(
-    model, batch: int, t: int, new: int, exit_head=None, score=None, reps: int = 7, warmup: int = 2
+    model, batch: int, t: int, new: int, head=None, stop_rule=None, reps: int = 7, warmup: int = 2
 ) -> StepCosts:
     """Time the parts of a step of ``model`` (a patched-family causal LM) at ``batch`` rows.
 
     ``new`` positions per row (1: decode; the prompt length: prefill with ``t`` = 0), ``t`` cached
-    positions before them. ``exit_head`` (an ``ReadoutHead``) and ``score`` time the check too.
+    positions before them. ``head`` (a ``ReadoutHead``) and ``stop_rule`` (a ``StopRule`` or None)
+    time the exit check too.
     """
     from adainfer.models import family_for
 
@@ -165,11 +145,11 @@ def measure(
     gen = torch.Generator(device="cpu").manual_seed(0)
     parts = dict(model=model, family=family, decoder=decoder, layer=layers[idx], idx=idx, dims=(d, kv_heads, head_dim))
     for r in _row_counts(batch):
-        _measure_rows(costs, r, t, new, gen, parts, exit_head, score, reps, warmup, run_exit_head)
+        _measure_rows(costs, r, t, new, gen, parts, head, stop_rule, reps, warmup, run_exit_head)
     return costs
 
 
-def _measure_rows(costs: StepCosts, r, t, new, gen, parts, exit_head, score, reps, warmup, run_exit_head) -> None:
+def _measure_rows(costs: StepCosts, r, t, new, gen, parts, head, stop_rule, reps, warmup, run_exit_head) -> None:
     from transformers import DynamicCache
 
     model, family, decoder, layer, idx = (parts[k] for k in ("model", "family", "decoder", "layer", "idx"))
@@ -212,6 +192,6 @@ def _measure_rows(costs: StepCosts, r, t, new, gen, parts, exit_head, score, rep
     norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layer_norm", None)
     lm_head = model.get_output_embeddings()
     costs.head[r] = _median_s(lambda: lm_head(norm(last) if norm is not None else last), warmup, reps, device)
-    if exit_head is not None:
+    if head is not None:
         rows = last[:, 0].contiguous()
-        costs.check[r] = _median_s(lambda: run_exit_head(rows, exit_head, score), warmup, reps, device)
+        costs.check[r] = _median_s(lambda: run_exit_head(rows, head, stop_rule), warmup, reps, device)

@@ -1,4 +1,4 @@
-"""Real benchmark inputs: the texts of the bundled tweet corpus (``adainfer.app.tasks``)."""
+"""Real benchmark inputs: the texts of the bundled tweet corpus (``adainfer.app.datasets``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import functools
 @functools.cache
 def bundled_tweets() -> tuple[str, ...]:
     """Every tweet of the bundled corpus, in file order."""
-    from adainfer.app.tasks import tweet_csv_path
+    from adainfer.app.datasets import tweet_csv_path
 
     with tweet_csv_path().open(encoding="latin-1", newline="") as f:
         return tuple(row["text"] for row in csv.DictReader(f))

@@ -10,7 +10,8 @@
    prompt (``adainfer.classify``, full-depth answers label-bias corrected).
 3. Runs ``adainfer-lm-eval --model adainfer --model_args pretrained=...,classifier=...,
    correct_full_depth=True,wallclock_baseline=True --tasks <name> --include_path DIR/task``.
-4. Prints both side by side and writes ``DIR/parity.md``.
+4. Prints both side by side and writes ``DIR/parity.md``, headed by the record's environment
+   (machine, torch / transformers versions, git sha, time: ``harness.environment``).
 
 Both commands run as subprocesses, as a user would run them; their output is kept in ``DIR``.
 """
@@ -19,11 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import environment
 
 TASK_NAME = "adainfer_parity"
 
@@ -68,7 +72,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from adainfer.app import cli
+    from adainfer.app import cli, workflow
     from adainfer.app.loading import load_model
     from adainfer.calibration.classifier import StopClassifier
 
@@ -80,7 +84,7 @@ def main() -> int:
         sizes["test"] = args.n_test
     eval_argv = ["eval", "--model", args.model, "--task", task_spec, "--classifier", args.classifier]
     ns = cli.build_parser().parse_args(eval_argv)
-    task, _ = cli._load_task(ns, sizes, stored)  # what `adainfer eval` evaluates
+    task, _ = workflow.load_task_from_args(ns, sizes, stored)  # what `adainfer eval` evaluates
     rendered = task.render(load_model(args.model).tokenizer)
     prompts, labels = rendered.prompts("test"), rendered.labels("test").tolist()
     _write_task(out / "task", prompts, labels, list(rendered.label_forms))
@@ -102,6 +106,7 @@ def main() -> int:
     n_layers = clf.n_layers
     runtime_exit = (1 - m["runtime_pruning_ratio"]) * n_layers
     acc = res["results"][TASK_NAME]["acc,none"]
+    env = environment()
     rows = [
         ("prompts", f"{m['runtime_prompts']}", f"{fig['contexts']} ({fig['requests']} requests)"),
         ("accuracy", f"{m['runtime_accuracy']:.4f}", f"{acc:.4f}"),
@@ -121,8 +126,9 @@ def main() -> int:
         "",
         f"classifier: `{args.classifier}` ({clf.method}, {clf.readout}, {clf.label_bias_estimator} bias, from layer "
         f"{clf.min_layer}); task `{task_spec}` test split; batch {args.batch_size}; "
-        f"{platform.machine()}, {res.get('config', {}).get('model_num_parameters', '?')} parameters, "
-        f"lm-eval {res.get('lm_eval_version', '?')}, {time.strftime('%Y-%m-%d %H:%M')}",
+        f"{env['device']}, {res.get('config', {}).get('model_num_parameters', '?')} parameters, "
+        f"torch {env['torch']}, transformers {env['transformers']}, lm-eval {res.get('lm_eval_version', '?')}, "
+        f"git {env['git']}, {env['time']}",
         "",
         "| | `adainfer eval` (runtime_*) | `adainfer-lm-eval --model adainfer` |",
         "|---|---|---|",
