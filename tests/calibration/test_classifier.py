@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from adainfer.calibration.classifier import ClassifierFileError, ModelIdentity, StopClassifier, fit_linear
+from adainfer.calibration.classifier import ClassifierFileError, ModelIdentity, StopClassifier
+from adainfer.calibration.linear_fit import fit_linear
 from adainfer.models import lens_head
 from adainfer.runtime.policy import ClassifierPolicy
 
@@ -152,6 +153,18 @@ def test_kernel_score_equals_the_numpy_decision():
     expected = clf.decision(top, gap, layer) - clf.threshold
     np.testing.assert_allclose(sig.score.numpy(), expected, rtol=1e-5, atol=1e-5)
     assert sig.argmax.tolist() == [ids[i] for i in p.argmax(1)]
+
+
+def test_save_creates_the_folder_and_load_classifier_reads_the_file_or_its_folder(tmp_path):
+    import adainfer
+
+    clf = _clf()
+    path = tmp_path / "new" / "folder" / "classifier.json"
+    clf.save(path)
+    assert adainfer.load_classifier(path) == clf
+    assert adainfer.load_classifier(path.parent) == clf
+    with pytest.raises(FileNotFoundError, match=r"classifier\.json"):
+        adainfer.load_classifier(tmp_path)  # a folder without classifier.json
 
 
 def test_json_round_trip_is_bit_exact(tmp_path):

@@ -16,7 +16,7 @@ from adainfer.calibration.features import (
 )
 from adainfer.models import lens_head
 
-from adainfer_kernels.reference import exit_head_ref, head_logits_ref
+from adainfer_kernels.reference import exit_head_ref
 
 PREFIX = "Classify.\nTweet: I love it\nSentiment: positive\nTweet: awful day\nSentiment: negative\n"
 SUFFIXES = [
@@ -79,33 +79,32 @@ def test_prefix_sharing_and_batching_do_not_change_the_features(tiny):
 
 @pytest.mark.slow
 def test_logit_lens_matches_the_models_own_decode(tiny):
-    """Layer k features = the exit head on the raw output of layer k; layer L = the model's logits."""
+    """Layer k < L features = the model's own modules (final norm, LM head) on layer k's raw output,
+    decoded by hand (softmax, top-2); layer L = the model's logits. Independent of the exit head: the
+    hidden states come from ``output_hidden_states``, the decode from ``model.model.norm`` and
+    ``model.lm_head``."""
     model, tok = tiny
     f = _collect(tiny, batch_size=5)
-    raw = {}
-    hooks = [
-        layer.register_forward_hook(lambda m, a, o, k=k: raw.__setitem__(k, o[0] if isinstance(o, tuple) else o))
-        for k, layer in enumerate(model.model.layers, start=1)
-    ]
-    try:
-        for i, s in enumerate(SUFFIXES):
-            with torch.inference_mode():
-                out = model(**tok(PREFIX + s, return_tensors="pt"))
-            label_head = lens_head(model, vocab_subset=torch.tensor(LABEL_IDS))
-            for k in range(1, 5):
-                z = head_logits_ref(raw[k][:, -1].detach(), label_head)[0].detach().numpy()
-                np.testing.assert_allclose(f.label_logits[i, k - 1], z, rtol=1e-4, atol=1e-4)
-            with torch.inference_mode():
-                sig = exit_head_ref(raw[2][:, -1], lens_head(model))
-            assert f.vocab_argmax[i, 1] == int(sig.argmax[0])
-            np.testing.assert_allclose(f.vocab_top_prob[i, 1], float(sig.top_prob[0]), rtol=1e-4)
+    n_layers = model.config.num_hidden_layers
+    labels = list(LABEL_IDS)
+    for i, s in enumerate(SUFFIXES):
+        with torch.inference_mode():
+            out = model(**tok(PREFIX + s, return_tensors="pt"), output_hidden_states=True)
+            assert len(out.hidden_states) == n_layers + 1
+            for k in range(1, n_layers):
+                logits = model.lm_head(model.model.norm(out.hidden_states[k][0, -1])).double()
+                np.testing.assert_allclose(f.label_logits[i, k - 1], logits[labels].numpy(), rtol=1e-4, atol=1e-4)
+                probs = torch.softmax(logits, dim=-1)
+                (p1, p2), (top_id, _) = probs.topk(2)
+                np.testing.assert_allclose(f.vocab_top_prob[i, k - 1], float(p1), rtol=1e-4, atol=1e-6)
+                np.testing.assert_allclose(f.vocab_gap[i, k - 1], float(p1 - p2), rtol=1e-4, atol=1e-6)
+                z1, z2 = logits.topk(2).values
+                if z1 - z2 > 1e-3:  # argmax is exact off near-ties
+                    assert f.vocab_argmax[i, k - 1] == int(top_id), (i, k)
             # the last layer is the model's own answer (its hidden state is not normed twice)
             logits = out.logits[0, -1]
-            np.testing.assert_allclose(f.label_logits[i, -1], logits[list(LABEL_IDS)].numpy(), rtol=1e-4, atol=1e-4)
-            assert f.vocab_argmax[i, -1] == int(logits.argmax())
-    finally:
-        for h in hooks:
-            h.remove()
+        np.testing.assert_allclose(f.label_logits[i, -1], logits[labels].numpy(), rtol=1e-4, atol=1e-4)
+        assert f.vocab_argmax[i, -1] == int(logits.argmax())
 
 
 @pytest.mark.slow

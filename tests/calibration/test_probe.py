@@ -1,4 +1,4 @@
-"""Probe exit heads (issue 10): per-layer probes of the hidden state, fitted with scikit-learn,
+"""Probe exit heads: per-layer probes of the hidden state, fitted with scikit-learn,
 standardisation folded in, saved beside the classifier, decoded by the runtime's fused exit head."""
 
 from __future__ import annotations
@@ -78,9 +78,46 @@ def test_folded_standardisation_equals_the_fitted_pipeline():
     np.testing.assert_allclose(got[:, 1] - got[:, 0], ref, rtol=1e-4, atol=1e-4)
 
 
-def test_cross_fitting_never_scores_a_probe_on_its_own_rows():
+def test_cross_fitting_never_scores_a_probe_on_its_own_rows(monkeypatch):
+    """Per fold, recorded from the probes cross_fitted_logits fits: no example used to fit a fold's probes
+    is scored by them, each fold is fitted on all the other examples (with their own targets), every
+    example is scored by exactly one fold, and its cross-fitted logits are those of its fold's probes."""
+    import adainfer.calibration.probe as probe_mod
+
     train, y = planted(120, seed=3)
+    row_of = {h.tobytes(): i for i, h in enumerate(train.hidden)}
+    assert len(row_of) == 120
+    ids = lambda hidden: [row_of[h.tobytes()] for h in np.asarray(hidden)]
+    folds = []
+    real_fit = probe_mod.fit_probes
+
+    class Recorded:
+        """A fold's probes, recording the examples they score."""
+
+        def __init__(self, fold):
+            self.fold = fold
+
+        def logits(self, hidden):
+            self.fold["scored"] += ids(hidden)
+            return self.fold["probes"].logits(hidden)
+
+    def spy(hidden, target, n_labels, c=probe_mod.DEFAULT_C):
+        fold = {"fit": ids(hidden), "scored": [], "probes": real_fit(hidden, target, n_labels, c)}
+        np.testing.assert_array_equal(target, y[fold["fit"]])
+        folds.append(fold)
+        return Recorded(fold)
+
+    monkeypatch.setattr(probe_mod, "fit_probes", spy)
     oof = cross_fitted_logits(train.hidden, y, 2)
+    monkeypatch.undo()
+    assert len(folds) == probe_mod.DEFAULT_FOLDS
+    for f, fold in enumerate(folds):
+        fit, scored = set(fold["fit"]), fold["scored"]
+        assert len(fit) == len(fold["fit"]) and len(set(scored)) == len(scored) > 0
+        assert not fit & set(scored), f"fold {f} scores examples it was fitted on: {sorted(fit & set(scored))[:8]}"
+        assert fit | set(scored) == set(range(120)), f"fold {f} is not fitted on every other example"
+        np.testing.assert_array_equal(oof[scored], fold["probes"].logits(train.hidden[scored]))
+    assert sorted(i for fold in folds for i in fold["scored"]) == list(range(120)), "each example once"
     own = fit_probes(train.hidden, y, 2).logits(train.hidden)
     # in-sample probes are more confident than out-of-fold ones (what the stop classifier must not see)
     conf = lambda z: signals_from_logits(z)[0].mean()

@@ -461,7 +461,12 @@ def test_native_ops_under_inference_mode():
 # ---------------------------------------------------------------------------------------------
 
 CUDA_NATIVE = NATIVE and torch.cuda.is_available() and bool((_native.build_info() or {}).get("with_cuda"))
-needs_cuda = pytest.mark.skipif(not CUDA_NATIVE, reason="needs a GPU and _C built against a CUDA torch")
+_skip_without_cuda = pytest.mark.skipif(not CUDA_NATIVE, reason="needs a GPU and _C built against a CUDA torch")
+
+
+def needs_cuda(test):
+    """Marks ``test`` ``gpu`` (bench/gpu_check.sh runs ``pytest -m gpu``); it skips without a CUDA build of _C."""
+    return pytest.mark.gpu(_skip_without_cuda(test))
 
 
 @needs_cuda

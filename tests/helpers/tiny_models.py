@@ -208,19 +208,32 @@ def label_classifier(model, label_token_ids, label_words, bias_scale: float = 0.
     )
 
 
+def _assert_every_step_exited_at(handle, exits: list[int], steps: int, what: str) -> None:
+    """Each of the ``steps`` forward passes of a ``generate`` recorded exactly the forced exit layers."""
+    assert len(handle.history) == steps, f"{what}: {len(handle.history)} forward passes recorded, {steps} tokens"
+    for step, stats in enumerate(handle.history):
+        assert stats.exit_layers.tolist() == exits, f"{what}, step {step}: exits {stats.exit_layers.tolist()}"
+    assert handle.last_stats.exit_layers.tolist() == exits
+
+
 def assert_rows_generate_as_alone(model, exits=(1, 3, 2), max_new_tokens: int = 6) -> None:
     """Forced exits are batch-invariant: each row of an unpadded batch generates, greedily, exactly
-    what it generates alone (batch 1) with the same exit layer."""
+    what it generates alone (batch 1) with the same exit layer; in both runs every step's recorded exit
+    layers (``ExitStats.exit_layers``) are the forced ones."""
     import adainfer
     from adainfer import ForcedExits
 
     gen = {"max_new_tokens": max_new_tokens, "do_sample": False}
     batch = left_padded_batch(len(exits), 8)
     batch["attention_mask"][:] = 1  # no padding: the row alone sees the same positions
-    with adainfer.patched(model, ForcedExits(list(exits))):
+    prompt_len = batch["input_ids"].shape[1]
+    name = model.config.model_type
+    with adainfer.patched(model, ForcedExits(list(exits))) as handle:
         together = model.generate(**batch, **gen)
+        _assert_every_step_exited_at(handle, list(exits), together.shape[1] - prompt_len, f"{name} batch")
     for row, k in enumerate(exits):
         single = {key: v[row : row + 1] for key, v in batch.items()}
-        with adainfer.patched(model, ForcedExits([k])):
+        with adainfer.patched(model, ForcedExits([k])) as handle:
             alone = model.generate(**single, **gen)
-        assert torch.equal(together[row], alone[0]), f"{model.config.model_type} row {row} (exit {k})"
+            _assert_every_step_exited_at(handle, [k], alone.shape[1] - prompt_len, f"{name} row {row} alone")
+        assert torch.equal(together[row], alone[0]), f"{name} row {row} (exit {k})"

@@ -21,7 +21,7 @@ from adainfer_kernels.reference import apply_norm_ref, exit_head_ref, head_logit
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ATOL = 1e-5  # probabilities and scores live in [0, 1] and O(1)
 NEAR_TIE = 4.0
-SCORE = StopRule(w_top_prob=1.5, w_gap=-2.0, offset=0.25)
+STOP_RULE = StopRule(w_top_prob=1.5, w_gap=-2.0, offset=0.25)
 
 
 def make_head(
@@ -99,10 +99,10 @@ def _double_head(head: ReadoutHead) -> ReadoutHead:
     )
 
 
-def accurate_reference(hidden: torch.Tensor, head: ReadoutHead, score: StopRule | None) -> ExitSignals:
+def accurate_reference(hidden: torch.Tensor, head: ReadoutHead, stop_rule: StopRule | None) -> ExitSignals:
     if hidden.dtype != torch.float32:
-        return exit_head_ref(hidden, head, score)
-    ref = exit_head_ref(hidden.double(), _double_head(head), score, upcast=False)
+        return exit_head_ref(hidden, head, stop_rule)
+    ref = exit_head_ref(hidden.double(), _double_head(head), stop_rule, upcast=False)
     f = lambda t: None if t is None else t.float()
     return ExitSignals(f(ref.top_prob), f(ref.gap), ref.argmax, f(ref.score))
 
@@ -134,14 +134,14 @@ def _err_report(name: str, err: torch.Tensor, err_torch: torch.Tensor, bound: fl
     )
 
 
-def check_signals(got: ExitSignals, hidden: torch.Tensor, head: ReadoutHead, score: StopRule | None) -> None:
+def check_signals(got: ExitSignals, hidden: torch.Tensor, head: ReadoutHead, stop_rule: StopRule | None) -> None:
     """got vs the accurate reference under the 2x-PyTorch rule; argmax exact off near-ties."""
-    ref = accurate_reference(hidden, head, score)
-    own = exit_head_ref(hidden, head, score, upcast=False)
+    ref = accurate_reference(hidden, head, stop_rule)
+    own = exit_head_ref(hidden, head, stop_rule, upcast=False)
     n = hidden.shape[0]
     assert got.top_prob.shape == (n,) and got.top_prob.dtype == torch.float32
     assert got.gap.dtype == torch.float32 and got.argmax.dtype == torch.int64
-    assert (got.score is None) == (score is None)
+    assert (got.score is None) == (stop_rule is None)
     for name in ("top_prob", "gap", "score"):
         a, r, o = getattr(got, name), getattr(ref, name), getattr(own, name)
         if r is None:
@@ -162,7 +162,7 @@ def check_signals(got: ExitSignals, hidden: torch.Tensor, head: ReadoutHead, sco
     )
 
 
-def hf_numerics_signals(hidden: torch.Tensor, head: ReadoutHead, score: StopRule | None) -> ExitSignals:
+def hf_numerics_signals(hidden: torch.Tensor, head: ReadoutHead, stop_rule: StopRule | None) -> ExitSignals:
     """Hugging Face's norm (rounded to the model dtype) and fp32 logits: what the fused paths compute
     (the logits and the soft-cap evaluated in fp64)."""
     x = apply_norm_ref(hidden, head, upcast=False).double()
@@ -175,4 +175,4 @@ def hf_numerics_signals(hidden: torch.Tensor, head: ReadoutHead, score: StopRule
     top, gap, pos = signals_from_logits(z)
     argmax = pos if head.vocab_subset is None else head.vocab_subset[pos]
     top, gap = top.float(), gap.float()
-    return ExitSignals(top, gap, argmax, score(top, gap) if score is not None else None)
+    return ExitSignals(top, gap, argmax, stop_rule(top, gap) if stop_rule is not None else None)

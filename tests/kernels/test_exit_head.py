@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from exit_head_helpers import (
     DTYPES,
-    SCORE,
+    STOP_RULE,
     check_signals,
     hf_numerics_signals,
     make_head,
@@ -29,9 +29,9 @@ from exit_head_helpers import (
 )
 
 from adainfer_kernels import exit_head
-from adainfer_kernels.exit_head import _PACKED, _exit_head_cpu, _native_supports, clear_cache
+from adainfer_kernels.exit_head import _PACKED, _exit_head_cpu, _native_supports, clear_cache, cpu_impl
 from adainfer_kernels.exit_head_triton import _tanh, exit_head_triton, pick_config
-from adainfer_kernels.head import ExitSignals, ReadoutHead, StopRule
+from adainfer_kernels.head import NORM_CODES, ExitSignals, ReadoutHead, StopRule
 from adainfer_kernels.reference import exit_head_ref
 
 exit_head_mod = sys.modules["adainfer_kernels.exit_head"]
@@ -40,18 +40,18 @@ HAS_NATIVE = {dt: _native_supports(dt) for dt in (torch.float32, torch.bfloat16)
 CPU_IMPLS = ["torch"] + (["native"] if any(HAS_NATIVE.values()) else [])
 
 
-def run_backend(backend: str, hidden: torch.Tensor, head: ReadoutHead, score: StopRule | None, **kw) -> ExitSignals:
+def run_backend(backend: str, hidden: torch.Tensor, head: ReadoutHead, stop_rule: StopRule | None, **kw) -> ExitSignals:
     if backend in ("splitv", "rowtile"):
-        return exit_head_triton(hidden, head, score, variant=backend, **kw)
+        return exit_head_triton(hidden, head, stop_rule, variant=backend, **kw)
     if backend in ("native", "torch"):
         compute = torch.bfloat16 if head.weight.dtype == torch.bfloat16 else torch.float32
         if backend == "native" and not HAS_NATIVE[compute]:
             # e.g. bf16 needs AMX or a brgemm bf16 kernel, which some CPUs (AMD EPYC here) lack
             pytest.skip(f"the native CPU exit head has no brgemm for {compute} on this CPU")
         with torch.inference_mode():
-            return _exit_head_cpu(hidden, head, score, impl=backend)
+            return _exit_head_cpu(hidden, head, stop_rule, impl=backend)
     if backend == "reference":
-        return exit_head_ref(hidden, head, score)
+        return exit_head_ref(hidden, head, stop_rule)
     raise ValueError(backend)
 
 
@@ -64,7 +64,7 @@ _SWEEP = list(itertools.product(("splitv", "rowtile"), ("fp32", "fp16", "bf16"),
 
 
 def _sweep_case(i: int, variant: str, dt: str, norm: str) -> tuple:
-    # Every R, d and V value meets every variant, dtype and norm; subset and score alternate.
+    # Every R, d and V value meets every variant, dtype and norm; subset and stop rule alternate.
     n_rows = (1, 3, 17)[i % 3]
     d = (64, 96)[(i // 3) % 2]
     n_vocab = (1000, 3001)[(i // 2) % 2]
@@ -73,17 +73,17 @@ def _sweep_case(i: int, variant: str, dt: str, norm: str) -> tuple:
 
 
 @pytest.mark.parametrize(
-    "variant,dt,norm,n_rows,d,n_vocab,subset,with_score",
+    "variant,dt,norm,n_rows,d,n_vocab,subset,with_rule",
     [_sweep_case(i, *c) for i, c in enumerate(_SWEEP)],
     ids=lambda v: str(v),
 )
-def test_triton_matches_reference(variant, dt, norm, n_rows, d, n_vocab, subset, with_score):
+def test_triton_matches_reference(variant, dt, norm, n_rows, d, n_vocab, subset, with_rule):
     dtype = DTYPES[dt]
     head = make_head(d, n_vocab, dtype, norm, subset=subset, bias=subset is not None, seed=n_rows + d)
     hidden = make_hidden(n_rows, head, dtype)
-    score = SCORE if with_score else None
-    got = exit_head_triton(hidden, head, score, variant=variant)
-    check_signals(got, hidden, head, score)
+    stop_rule = STOP_RULE if with_rule else None
+    got = exit_head_triton(hidden, head, stop_rule, variant=variant)
+    check_signals(got, hidden, head, stop_rule)
 
 
 @pytest.mark.parametrize("variant", ["splitv", "rowtile"])
@@ -94,8 +94,8 @@ def test_triton_reproduces_hf_rounding_exactly(variant, dt, norm):
     dtype = DTYPES[dt]
     head = make_head(96, 1000, dtype, norm, logit_scale=6.0, seed=3)
     hidden = make_hidden(5, head, dtype, seed=4)
-    got = exit_head_triton(hidden, head, SCORE, variant=variant)
-    want = hf_numerics_signals(hidden, head, SCORE)
+    got = exit_head_triton(hidden, head, STOP_RULE, variant=variant)
+    want = hf_numerics_signals(hidden, head, STOP_RULE)
     for name in ("top_prob", "gap", "score"):
         err = (getattr(got, name) - getattr(want, name)).abs().max().item()
         assert err <= 2e-5, f"{name}: max err {err:.3e} vs HF-rounded fp32-logit reference"
@@ -109,7 +109,7 @@ def test_triton_project_out(variant, dt, norm):
     head = make_head(64, 1000, dtype, norm, d_in=96, seed=5)
     assert head.hidden_size == 96
     hidden = make_hidden(3 if variant == "splitv" else 17, head, dtype)
-    check_signals(exit_head_triton(hidden, head, SCORE, variant=variant), hidden, head, SCORE)
+    check_signals(exit_head_triton(hidden, head, STOP_RULE, variant=variant), hidden, head, STOP_RULE)
 
 
 @pytest.mark.parametrize("variant", ["splitv", "rowtile"])
@@ -118,7 +118,9 @@ def test_triton_split_counts_agree(variant, n_splits):
     """1 split, a few, and one tile per split (the most partials) all give the reference."""
     head = make_head(64, 3001, torch.float16, "rms", subset=700, bias=True, seed=6)
     hidden = make_hidden(3, head, torch.float16)
-    check_signals(exit_head_triton(hidden, head, SCORE, variant=variant, n_splits=n_splits), hidden, head, SCORE)
+    check_signals(
+        exit_head_triton(hidden, head, STOP_RULE, variant=variant, n_splits=n_splits), hidden, head, STOP_RULE
+    )
 
 
 def test_triton_unaligned_layout_uses_small_tiles():
@@ -127,7 +129,7 @@ def test_triton_unaligned_layout_uses_small_tiles():
     head = make_head(97, 1000, torch.bfloat16, "rms", seed=7)
     for n_rows, variant in ((2, "splitv"), (17, "rowtile")):
         hidden = make_hidden(n_rows, head, torch.bfloat16)
-        check_signals(exit_head_triton(hidden, head, SCORE, variant=variant), hidden, head, SCORE)
+        check_signals(exit_head_triton(hidden, head, STOP_RULE, variant=variant), hidden, head, STOP_RULE)
 
 
 # ---- the CPU paths ----
@@ -155,7 +157,7 @@ def test_cpu_path_real_sizes(impl, dt, norm, n_rows, d, n_vocab):
     dtype = DTYPES[dt]
     head = _real_head(d, n_vocab, dtype, norm)
     hidden = make_hidden(n_rows, head, dtype)
-    check_signals(run_backend(impl, hidden, head, SCORE), hidden, head, SCORE)
+    check_signals(run_backend(impl, hidden, head, STOP_RULE), hidden, head, STOP_RULE)
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
@@ -166,17 +168,17 @@ def test_cpu_path_small_shapes(impl, dt, norm):
     for n_rows, d, n_vocab, subset in ((1, 64, 1000, None), (3, 96, 3001, 37), (17, 97, 130, 65), (70, 64, 5000, None)):
         head = make_head(d, n_vocab, dtype, norm, subset=subset, bias=subset is not None, seed=n_rows)
         hidden = make_hidden(n_rows, head, dtype)
-        check_signals(run_backend(impl, hidden, head, SCORE), hidden, head, SCORE)
+        check_signals(run_backend(impl, hidden, head, STOP_RULE), hidden, head, STOP_RULE)
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_cpu_project_out_and_hf_rounding(impl):
     head = make_head(64, 2000, torch.bfloat16, "layer", d_in=96, seed=8)
     hidden = make_hidden(9, head, torch.bfloat16)
-    check_signals(run_backend(impl, hidden, head, SCORE), hidden, head, SCORE)
+    check_signals(run_backend(impl, hidden, head, STOP_RULE), hidden, head, STOP_RULE)
     head = make_head(96, 1000, torch.bfloat16, "rms", logit_scale=6.0, seed=3)
     hidden = make_hidden(5, head, torch.bfloat16, seed=4)
-    got, want = run_backend(impl, hidden, head, SCORE), hf_numerics_signals(hidden, head, SCORE)
+    got, want = run_backend(impl, hidden, head, STOP_RULE), hf_numerics_signals(hidden, head, STOP_RULE)
     assert (got.top_prob - want.top_prob).abs().max().item() <= 2e-5
     assert torch.equal(got.argmax, want.argmax)
 
@@ -220,6 +222,62 @@ def test_native_cpu_op_softcap_argument():
     for bad in (0.0, -1.0, float("inf"), float("nan"), 1e-40):
         with pytest.raises(RuntimeError, match="softcap must be a finite float > 0"):
             ops.exit_head_cpu(h, packed, 130, 0, None, None, 1e-5, None, bad)
+
+
+# The op's bf16 branch packs bf16 panels with oneDNN's VNNI packer, which oneDNN provides only on CPUs
+# with AMX (its ISA >= avx512_core_amx); the op checks that itself (exit_head_cpu_supported), so the
+# branch cannot be reached on other CPUs, not even by calling the op directly.
+NATIVE_BF16 = cpu_impl() == "native" and bool(torch.ops.adainfer.exit_head_cpu_supported(torch.bfloat16))
+
+
+@pytest.mark.skipif(
+    not NATIVE_BF16, reason="the native op's bf16 branch needs AMX (oneDNN packs bf16 panels only there)"
+)
+@pytest.mark.parametrize("norm", ["rms", "layer", "none"])
+def test_native_bf16_op_matches_the_fp32_reference(norm):
+    """The native op's bf16 branch, called directly (no dispatcher): bf16 VNNI panels, brgemm with fp32
+    accumulation, the op's own norms, a subset with a logit bias, a soft-cap, odd d (K padded to even),
+    1 to 70 rows, against the fp32 reference under the bf16 tolerance rule (check_signals).
+
+    Where it runs: CPUs with AMX-BF16 (Intel Xeon 4th generation "Sapphire Rapids" and later), where
+    ``exit_head_cpu_supported(torch.bfloat16)`` is true. It skips elsewhere, AVX-512-BF16 CPUs without
+    AMX included (AMD Zen 4): the op refuses bf16 there, which the next test checks."""
+    ops = torch.ops.adainfer
+    cases = ((1, 64, 1000, None, None), (17, 97, 3001, 37, None), (70, 576, 5000, None, 30.0), (5, 96, 130, 65, 10.0))
+    for n_rows, d, n_vocab, subset, cap in cases:
+        head = make_head(
+            d, n_vocab, torch.bfloat16, norm, subset=subset, bias=subset is not None, softcap=cap, seed=n_rows + d
+        )
+        hidden = make_hidden(n_rows, head, torch.bfloat16)
+        w = head.weight if subset is None else head.weight[head.vocab_subset]
+        packed = ops.exit_head_cpu_pack(w)
+        assert packed.dtype == torch.bfloat16 and packed.shape == (-(-w.shape[0] // 64), (d + d % 2) * 64)
+        nw, nb = (head.norm_weight, head.norm_bias) if norm != "none" else (None, None)
+        with torch.inference_mode():
+            top, gap, pos = ops.exit_head_cpu(
+                hidden, packed, w.shape[0], NORM_CODES[norm], nw, nb, head.eps, head.logit_bias, cap
+            )
+        argmax = pos if subset is None else head.vocab_subset[pos]
+        got = ExitSignals(top, gap, argmax, STOP_RULE(top, gap))
+        check_signals(got, hidden, head, STOP_RULE)
+
+
+@pytest.mark.skipif(cpu_impl() != "native" or NATIVE_BF16, reason="runs where _C loads and its bf16 branch cannot")
+def test_native_bf16_op_refuses_cleanly_where_bf16_packing_is_missing():
+    """Where the bf16 branch cannot run (CPUs without AMX, e.g. this project's AVX-512-BF16 CI CPU), the op
+    refuses bf16 with a clear error instead of computing garbage, and the public entry point falls back
+    to the torch path with the same accuracy."""
+    ops = torch.ops.adainfer
+    with pytest.raises(RuntimeError, match="no brgemm for BFloat16"):
+        ops.exit_head_cpu_pack(torch.randn(130, 64).bfloat16())
+    fake = torch.zeros(3, 64 * 64, dtype=torch.bfloat16)  # shaped like a packed (130, 64) bf16 weight
+    with pytest.raises(RuntimeError, match="no brgemm for BFloat16"):
+        ops.exit_head_cpu(torch.randn(5, 64).bfloat16(), fake, 130, 0, None, None, 1e-5, None)
+    head = make_head(64, 1000, torch.bfloat16, "rms", seed=29)
+    hidden = make_hidden(4, head, torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"native CPU exit head is unavailable for torch\.bfloat16"):
+        _exit_head_cpu(hidden, head, None, impl="native")
+    check_signals(exit_head(hidden, head, STOP_RULE), hidden, head, STOP_RULE)
 
 
 def test_cpu_prepared_weight_cache_reuses_invalidates_and_dies_with_the_weight():
@@ -270,14 +328,14 @@ def test_exact_ties_pick_the_lower_position_with_gap_zero(backend, dt, monkeypat
     # (5, 200); in different splits / tasks / chunks (4500, 5); three-way (4999, 2048, 77).
     for tied in ((5, 6), (200, 5), (4500, 5), (4999, 2048, 77)):
         head, hidden = _tie_head(dtype, 5000, tied)
-        got = run_backend(backend, hidden, head, SCORE)
+        got = run_backend(backend, hidden, head, STOP_RULE)
         assert got.argmax.tolist() == [min(tied)] * 2, f"{backend} {tied}: {got.argmax.tolist()}"
         assert got.gap.tolist() == [0.0, 0.0], f"{backend} {tied}: gap {got.gap.tolist()}"
-        ref = exit_head_ref(hidden, head, SCORE)
+        ref = exit_head_ref(hidden, head, STOP_RULE)
         torch.testing.assert_close(got.top_prob, ref.top_prob, rtol=1e-5, atol=1e-6)
     # With a subset the lower subset position wins (id 4500 is listed before id 5).
     head, hidden = _tie_head(dtype, 5000, (5, 4500), subset=torch.tensor([9, 4500, 77, 5, 1000]))
-    got = run_backend(backend, hidden, head, SCORE)
+    got = run_backend(backend, hidden, head, STOP_RULE)
     assert got.argmax.tolist() == [4500, 4500] and got.gap.tolist() == [0.0, 0.0]
 
 
@@ -286,7 +344,7 @@ def test_single_candidate_gives_gap_equal_to_top_prob(backend):
     head = make_head(64, 1000, torch.float32, "rms", seed=11)
     head = ReadoutHead(**{**head.__dict__, "vocab_subset": torch.tensor([321]), "logit_bias": torch.tensor([0.5])})
     hidden = make_hidden(3, head, torch.float32)
-    got = run_backend(backend, hidden, head, SCORE)
+    got = run_backend(backend, hidden, head, STOP_RULE)
     assert got.top_prob.tolist() == [1.0] * 3 and got.gap.tolist() == [1.0] * 3
     assert got.argmax.tolist() == [321] * 3
     torch.testing.assert_close(got.score, torch.full((3,), 1.5 - 2.0 + 0.25))
@@ -300,13 +358,13 @@ def test_non_finite_rows_get_nan_signals_and_argmax_minus_one(backend):
     hidden[1, 3] = float("nan")
     hidden[2, 0] = float("inf")
     hidden[4, 63] = float("-inf")
-    got = run_backend(backend, hidden, head, SCORE)
+    got = run_backend(backend, hidden, head, STOP_RULE)
     bad = [1, 2, 4]
     assert got.argmax[bad].tolist() == [-1, -1, -1]
     for t in (got.top_prob, got.gap, got.score):
         assert torch.isnan(t[bad]).all() and not torch.isnan(t[[0, 3, 5]]).any()
     good = [0, 3, 5]
-    want = exit_head_ref(hidden[good], head, SCORE)
+    want = exit_head_ref(hidden[good], head, STOP_RULE)
     torch.testing.assert_close(got.top_prob[good], want.top_prob, rtol=0, atol=2e-2)
     assert (got.argmax[good] >= 0).all()
 
@@ -315,7 +373,7 @@ def test_non_finite_rows_get_nan_signals_and_argmax_minus_one(backend):
 def test_all_candidates_at_minus_inf_give_nan(backend):
     head = make_head(64, 1000, torch.float32, "none", subset=3, seed=13)
     head = ReadoutHead(**{**head.__dict__, "logit_bias": torch.full((3,), float("-inf"))})
-    got = run_backend(backend, make_hidden(2, head, torch.float32), head, SCORE)
+    got = run_backend(backend, make_hidden(2, head, torch.float32), head, STOP_RULE)
     assert torch.isnan(got.top_prob).all() and torch.isnan(got.gap).all() and torch.isnan(got.score).all()
 
 
@@ -323,7 +381,7 @@ def test_all_candidates_at_minus_inf_give_nan(backend):
 def test_empty_rows_return_empty_signals(backend):
     head = make_head(64, 1000, torch.float16, "layer", seed=14)
     hidden = torch.empty(0, 64, dtype=torch.float16)
-    got = exit_head(hidden, head, SCORE) if backend == "public" else run_backend(backend, hidden, head, SCORE)
+    got = exit_head(hidden, head, STOP_RULE) if backend == "public" else run_backend(backend, hidden, head, STOP_RULE)
     assert len(got) == 0 and got.score is not None and got.score.shape == (0,)
     assert got.argmax.dtype == torch.int64 and got.top_prob.dtype == torch.float32
     assert exit_head(hidden, head).score is None
@@ -337,8 +395,8 @@ def test_strided_hidden(backend):
     last = h3[:, -1]  # the layer loop's view: row stride 7 * 64
     transposed = torch.randn(64, 5, generator=g).t()  # unit stride along rows, not along d
     for hidden in (last, transposed):
-        got = run_backend(backend, hidden, head, SCORE)
-        want = run_backend(backend, hidden.contiguous(), head, SCORE)
+        got = run_backend(backend, hidden, head, STOP_RULE)
+        want = run_backend(backend, hidden.contiguous(), head, STOP_RULE)
         torch.testing.assert_close(got.top_prob, want.top_prob, rtol=0, atol=1e-6)
         assert torch.equal(got.argmax, want.argmax)
 
@@ -364,14 +422,15 @@ def _gemma_head(case: str, dtype: torch.dtype, d: int = 64, n_vocab: int = 3001,
 
 @pytest.mark.parametrize("case", sorted(GEMMA_CASES))
 @pytest.mark.parametrize("dt", ["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("backend", ["splitv", "rowtile", *CPU_IMPLS, "reference"])
+@pytest.mark.parametrize("backend", ["splitv", "rowtile", *CPU_IMPLS])
 def test_gemma_norm_and_softcap_match_reference(backend, dt, case):
-    """Every backend against the fp64 (fp32 inputs) / fp32 (bf16, fp16 inputs) reference, 2x-PyTorch rule,
-    argmax exact off near-ties; 4 rows for splitv (one row block), 17 for the others."""
+    """Every real backend against the fp64 (fp32 inputs) / fp32 (bf16, fp16 inputs) reference, 2x-PyTorch
+    rule, argmax exact off near-ties; 4 rows for splitv (one row block), 17 for the others. (The reference
+    is not a backend here: against itself the bf16/fp16 items could not fail.)"""
     dtype = DTYPES[dt]
     head = _gemma_head(case, dtype)
     hidden = make_hidden(4 if backend == "splitv" else 17, head, dtype, seed=22)
-    check_signals(run_backend(backend, hidden, head, SCORE), hidden, head, SCORE)
+    check_signals(run_backend(backend, hidden, head, STOP_RULE), hidden, head, STOP_RULE)
 
 
 @pytest.mark.parametrize("backend", ["splitv", "rowtile", *CPU_IMPLS])
@@ -382,8 +441,8 @@ def test_gemma_paths_reproduce_hf_rounding_and_fp32_softcap(backend, dt):
     dtype = DTYPES[dt]
     head = _gemma_head("gemma2_logit_bias", dtype, seed=23)
     hidden = make_hidden(5, head, dtype, seed=24)
-    got = run_backend(backend, hidden, head, SCORE)
-    want = hf_numerics_signals(hidden, head, SCORE)
+    got = run_backend(backend, hidden, head, STOP_RULE)
+    want = hf_numerics_signals(hidden, head, STOP_RULE)
     for name in ("top_prob", "gap", "score"):
         err = (getattr(got, name) - getattr(want, name)).abs().max().item()
         assert err <= 2e-5, f"{backend} {name}: max err {err:.3e} vs the HF-rounded fp32-logit reference"
@@ -395,10 +454,10 @@ def test_softcap_changes_the_signals(backend):
     """The cap is really applied: the same head without it gives very different probabilities."""
     head = _gemma_head("gemma2", torch.float32)
     hidden = make_hidden(4, head, torch.float32, seed=22)
-    capped = run_backend(backend, hidden, head, SCORE)
-    plain = run_backend(backend, hidden, ReadoutHead(**{**head.__dict__, "logit_softcap": None}), SCORE)
+    capped = run_backend(backend, hidden, head, STOP_RULE)
+    plain = run_backend(backend, hidden, ReadoutHead(**{**head.__dict__, "logit_softcap": None}), STOP_RULE)
     assert (capped.top_prob - plain.top_prob).abs().max().item() > 0.1
-    check_signals(capped, hidden, head, SCORE)
+    check_signals(capped, hidden, head, STOP_RULE)
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
@@ -408,7 +467,7 @@ def test_cpu_gemma2_real_size(impl, dt):
     dtype = DTYPES[dt]
     head = make_head(576, 49152, dtype, "rms_offset", logit_scale=10.0, softcap=30.0, seed=576)
     hidden = make_hidden(8, head, dtype)
-    check_signals(run_backend(impl, hidden, head, SCORE), hidden, head, SCORE)
+    check_signals(run_backend(impl, hidden, head, STOP_RULE), hidden, head, STOP_RULE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -422,12 +481,12 @@ def test_softcap_saturation_ties_pick_the_lower_position(backend, dt, monkeypatc
     w = head.weight.clone()
     w[5, :4] = torch.tensor([3.0, 3.0, 3.0, 2.0], dtype=dtype)  # 3 + 6 + 9 + 2 = 20
     head = ReadoutHead(weight=w, norm="none", logit_softcap=1.0)
-    got = run_backend(backend, hidden, head, SCORE)
+    got = run_backend(backend, hidden, head, STOP_RULE)
     assert got.argmax.tolist() == [5, 5], f"{backend}: {got.argmax.tolist()}"
     assert got.gap.tolist() == [0.0, 0.0], f"{backend}: gap {got.gap.tolist()}"
-    ref = exit_head_ref(hidden, head, SCORE)
+    ref = exit_head_ref(hidden, head, STOP_RULE)
     torch.testing.assert_close(got.top_prob, ref.top_prob, rtol=1e-5, atol=1e-6)
-    uncapped = run_backend(backend, hidden, ReadoutHead(weight=w, norm="none"), SCORE)
+    uncapped = run_backend(backend, hidden, ReadoutHead(weight=w, norm="none"), STOP_RULE)
     assert uncapped.argmax.tolist() == [4500, 4500]
 
 
@@ -439,7 +498,7 @@ def test_gemma_non_finite_rows_get_nan_signals(backend):
     hidden = make_hidden(6, head, torch.bfloat16)
     hidden[1, 3] = float("nan")
     hidden[4, 63] = float("-inf")
-    got = run_backend(backend, hidden, head, SCORE)
+    got = run_backend(backend, hidden, head, STOP_RULE)
     assert got.argmax[[1, 4]].tolist() == [-1, -1]
     for t in (got.top_prob, got.gap, got.score):
         assert torch.isnan(t[[1, 4]]).all() and not torch.isnan(t[[0, 2, 3, 5]]).any()
@@ -594,16 +653,16 @@ def test_public_exit_head_on_cpu_uses_the_cpu_path_and_inference_mode(monkeypatc
     seen = {}
     real = exit_head_mod._exit_head_cpu
 
-    def spy(hidden, head, score=None, impl="auto"):
+    def spy(hidden, head, stop_rule=None, impl="auto"):
         seen["inference"] = torch.is_inference_mode_enabled()
-        return real(hidden, head, score, impl)
+        return real(hidden, head, stop_rule, impl)
 
     monkeypatch.setattr(exit_head_mod, "_exit_head_cpu", spy)
     head = make_head(64, 1000, torch.float32, "rms", seed=17)
     hidden = make_hidden(4, head, torch.float32)
-    got = exit_head(hidden, head, SCORE)
+    got = exit_head(hidden, head, STOP_RULE)
     assert seen == {"inference": True}
-    check_signals(got, hidden, head, SCORE)
+    check_signals(got, hidden, head, STOP_RULE)
 
 
 def test_forced_reference_backend(monkeypatch):
@@ -625,14 +684,14 @@ def test_check_helper_can_fail():
     """The tolerance rule is not vacuous: a 1e-3 error in top_prob or a wrong argmax is caught."""
     head = make_head(64, 1000, torch.float32, "rms", seed=19)
     hidden = make_hidden(4, head, torch.float32)
-    good = exit_head(hidden, head, SCORE)
-    check_signals(good, hidden, head, SCORE)
+    good = exit_head(hidden, head, STOP_RULE)
+    check_signals(good, hidden, head, STOP_RULE)
     off = ExitSignals(good.top_prob + 1e-3, good.gap, good.argmax, good.score)
     with pytest.raises(AssertionError, match="top_prob: max err"):
-        check_signals(off, hidden, head, SCORE)
+        check_signals(off, hidden, head, STOP_RULE)
     wrong = ExitSignals(good.top_prob, good.gap, (good.argmax + 1) % 1000, good.score)
     with pytest.raises(AssertionError, match="argmax differs"):
-        check_signals(wrong, hidden, head, SCORE)
+        check_signals(wrong, hidden, head, STOP_RULE)
 
 
 # ---- bad input: a clear error before any work, on every entry point ----
@@ -726,8 +785,8 @@ BAD_INPUTS = {
         ValueError,
         "only used with",
     ),
-    "score_type": (lambda h, hd: (h, hd, (1.0, 2.0, 0.0)), TypeError, "StopRule"),
-    "score_nan": (lambda h, hd: (h, hd, StopRule(float("nan"), 1.0, 0.0)), ValueError, "finite"),
+    "stop_rule_type": (lambda h, hd: (h, hd, (1.0, 2.0, 0.0)), TypeError, "StopRule"),
+    "stop_rule_nan": (lambda h, hd: (h, hd, StopRule(float("nan"), 1.0, 0.0)), ValueError, "finite"),
 }
 
 

@@ -1,4 +1,4 @@
-"""A probe exit head (issue 10) is a ReadoutHead with a per-layer (K, d) weight, no norm, the K rows as
+"""A probe exit head is a ReadoutHead with a per-layer (K, d) weight, no norm, the K rows as
 its subset and the probe bias as the logit bias: the fused exit head computes it on every backend
 (CPU native, torch fallback, Triton under the interpreter) with no second code path, so it must
 match the reference like any head. (The AOT gate compiles that path: norm 'none', subset, bias.)"""
@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from exit_head_helpers import SCORE, check_signals
+from exit_head_helpers import STOP_RULE, check_signals
 
 from adainfer_kernels.exit_head import _exit_head_cpu, _native_supports
 from adainfer_kernels.exit_head_triton import exit_head_triton
@@ -33,13 +33,13 @@ BACKENDS = ["splitv", "rowtile", "torch", "native"]
 
 def run(backend: str, hidden: torch.Tensor, head: ReadoutHead):
     if backend in ("splitv", "rowtile"):
-        return exit_head_triton(hidden, head, SCORE, variant=backend)
+        return exit_head_triton(hidden, head, STOP_RULE, variant=backend)
     if backend == "native" and not _native_supports(
         torch.bfloat16 if hidden.dtype == torch.bfloat16 else torch.float32
     ):
         pytest.skip("the native CPU exit head is unavailable for this dtype here")
     with torch.inference_mode():
-        return _exit_head_cpu(hidden, head, SCORE, impl=backend)
+        return _exit_head_cpu(hidden, head, STOP_RULE, impl=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -49,7 +49,7 @@ def test_probe_head_matches_the_reference(backend, dtype, k, d, rows):
     head = probe_head(k, d, dtype, seed=k + d)
     hidden = (torch.randn(rows, d, generator=torch.Generator().manual_seed(rows)) * 2).to(dtype)
     got = run(backend, hidden, head)
-    check_signals(got, hidden, head, SCORE)
+    check_signals(got, hidden, head, STOP_RULE)
     # the answer is a label index (the subset is 0..K-1)
     assert set(got.argmax.tolist()) <= set(range(k))
 

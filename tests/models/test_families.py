@@ -1,7 +1,8 @@
-"""Every registered model family beyond Llama and OPT (tests/runtime/test_patch.py covers those two),
-on tiny random configs: exits off bit-identical (logits; greedy, sampled and beam generation), undo
-exact, forced exits equal the logit lens of that layer, a row's result independent of its
-batch-mates, generation with state-propagated K/V, compact == mask."""
+"""Every registered model family on tiny random configs. All of them, Llama and OPT (pre-LN, and post-LN
+with project_out) included: the exit head decodes like the model, exits off are bit-identical (logits;
+greedy, sampled and beam generation) and undo is exact. The families beyond Llama and OPT (whose other
+checks live in tests/runtime/test_patch.py): forced exits equal the logit lens of that layer, a row's
+result independent of its batch-mates, generation with state-propagated K/V, compact == mask."""
 
 from __future__ import annotations
 
@@ -17,13 +18,24 @@ from tiny_models import (
     left_padded_batch,
     run_configs,
     tiny_family,
+    tiny_llama,
+    tiny_opt,
 )
 
 from adainfer_kernels.reference import head_logits_ref
 
 NAMES = list(FAMILY_CONFIGS)
+# Llama and OPT (pre-LN 125m-style; post-LN 350m-style: project_in/out, word_embed_proj_dim != hidden_size,
+# no final layer norm) beside the other families, for the checks every family gets here.
+BUILDERS = {
+    "llama": lambda attn, dtype=torch.float32: tiny_llama(attn, dtype),
+    "opt-pre-ln": lambda attn, dtype=torch.float32: tiny_opt(False, attn, dtype),
+    "opt-post-ln": lambda attn, dtype=torch.float32: tiny_opt(True, attn, dtype),
+    **{name: lambda attn, dtype=torch.float32, name=name: tiny_family(name, attn, dtype) for name in NAMES},
+}
+ALL = list(BUILDERS)
 # Gemma2's soft-capped attention is eager-only in transformers; the others run both kinds.
-ATTN = {name: ("eager",) if name == "gemma2" else ("sdpa", "eager") for name in NAMES}
+ATTN = {name: ("eager",) if name == "gemma2" else ("sdpa", "eager") for name in ALL}
 GEN = {"max_new_tokens": 6, "do_sample": False}
 GEN_MODES = {
     "greedy": dict(GEN),
@@ -45,14 +57,22 @@ def test_registry_lists_every_tested_family():
     assert set(NAMES) | {"llama", "opt"} == set(supported_model_types()) == set(FAMILIES)
 
 
-@pytest.mark.parametrize("name", NAMES)
+def _batch(model, batch: int, length: int) -> dict:
+    return left_padded_batch(batch, length, pad_id=model.config.pad_token_id)
+
+
+@pytest.mark.parametrize("name", ALL)
 @torch.inference_mode()
 def test_exit_head_decodes_like_the_model(name):
-    """The family's exit head (norm numerics, soft-capping) reproduces the model's own logits."""
-    model = tiny_family(name, _attn(name))
-    batch = left_padded_batch(3, 7)
+    """The family's exit head (norm numerics, soft-capping, OPT's project_out) reproduces the model's own logits."""
+    model = BUILDERS[name](_attn(name))
+    if name == "opt-post-ln":
+        assert model.config.word_embed_proj_dim != model.config.hidden_size
+        assert model.model.decoder.project_out is not None and model.model.decoder.final_layer_norm is None
+    batch = _batch(model, 3, 7)
+    layers = model.model.decoder.layers if model.config.model_type == "opt" else model.model.layers
     seen = {}
-    hook = model.model.layers[-1].register_forward_hook(lambda mod, args, out: seen.setdefault("raw", out))
+    hook = layers[-1].register_forward_hook(lambda mod, args, out: seen.setdefault("raw", out))
     try:
         logits = model(**batch).logits[:, -1]
     finally:
@@ -65,12 +85,12 @@ def test_exit_head_decodes_like_the_model(name):
 
 @pytest.mark.parametrize(
     ("name", "attn", "dtype"),
-    [(n, a, torch.float32) for n in NAMES for a in ATTN[n]] + [(n, ATTN[n][0], torch.bfloat16) for n in NAMES],
+    [(n, a, torch.float32) for n in ALL for a in ATTN[n]] + [(n, ATTN[n][0], torch.bfloat16) for n in ALL],
 )
 @torch.inference_mode()
 def test_exits_off_and_never_exit_are_bit_identical_and_undo_is_exact(name, attn, dtype):
-    model = tiny_family(name, attn, dtype)
-    batch = left_padded_batch(4, 9)
+    model = BUILDERS[name](attn, dtype)
+    batch = _batch(model, 4, 9)
     ref_logits = model(**batch).logits
     ref = {mode: _generate(model, batch, mode) for mode in GEN_MODES}
     layers = range(1, model.config.num_hidden_layers)

@@ -123,7 +123,10 @@ def test_classify_returns_what_the_patched_model_returns():
     assert [(int(a), int(b)) for a, b in zip(got.label_index, got.exit_layers, strict=True)] == singles
     assert got.labels == [clf.label_words[i] for i in got.label_index]
     np.testing.assert_allclose(got.probs.sum(1), 1.0, rtol=1e-5)
-    assert 0.0 <= got.layers_saved < 1.0 and len(got) == 6
+    # layers saved = 1 - mean exit / L, from the exits the patched model recorded row by row
+    assert len(got) == 6 and got.num_layers == 4
+    assert got.layers_saved == pytest.approx(1.0 - np.mean([k for _, k in singles]) / 4, abs=1e-12)
+    assert any(k < 4 for _, k in singles), "the test needs exits: layers_saved would be 0 by any count"
 
 
 def test_classify_refuses_bad_arguments():

@@ -1,6 +1,5 @@
-"""A patched model under the things a real program does to it (issue 11, classes 1-4): calls from
-several threads, deep copies, parts changed after apply(), and autograd. Each test failed on the
-runtime before these fixes."""
+"""A patched model under the things a real program does to it: calls from several threads, deep
+copies, parts changed after apply(), and autograd. Each test failed on the runtime before these fixes."""
 
 from __future__ import annotations
 
@@ -57,6 +56,7 @@ def test_two_threads_on_one_patched_model_each_get_their_own_exits_and_stats():
 def test_a_deep_copy_is_patched_on_its_own_weights():
     model = tiny_llama("sdpa")
     batch = left_padded_batch(4, 9)
+    pristine = copy.deepcopy(model)  # never patched: what both models must compute once unpatched
     handle = adainfer.apply(model, ForcedExits([1, 4, 2, 3]))
     twin = copy.deepcopy(model)
     twin_handle = adainfer.handle_of(twin)
@@ -73,7 +73,12 @@ def test_a_deep_copy_is_patched_on_its_own_weights():
     twin_handle.remove()
     handle.remove()
     assert adainfer.handle_of(twin) is None and adainfer.handle_of(model) is None
-    assert torch.equal(model(**batch).logits, model(**batch).logits)  # both run plain code again
+    # both run plain code again: bit for bit what an independent, never patched copy computes
+    assert torch.equal(model(**batch).logits, pristine(**batch).logits)
+    with torch.no_grad():
+        for p in pristine.parameters():
+            p.mul_(1.01)  # now the twin's weights
+    assert torch.equal(twin(**batch).logits, pristine(**batch).logits)
     assert twin(**batch).logits.shape == out.shape
 
 
@@ -126,6 +131,11 @@ def test_the_loop_follows_a_removed_decoder_layer():
         again = model(**batch).logits
     torch.testing.assert_close(out, again)
     assert tokens.shape == (4, 12)
+    # against the unpatched 3-layer model: exited rows are the logit lens of their layer, the others its logits
+    ref = model(**batch, output_hidden_states=True)
+    for row, k in enumerate([1, 3, 2, 3]):
+        want = ref.logits[row, -1] if k == 3 else decode_hidden(model, ref.hidden_states[k][row, -1])
+        torch.testing.assert_close(out[row, -1], want, rtol=1e-5, atol=1e-5)
 
 
 def _loss(logits: torch.Tensor) -> torch.Tensor:

@@ -105,6 +105,7 @@ def test_placement_helpers_find_what_the_hooks_hold():
     assert container_hooks_within(layer) == [layer], "the preloading hook sits on the layer, not its leaves"
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it)")
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_cpu_cuda_split_matches_one_device(name):
