@@ -1,5 +1,5 @@
 """How many calibration examples the probe readouts need, and whether the budget holds out of
-sample (issue 10), on the bundled model and a real task.
+sample, on the bundled model and a real task.
 
 One pass of the unpatched model collects per-layer features (label logits and last-token hidden
 states) of a pool of examples, cached on disk. Then, in numpy only:

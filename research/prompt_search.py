@@ -1,4 +1,4 @@
-"""Prompt search for the bundled tweet-sentiment task on the bundled model (issue 6).
+"""Prompt search for the bundled tweet-sentiment task on the bundled model.
 
 Early exit on a task the model cannot do says nothing, so the prompt comes first: for each
 configuration (template, label words, shots, chat vs plain, data filter) this collects the per-layer
@@ -22,8 +22,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
+from adainfer.app.datasets import tweet_sentiment
 from adainfer.app.loading import load_bundled
-from adainfer.app.tasks import tweet_sentiment
 from adainfer.calibration.features import collect_content_free, collect_task_features, label_margin, label_signals
 from adainfer.calibration.labelbias import estimate_label_bias
 from adainfer.calibration.metrics import oracle_exit_layers
