@@ -33,11 +33,10 @@ import numpy as np
 from adainfer.calibration.choices import LABEL_BIAS_ESTIMATORS
 from adainfer.calibration.features import LayerFeatures, label_probs
 
-DEFAULT_BIAS = "auto"  # balanced for two labels, else mean (research/prompt_search.md)
-
 
 def resolve_label_bias_estimator(method: str, n_labels: int) -> str:
-    """``auto`` -> ``balanced`` for two labels (best on the bundled task), else ``mean``."""
+    """``auto`` -> ``balanced`` for two labels (best on the bundled task: research/prompt_search.md),
+    else ``mean``."""
     if method == "auto":
         return "balanced" if n_labels == 2 else "mean"
     if method not in LABEL_BIAS_ESTIMATORS:
