@@ -66,7 +66,7 @@ $(COMPAT_VENV)/.adainfer-deps: requirements/torch.txt requirements/compat.txt
 
 test-compat: $(BUILD_STAMP) $(COMPAT_VENV)/.adainfer-deps
 	PYTHONPATH=$(CURDIR):$(CURDIR)/python TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest \
-	  tests/runtime/test_patch.py -q -p no:cacheprovider
+	  tests/runtime/test_patch.py tests/runtime/test_generate.py -q -p no:cacheprovider
 
 # Quick runs only: their CSV rows go to build/bench, never to the committed bench/results (which only
 # an explicit full run of a script, e.g. `python bench/bench_runtime.py`, appends to).

@@ -99,6 +99,22 @@ def tiny_family(name: str, attn: str = "sdpa", dtype: torch.dtype = torch.float3
     return model
 
 
+# Every supported family's tiny model by one name: Llama, OPT pre-LN (125m-style) and post-LN with
+# project_in/out (350m-style), and the families of FAMILY_CONFIGS. Gemma2's soft-capped attention is
+# eager-only in transformers.
+TINY_MODELS = ("llama", "opt-pre-ln", "opt-post-ln", *FAMILY_CONFIGS)
+EAGER_ONLY = frozenset({"gemma2"})
+
+
+def tiny_model(name: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A tiny random model of ``name`` (one of TINY_MODELS)."""
+    if name == "llama":
+        return tiny_llama(attn, dtype, seed=seed)
+    if name.startswith("opt-"):
+        return tiny_opt(name == "opt-post-ln", attn, dtype, seed=seed)
+    return tiny_family(name, attn, dtype, seed=seed)
+
+
 def left_padded_batch(batch: int = 4, length: int = 9, seed: int = 1, pad_id: int = 0):
     """input_ids and attention_mask with a different amount of left padding per row."""
     g = torch.Generator().manual_seed(seed)

@@ -128,6 +128,7 @@ class AdaInferHandle:
         self._layers = self.family.layers(model)
         self._saved_forward = self._inner.__dict__.get("forward")
         self._saved_model_forward = model.__dict__.get("forward")
+        self._saved_generate = model.__dict__.get("generate")
 
     def _pass(self) -> LayerPass | None:
         return getattr(self._local, "layer_pass", None)
@@ -172,6 +173,25 @@ class AdaInferHandle:
             return self._saved_model_forward
         return type(self.model).forward.__get__(self.model)
 
+    def _original_generate(self):
+        if self._saved_generate is not None:
+            return self._saved_generate
+        return type(self.model).generate.__get__(self.model)
+
+    def _in_generate(self) -> bool:
+        return getattr(self._local, "generate_depth", 0) > 0
+
+    def _generate(self, args, kwargs):
+        """``model.generate`` with the exits: the decoding set-ups the exits cannot serve are refused
+        here, before the first token, and the forwards it makes are known to come from it."""
+        if self.enabled:
+            _check_generate_call(self.model, kwargs)
+        self._local.generate_depth = getattr(self._local, "generate_depth", 0) + 1
+        try:
+            return self._original_generate()(*args, **kwargs)
+        finally:
+            self._local.generate_depth -= 1
+
     def _decoder_forward(self, args, kwargs):
         original = self._original_forward()
         if not self.enabled:
@@ -211,14 +231,21 @@ class AdaInferHandle:
         def model_forward(model_self, *args, **kwargs):
             return model_self.__dict__[_ATTR]._model_forward(args, kwargs)
 
+        def generate(model_self, *args, **kwargs):
+            return model_self.__dict__[_ATTR]._generate(args, kwargs)
+
         original = self._original_forward()
         original_model = self._original_model_forward()
         # generate() and our own callers read the forward's signature (logits_to_keep, cache=...):
         # the wrappers show the originals' signatures.
         forward.__signature__ = _unbound_signature(original)
         model_forward.__signature__ = _unbound_signature(original_model)
+        original_generate = self._original_generate()
+        generate.__signature__ = _unbound_signature(original_generate)
+        generate.__doc__ = original_generate.__doc__
         self._inner.forward = types.MethodType(forward, self._inner)
         self.model.forward = types.MethodType(model_forward, self.model)
+        self.model.generate = types.MethodType(generate, self.model)
         self._layers.__class__ = _LoopLayers
         self._layers.__dict__[_ATTR] = self
         self._inner.__dict__[_ATTR] = self
@@ -249,6 +276,10 @@ class AdaInferHandle:
             self.model.forward = self._saved_model_forward
         else:
             del self.model.forward
+        if self._saved_generate is not None:
+            self.model.generate = self._saved_generate
+        else:
+            del self.model.generate
         self._layers.__class__ = nn.ModuleList
         del self._layers.__dict__[_ATTR]
         self._inner.__dict__.pop(_ATTR, None)
@@ -270,8 +301,52 @@ class AdaInferHandle:
                 "AdaInfer decides on the last position of each row, but some rows end in padding: "
                 "use left padding (tokenizer.padding_side = 'left')"
             )
-        if mask is None:
+        # Inside generate (and in any step that continues a cached sequence) a row ending in the pad
+        # token without a mask is legal: Hugging Face drops all-ones masks and feeds pad_token_id to
+        # finished rows, whose outputs it then discards. Only a fresh forward can hide padding there.
+        if mask is None and not self._in_generate() and _cached_length(kwargs) == 0:
             _check_unmasked_padding(kwargs.get("input_ids", args[0] if args else None), self.model)
+
+
+def _cached_length(kwargs) -> int:
+    """Tokens already in the cache a decoder forward was handed (0: none, or no cache)."""
+    for name in ("cache", "past_key_values"):
+        cache = kwargs.get(name)
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+    return 0
+
+
+def _check_generate_call(model: nn.Module, kwargs) -> None:
+    """Refuse, before the first token, the ``generate`` set-ups the exits cannot serve."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+    def setting(name):
+        return kwargs.get(name, getattr(config, name, None))
+
+    fix = "set handle.enabled = False for that call, or remove the patch"
+    for flag in ("output_attentions", "output_hidden_states"):
+        if setting(flag):
+            raise ValueError(
+                f"generate(..., {flag}=True) is not supported while AdaInfer exits are enabled (rows leave "
+                f"the batch at different layers); {fix}"
+            )
+    # Each generated token's exit is decided on its own position, once. Assisted decoding verifies
+    # several draft tokens in one forward (their exits would all be decided on the last draft) and
+    # a chunked prefill runs forwards that end mid-prompt (an exit decided on a prompt token).
+    several = {
+        "assistant_model": kwargs.get("assistant_model"),
+        "prompt_lookup_num_tokens": setting("prompt_lookup_num_tokens"),
+        "assistant_early_exit": setting("assistant_early_exit"),
+        "prefill_chunk_size": setting("prefill_chunk_size"),
+    }
+    for name, value in several.items():
+        if value is not None:
+            raise ValueError(
+                f"generate(..., {name}=...) is not supported while AdaInfer exits are enabled: it runs forwards "
+                "whose last position is not the token being generated, and AdaInfer decides each token's exit "
+                f"on that token's own position; {fix}"
+            )
 
 
 def _check_unmasked_padding(input_ids, model: nn.Module) -> None:
