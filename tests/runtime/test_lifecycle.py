@@ -70,9 +70,12 @@ def test_a_deep_copy_is_patched_on_its_own_weights():
     assert not torch.allclose(out, ref), "the copy must run its own (changed) weights"
     assert len(handle.history) == n_before and len(twin_handle.history) == 1, "stats land on the copy's handle"
     assert twin_handle.last_stats.exit_layers.tolist() == [1, 4, 2, 3]
+    twin.generate(**batch, max_new_tokens=2, do_sample=False)  # the copy's generate wrapper, its own handle
+    assert len(handle.history) == n_before and len(twin_handle.history) == 3
     twin_handle.remove()
     handle.remove()
     assert adainfer.handle_of(twin) is None and adainfer.handle_of(model) is None
+    assert "generate" not in model.__dict__ and "generate" not in twin.__dict__, "the class's generate again"
     # both run plain code again: bit for bit what an independent, never patched copy computes
     assert torch.equal(model(**batch).logits, pristine(**batch).logits)
     with torch.no_grad():
