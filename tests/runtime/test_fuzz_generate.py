@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import adainfer
 import torch
 from adainfer import AdaInferConfig, ForcedExits, NeverExit
+from generation import Recorder, StopOnToken
 from hypothesis import HealthCheck, event, given, seed, settings
 from hypothesis import strategies as st
 from tiny_models import EAGER_ONLY, TINY_MODELS, VOCAB, run_configs, tiny_model
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import StoppingCriteriaList
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Greedy tokens may part where the top-2 logits are within 2 * tol (the tolerances of test_fuzz.py).
@@ -126,35 +126,11 @@ def _model(family: str, attn: str, dtype: str, seed: int):
     return tiny_model(family, attn, DTYPES[dtype], seed=seed)
 
 
-class StopOnToken(StoppingCriteria):
-    """Stops each row whose last token is ``token`` (per row: the others go on)."""
-
-    def __init__(self, token: int) -> None:
-        self.token = token
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return input_ids[:, -1] == self.token
-
-
-class Recorder(BaseStreamer):
-    """Collects what ``generate`` streams (the prompt, then each step's tokens)."""
-
-    def __init__(self) -> None:
-        self.chunks: list[torch.Tensor] = []
-        self.ended = False
-
-    def put(self, value) -> None:
-        self.chunks.append(value.detach().clone())
-
-    def end(self) -> None:
-        self.ended = True
-
-
 @dataclass
 class Outcome:
     sequences: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # (rows, steps, V) raw logits of each step (greedy/sampling)
-    streamed: list[torch.Tensor] | None = None
+    streamed: Recorder | None = None
     error: str | None = None
 
 
@@ -217,9 +193,7 @@ def generate(model, c: Case, batch: dict, eos, pad, stop) -> Outcome:
     except Exception as exc:  # the unpatched model's own refusals are compared, not hidden
         return Outcome(error=f"{type(exc).__name__}: {exc}")
     logits = None if c.decoding.startswith("beam") else torch.stack(out.logits, dim=1).float()
-    if recorder is not None:
-        assert recorder.ended, "the streamer was not ended"
-    return Outcome(out.sequences, logits, None if recorder is None else recorder.chunks)
+    return Outcome(out.sequences, logits, recorder)
 
 
 def first_difference(a: torch.Tensor, b: torch.Tensor) -> int | None:
@@ -273,8 +247,7 @@ def check_case(c: Case) -> None:
             if ref.logits is not None:
                 assert torch.equal(got.logits, ref.logits), f"{what}: logits changed"
             if ref.streamed is not None:
-                assert len(got.streamed) == len(ref.streamed), what
-                assert all(torch.equal(a, b) for a, b in zip(got.streamed, ref.streamed, strict=True)), what
+                assert ref.streamed.ended and got.streamed.same_as(ref.streamed), f"{what}: other streamed chunks"
             if config.enabled:
                 assert handle.history, what
                 for stats in handle.history:
