@@ -79,6 +79,11 @@ GENERATE_SETUPS = {
     "no-cache": dict(do_sample=False, use_cache=False),
     "own-cache": dict(do_sample=False),  # + past_key_values=DynamicCache() (below)
     "streamer": dict(do_sample=False),  # + a streamer (below)
+    "logits-processors": dict(
+        do_sample=True, typical_p=0.9, repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=[[5]]
+    ),
+    "guidance": dict(do_sample=False, guidance_scale=1.5),  # a second, unconditional forward per step
+    "inputs-embeds": dict(do_sample=False),  # the prompt as embeddings (below)
 }
 
 
@@ -107,8 +112,12 @@ def test_every_decoding_setup_runs_patched(family, setup):
 
     def run(**extra):
         kw = _setup_kwargs(setup, model, stop_token)
+        prompt = batch
+        if setup == "inputs-embeds":
+            prompt = {"inputs_embeds": model.get_input_embeddings()(batch["input_ids"]), **batch}
+            del prompt["input_ids"]
         torch.manual_seed(11)
-        out = model.generate(**batch, **kw, **extra)
+        out = model.generate(**prompt, **kw, **extra)
         return out, kw.get("streamer")
 
     ref, ref_stream = run()
