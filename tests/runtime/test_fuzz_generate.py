@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import adainfer
 import torch
 from adainfer import AdaInferConfig, ForcedExits, NeverExit
 from generation import Recorder, StopOnToken
-from hypothesis import HealthCheck, event, given, seed, settings
+from hypothesis import HealthCheck, event, example, given, seed, settings
 from hypothesis import strategies as st
 from tiny_models import EAGER_ONLY, TINY_MODELS, VOCAB, run_configs, tiny_model
 from transformers import StoppingCriteriaList
@@ -286,14 +286,62 @@ def check_case(c: Case) -> None:
         mine = Outcome(together.sequences[rows], None if together.logits is None else together.logits[rows])
         width = alone.sequences.shape[1]
         assert_tokens_agree(mine, alone, c, f"{c.family} {c.decoding} row {r} (exit {k}) alone")
-        if c.decoding == "greedy" and torch.equal(mine.sequences[:, :width], alone.sequences):
+        if c.decoding == "greedy" and eos is not None and torch.equal(mine.sequences[:, :width], alone.sequences):
             # alone the row stopped (eos or the criterion); in the batch it is fed pad from there on
-            # (beam search fills finished beams its own way)
+            # (only where generate has an eos: without one it goes on; beam search fills its own way)
             assert bool((mine.sequences[:, width:] == pad).all()), f"row {r}: tokens after its end"
+
+
+# Corners, run first: a stopping criterion without an eos (the row that stopped goes on in the batch,
+# as it does unpatched); pad == eos with rows finishing in an unpadded batch and no mask (the bug
+# report's case); beam search returning several sequences per row from a static cache.
+_BASE = Case(
+    family="llama",
+    attn="sdpa",
+    dtype="fp32",
+    model_seed=0,
+    length=4,
+    pads=(0, 0),
+    give_mask=False,
+    eos_at=None,
+    pad_is_eos=False,
+    decoding="greedy",
+    beams=1,
+    returns=1,
+    min_new=0,
+    stop_at=None,
+    cache="dynamic",
+    streamer=False,
+    new_tokens=3,
+    exits=(2, 1),
+    seed=0,
+)
+_CORNERS = [
+    replace(_BASE, stop_at=(0, 0), new_tokens=2),
+    replace(_BASE, family="qwen2", pads=(0, 0, 0), eos_at=(1, 0), pad_is_eos=True, streamer=True, exits=(1, 4, 2)),
+    replace(
+        _BASE,
+        family="opt-post-ln",
+        attn="eager",
+        model_seed=1,
+        length=5,
+        give_mask=True,
+        eos_at=(0, 1),
+        decoding="beam",
+        beams=3,
+        returns=2,
+        min_new=1,
+        cache="static",
+        exits=(3, 1),
+    ),
+]
 
 
 @FUZZ
 @seed(int(_SEED or 0))
 @given(c=cases())
+@example(c=_CORNERS[0])
+@example(c=_CORNERS[1])
+@example(c=_CORNERS[2])
 def test_fuzz_generate(c: Case) -> None:
     check_case(c)
