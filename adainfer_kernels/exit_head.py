@@ -7,10 +7,18 @@ the (rows, V) logits (docs/architecture.md, "The exit head"). Backends (``backen
 
 - CUDA tensors: the Triton kernels of ``exit_head_triton`` (split-V + merge; row-tiled ``tl.dot``).
 - CPU tensors: ``adainfer::exit_head_cpu`` from ``_C`` (csrc/exit_head_cpu.cpp): the norm in
-  C++, W^T in packed 64-column panels, per-task batch-reduce GEMMs (oneDNN brgemm: AMX for bf16,
-  AVX-512 for fp32) into an L2-sized fp32 buffer reduced on the spot (top-2 + sum-exp), tasks in
-  parallel, merged in order.
-  Without the op (no ``_C``, or a CPU/torch build without brgemm) a torch fallback walks the
+  C++, then per task of consecutive candidates a GEMM tile into an L2-sized fp32 buffer reduced on
+  the spot (top-2 + sum-exp), tasks in parallel, merged in order. The GEMM kernel depends on the
+  weight's dtype and the CPU (``backend.exit_head_cpu_kernel``, shown by ``adainfer info``):
+  ``brgemm`` for fp32 heads (oneDNN's batch-reduce GEMM, AVX-512, on W^T packed once in 64-column
+  panels) and for bf16 heads on AMX CPUs; without AMX, bf16 heads run ``avx512bf16``
+  (csrc/exit_head_cpu_dot.cpp: W read as stored, row-major bf16, no copy; vdpbf16ps with fp32
+  accumulation; dot-product tiles of 6 rows x 4 candidates at few rows, and from 128 rows (64 at
+  d >= 2048) blocks of 64 candidates transposed on the fly into a per-thread L2 scratch), or
+  ``avx512`` (each W vector widened to fp32 in registers, fp32 FMA) on AVX-512 CPUs without
+  AVX512-BF16; fp16 heads run ``avx512`` (vcvtph2ps). On CPUs without AVX-512 the op's portable
+  ``scalar`` kernel is slower than the torch fallback, which is then the choice.
+  The torch fallback (no ``_C``, no brgemm for fp32, no AVX-512 for bf16 / fp16) walks the
   vocabulary in chunks with ``torch.mm`` on a cached fp32 W^T and merges the same statistics:
   also O(R x chunk) working memory.
 - ``ADAINFER_BACKEND=reference``: ``reference.exit_head_ref`` (materialises the logits; debugging).
@@ -32,21 +40,28 @@ Hugging Face rounds (Llama: fp32 statistics, cast to the input dtype, then the w
 LayerNorm in fp32, cast once); its statistics are fp32 (Triton) or double (CPU) sums, so an element
 can differ from HF's in its last bit where a statistic does (tests bound the effect). Then x @ W^T
 is accumulated in fp32 from exact products of the model-dtype values: bf16 weights go to the
-AMX/tensor-core path as they are; fp16 and fp32 weights are multiplied in fp32 (fp16 -> fp32 is
-exact). The logits are never rounded to the model dtype (Hugging Face's own bf16 LM head rounds
-them to 8 bits of mantissa), so the fused head is closer to the fp32 reference than the model's
-own low-precision decode. Weights are never converted to a narrower dtype: a bf16 copy of an fp32
-LM head would run up to ~4x faster on AMX (docs/architecture.md, "Measured facts") but, measured
-on (576, 49152) with logits of standard deviation 4-8, moves top_prob by up to 5e-3-1e-2 and the
-gap by up to 2e-2 (and flipped 1 argmax in 64 rows), against 1e-6-5e-6 for PyTorch's own fp32 path: far outside the fp32
-tolerance (<= 2x PyTorch's own fp32 error + 1e-5), and enough to move a classifier's decisions.
+AMX / vdpbf16ps / tensor-core paths as they are (vdpbf16ps flushes bf16 subnormals, below 1e-38,
+to zero: no effect on logits of real heads); fp16 and fp32 weights are multiplied in fp32 (fp16 ->
+fp32 is exact, done in registers by the CPU kernels). The order of the fp32 sums is fixed by R and
+the kernel, never by the thread count. The logits are never rounded to the model dtype (Hugging
+Face's own bf16 LM head rounds them to 8 bits of mantissa), so the fused head is closer to the fp32
+reference than the model's own low-precision decode. Weights are never converted to a narrower
+dtype: a bf16 copy of an fp32 LM head would run up to ~4x faster on AMX (docs/architecture.md,
+"Measured facts") but, measured on (576, 49152) with logits of standard deviation 4-8, moves
+top_prob by up to 5e-3-1e-2 and the gap by up to 2e-2 (and flipped 1 argmax in 64 rows), against
+1e-6-5e-6 for PyTorch's own fp32 path: far outside the fp32 tolerance (<= 2x PyTorch's own fp32
+error + 1e-5), and enough to move a classifier's decisions.
 
-Cached prepared weight (CPU): the first call for a head packs W (or W[subset]) into the panel
-layout (measured here: 0.1 s for (49152, 576), 0.4-0.7 s for (32000, 4096)) and keeps it while
-the weight tensor lives (an entry dies with its tensor; ``clear_cache()`` drops all). Extra
-memory: one copy of the (subset) LM head in the compute dtype (fp32 for fp16 heads, so 2x there),
-e.g. 113 MB for SmolLM2's fp32 head. The torch fallback keeps an fp32 W^T instead (2x for
-bf16/fp16 heads): converting W on every call made it slower than the unfused reference.
+Cached prepared weight (CPU): the brgemm kernel packs W (or W[subset]) into its panel layout on
+the first call for a head (measured here: 0.1 s for (49152, 576), 0.4-0.7 s for (32000, 4096)) and
+keeps it while the weight tensor lives (an entry dies with its tensor; ``clear_cache()`` drops
+all): a second copy of W, e.g. 113 MB for SmolLM2's fp32 head. The row-major kernels (bf16 / fp16
+heads without AMX) keep nothing for a full head: they read the model's own tensor; a vocabulary
+subset is gathered once into a cached (K, d) copy in the head's dtype. Their per-call memory is
+per-thread scratch: a 256 KiB logits buffer, plus 128 x d bytes of transposed W at many rows
+(0.7 MB in all for (576, 49152) on 2 threads, 1.2% of its bf16 W). The torch fallback keeps an
+fp32 W^T instead (2x for bf16/fp16 heads): converting W on every call made it slower than the
+unfused reference.
 
 ``project_out`` (OPT-350m) is applied before the vocabulary pass, on (R, d) rows, with Hugging
 Face's ops: folding it into W would make the streamed matrix (V, d) instead of (V, d_out) (2x the
@@ -64,7 +79,7 @@ import torch
 
 from adainfer_kernels import _native
 from adainfer_kernels._cache import IdentityCache
-from adainfer_kernels.backend import exit_head_backend
+from adainfer_kernels.backend import exit_head_backend, exit_head_cpu_kernel
 from adainfer_kernels.head import (
     ExitSignals,
     ReadoutHead,
@@ -136,38 +151,48 @@ def cpu_impl() -> str:
 
 
 def _native_supports(dtype: torch.dtype) -> bool:
+    """Whether the native op runs LM heads of ``dtype`` here (with any kernel, the slow portable one included)."""
     return cpu_impl() == "native" and bool(torch.ops.adainfer.exit_head_cpu_supported(dtype))
 
 
 def _compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    # bf16 x bf16 products are exact in fp32 and AMX accumulates them in fp32; fp16 has no brgemm
-    # path on most CPUs, and fp16 -> fp32 is exact, so fp16 heads are multiplied in fp32.
+    # The torch fallback's rows: bf16 x bf16 products are exact in fp32, fp16 -> fp32 is exact.
     return torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32
 
 
 def _exit_head_cpu(
     hidden: torch.Tensor, head: ReadoutHead, stop_rule: StopRule | None = None, impl: str = "auto"
 ) -> ExitSignals:
-    """The CPU path (inputs already checked). ``impl`` forces ``"native"`` or ``"torch"`` (tests)."""
+    """The CPU path (inputs already checked). ``impl`` forces ``"native"`` or ``"torch"`` (tests, bench).
+
+    ``"auto"`` takes the kernel ``backend.exit_head_cpu_kernel`` names (``adainfer info`` shows it
+    and why); ``"native"`` raises where the op cannot run this dtype, never falling back silently.
+    """
     if impl not in CPU_IMPLS:
         raise ValueError(f"impl {impl!r} is not one of {CPU_IMPLS}")
-    cdt = _compute_dtype(head.weight.dtype)
+    wdt = head.weight.dtype
     if impl == "auto":
-        impl = "native" if _native_supports(cdt) else "torch"
-    elif impl == "native" and not _native_supports(cdt):
-        raise RuntimeError(f"the native CPU exit head is unavailable for {cdt} here ({_native.error() or 'no brgemm'})")
+        impl = "torch" if exit_head_cpu_kernel(wdt).name == "torch" else "native"
+    elif impl == "native" and not _native_supports(wdt):
+        why = _native.error() or exit_head_cpu_kernel(wdt).reason
+        raise RuntimeError(f"the native CPU exit head is unavailable for {wdt} here ({why})")
     if impl == "torch":
+        cdt = _compute_dtype(wdt)
         x = decode_rows(hidden, head).to(cdt)
         wt = _TRANSPOSED.get((head.weight, head.vocab_subset), lambda: _transposed_fp32(head))
         return _finish(*_stats_torch(x, wt, head.logit_bias, head.logit_softcap), hidden, head, stop_rule)
 
-    packed = _PACKED.get((head.weight, head.vocab_subset), lambda: _pack(head, cdt))
+    kernel = str(torch.ops.adainfer.exit_head_cpu_kernel(wdt))
+    if kernel == "brgemm":  # fp32 heads, and bf16 heads on AMX CPUs: W^T in packed panels, cached
+        w = _PACKED.get((head.weight, head.vocab_subset), lambda: _pack(head, _compute_dtype(wdt)))
+    else:  # the row-major kernels read W as it is stored; a subset is gathered once (cached)
+        w = _rowmajor(head)
     # The op applies rms / layer norms itself (HF's numerics); Gemma's norm and project_out come pre-applied.
     rows, norm = kernel_rows(hidden, head)
     nw, nb = (head.norm_weight, head.norm_bias) if norm else (None, None)
     cap = float(head.logit_softcap) if head.logit_softcap is not None else None
     top, gap, pos = torch.ops.adainfer.exit_head_cpu(
-        rows, packed, head.n_candidates, norm, nw, nb, float(head.eps), head.logit_bias, cap
+        rows, w, head.n_candidates, norm, nw, nb, float(head.eps), head.logit_bias, cap, kernel
     )
     if rows is not hidden:  # non-finite rows of the caller's hidden states, not of the normed/projected rows
         bad = ~torch.isfinite(hidden).all(dim=1)
@@ -182,6 +207,18 @@ def _exit_head_cpu(
 def _pack(head: ReadoutHead, cdt: torch.dtype) -> torch.Tensor:
     w = head.weight if head.vocab_subset is None else head.weight.index_select(0, head.vocab_subset)
     return torch.ops.adainfer.exit_head_cpu_pack(w.to(cdt))
+
+
+def _rowmajor(head: ReadoutHead) -> torch.Tensor:
+    """W (or W[subset]) as the row-major kernels take it: (n_candidates, d), contiguous, own dtype.
+    The full head is passed as it is (no copy); a subset or a non-contiguous head is copied once and
+    cached (the cache must not hold the head's own tensor: its entry would keep the weight alive)."""
+    w = head.weight
+    if head.vocab_subset is None and w.is_contiguous():
+        return w
+    return _PACKED.get(
+        (w, head.vocab_subset), lambda: (w if head.vocab_subset is None else w[head.vocab_subset]).contiguous()
+    )
 
 
 def _chunk(n_rows: int) -> int:
@@ -282,6 +319,7 @@ def _register_fakes() -> None:
         eps: float,
         bias: torch.Tensor | None,
         softcap: float | None = None,
+        kernel: str | None = None,
     ) -> tuple[torch.Tensor, ...]:
         r = hidden.shape[0]
         f = hidden.new_empty((r,), dtype=torch.float32)

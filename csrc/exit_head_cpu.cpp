@@ -1,7 +1,9 @@
 // The exit head's CPU path: per-row softmax statistics of x @ W^T without the (rows, V) logits.
 //
-//   exit_head_cpu_pack(weight [n, d]) -> packed          once per head (cached by the Python side)
-//   exit_head_cpu(hidden [R, d], packed, n, norm, norm_weight?, norm_bias?, eps, bias?, softcap?)
+//   exit_head_cpu_kernel(dtype) -> str      the kernel the op runs for weights of that dtype here
+//   exit_head_cpu_pack(weight [n, d]) -> packed          once per head, brgemm kernels only (cached
+//                                                        by the Python side)
+//   exit_head_cpu(hidden [R, d], w, n, norm, norm_weight?, norm_bias?, eps, bias?, softcap?, kernel?)
 //       -> (top_prob [R] f32, gap [R] f32, pos [R] i64)  every exit check
 //
 // x = norm(hidden) as Hugging Face rounds it, y = x @ W^T over the n candidates, z = y, or with a
@@ -12,17 +14,22 @@
 // exit check each open an OpenMP region, and on a loaded machine each region waits for a core
 // (measured: 50-80 ms per check at R=64 on this 2-core machine, more than the GEMM).
 //
-// Layout: W^T cut into blocks of 64 candidates, each a contiguous (K, 64) panel: fp32 panels as
-// they are, bf16 panels in the VNNI layout of oneDNN's batch-reduce GEMM (cpublas::pack, K padded
-// to even). The candidates are split into tasks of a few blocks; each task multiplies its panels
-// with brgemm (AMX for bf16, AVX-512 for fp32; fp32 accumulation, fp32 logits) into a small
-// buffer that stays in L2 (<= 1 MiB, <= 2048 columns) and reduces it at once: soft-cap (vectorised
-// tanh, exit_head_cpu_rowstats.h), bias, then max, position, second and sum-exp per row. Tasks run
-// in parallel (at::parallel_for) and their partials are merged in task order, so the result does
-// not depend on the number of threads. W is streamed once.
-//
-// brgemm needs oneDNN's ukernel support on this CPU (AVX-512 or AMX): exit_head_cpu_supported
-// probes it once per dtype, and the Python side falls back to chunked torch GEMMs without it.
+// Kernels (one per weight dtype and CPU, chosen by exit_head_cpu_kernel, or forced by `kernel`):
+//   brgemm      fp32 W (and bf16 W where oneDNN has a bf16 brgemm, i.e. AMX): W^T packed once into
+//               blocks of 64 candidates, each a contiguous (K, 64) panel (bf16 in oneDNN's VNNI
+//               layout, K padded to even), multiplied with oneDNN's batch-reduce GEMM.
+//   avx512bf16  bf16 W without AMX: W read as stored, row-major bf16, no copy; vdpbf16ps with fp32
+//               accumulation (exit_head_cpu_dot.cpp).
+//   avx512      bf16 W without AVX512-BF16, and fp16 W: W read as stored; each vector converted to
+//               fp32 in registers (exact), fp32 FMA.
+//   scalar      bf16 / fp16 W on CPUs without AVX-512 (portable, slow: the Python side prefers its
+//               torch fallback there, and says so).
+// Every kernel fills, per task of consecutive candidates, a small fp32 logits buffer that stays in
+// L2 (<= 1 MiB for brgemm, <= 256 KiB for the row-major kernels) and reduces it at once: soft-cap
+// (vectorised tanh, exit_head_cpu_rowstats.h), bias, then max, position, second and sum-exp per
+// row. Tasks run in parallel (at::parallel_for) and their partials are merged in task order; the
+// tasks depend on R only, so the result does not depend on the number of threads. W is streamed
+// once.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -35,9 +42,13 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#include "exit_head_cpu_dot.h"
 
 #if defined(CPUBLAS_BRGEMM_F32F32F32) && defined(CPUBLAS_BRGEMM_BF16BF16F32)
 #define ADAINFER_HAS_BRGEMM 1
@@ -52,9 +63,8 @@ constexpr int64_t kBlockN = 64;        // candidates per packed panel (oneDNN pa
 constexpr int64_t kBufferBytes = 1 << 20;  // logits buffer per task: rows x columns x 4 B <= 1 MiB (L2)
 constexpr int64_t kMaxBlocksPerTask = 32;  // <= 2048 columns per task
 constexpr int64_t kRowTile = 64;       // brgemm rows per call
+constexpr int64_t kDotBufferBytes = 256 << 10;  // logits buffer per task of the row-major kernels
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-bool dtype_supported(at::ScalarType dt) { return dt == at::kFloat || dt == at::kBFloat16; }
 
 // bf16 panels pair up consecutive k (VNNI), so K is padded to even.
 int64_t padded_k(int64_t d, at::ScalarType dt) { return dt == at::kBFloat16 ? (d + 1) / 2 * 2 : d; }
@@ -93,14 +103,40 @@ bool probe(at::ScalarType dt) {
 #endif
 }
 
-bool exit_head_cpu_supported(at::ScalarType dtype) {
-  if (!dtype_supported(dtype)) return false;
+// oneDNN's brgemm for panels of this dtype (fp32: AVX-512; bf16: AMX), probed once per dtype.
+bool brgemm_supported(at::ScalarType dtype) {
+  if (dtype != at::kFloat && dtype != at::kBFloat16) return false;
   static std::once_flag once[2];
   static bool ok[2] = {false, false};
   const int slot = dtype == at::kFloat ? 0 : 1;
   std::call_once(once[slot], [&] { ok[slot] = probe(dtype); });
   return ok[slot];
 }
+
+const char* const kKernels[] = {"brgemm", "avx512bf16", "avx512", "scalar"};
+
+// Whether `kernel` runs weights of dtype `w` on this CPU (and this torch build).
+bool kernel_runs(const std::string& kernel, at::ScalarType w) {
+  const bool half = w == at::kBFloat16 || w == at::kHalf;
+  if (kernel == "brgemm") return brgemm_supported(w == at::kHalf ? at::kFloat : w);
+  if (kernel == "avx512bf16") return w == at::kBFloat16 && dot::cpu_has_avx512bf16();
+  if (kernel == "avx512") return half && dot::cpu_has_avx512();
+  if (kernel == "scalar") return half;
+  return false;
+}
+
+// The kernel the op runs for weights of this dtype ("" when none): the fastest that runs here.
+// bf16: brgemm where oneDNN has a bf16 brgemm (AMX), else the row-major kernels; fp16 always
+// row-major (2 bytes streamed per weight instead of an fp32 copy's 4).
+std::string exit_head_cpu_kernel(at::ScalarType dtype) {
+  if (dtype == at::kFloat) return brgemm_supported(dtype) ? "brgemm" : "";
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return "";
+  for (const char* k : {"brgemm", "avx512bf16", "avx512"})
+    if ((dtype == at::kBFloat16 || std::string(k) != "brgemm") && kernel_runs(k, dtype)) return k;
+  return "scalar";
+}
+
+bool exit_head_cpu_supported(at::ScalarType dtype) { return !exit_head_cpu_kernel(dtype).empty(); }
 
 struct Stats {
   float max = kNegInf;
@@ -183,8 +219,11 @@ at::Tensor exit_head_cpu_pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) > 0 && weight.size(1) > 0,
               "exit_head_cpu_pack: weight must be a non-empty 2-D (n, d) tensor, got shape ", weight.sizes());
   const auto dt = weight.scalar_type();
-  TORCH_CHECK(dtype_supported(dt), "exit_head_cpu_pack: weight must be fp32 or bf16, got ", dt);
-  TORCH_CHECK(exit_head_cpu_supported(dt), "exit_head_cpu_pack: this CPU/torch build has no brgemm for ", dt);
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "exit_head_cpu_pack: weight must be fp32 or bf16, got ", dt);
+  TORCH_CHECK(brgemm_supported(dt), "exit_head_cpu_pack: this CPU/torch build has no brgemm for ", dt,
+              dt == at::kBFloat16 ? " (oneDNN's bf16 brgemm needs AMX): the row-major kernels "
+                                    "(exit_head_cpu_kernel) take the (n, d) weight as it is, unpacked"
+                                  : "");
   const at::Tensor w = weight.contiguous();
   const int64_t n = w.size(0), d = w.size(1), kp = padded_k(d, dt);
   const int64_t n_blocks = (n + kBlockN - 1) / kBlockN;
@@ -275,31 +314,22 @@ void prepare_rows(const at::Tensor& h, int64_t norm, const MT* g, const MT* b, d
   }
 }
 
-// Per-row statistics of x (R, kp) against the packed panels, merged over the tasks; softcap > 0
-// caps the logits (before the bias), 0 leaves them as they are.
-template <typename T>
-void stats_impl(const T* xa, int64_t rows, const at::Tensor& packed, int64_t n_cand, const float* bias, float softcap,
-                Stats* out) {
-#if ADAINFER_HAS_BRGEMM
-  const int64_t kp = packed.size(1) / kBlockN, n_blocks = packed.size(0);
-  const T* wp = packed.const_data_ptr<T>();
-  const int64_t per_task =
-      std::clamp<int64_t>(kBufferBytes / (static_cast<int64_t>(sizeof(float)) * kBlockN * rows), 1, kMaxBlocksPerTask);
-  const int64_t n_tasks = (n_blocks + per_task - 1) / per_task;
-  const int64_t ldc = per_task * kBlockN;
+// Per-row statistics over n_cand candidates in tasks of `per_task` consecutive candidates:
+// fill(task, c0, cols, buf, ldc) writes the task's fp32 logits buf[r * ldc + j] (candidate c0 + j);
+// softcap > 0 caps them (before the bias), 0 leaves them as they are. done() runs once per thread
+// chunk after its tasks (brgemm's release). Partials are merged in task order.
+template <typename Fill, typename Done>
+void run_tasks(int64_t rows, int64_t n_cand, int64_t per_task, int64_t ldc, const float* bias, float softcap,
+               Stats* out, const Fill& fill, const Done& done) {
+  const int64_t n_tasks = (n_cand + per_task - 1) / per_task;
   std::vector<Stats> partial(n_tasks * rows);
   const RowStatsFn row_stats = row_stats_fn();
   const SoftcapFn cap_logits = softcap_fn();
   at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> buf(rows * ldc);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t blk0 = task * per_task, blk1 = std::min(n_blocks, blk0 + per_task);
-      const int64_t c0 = blk0 * kBlockN, cols = std::min(n_cand, blk1 * kBlockN) - c0;
-      for (int64_t blk = blk0; blk < blk1; ++blk) {
-        float* c = buf.data() + (blk - blk0) * kBlockN;
-        for (int64_t r0 = 0; r0 < rows; r0 += kRowTile)
-          gemm_panel(std::min(kRowTile, rows - r0), kp, ldc, xa + r0 * kp, wp + blk * kp * kBlockN, c + r0 * ldc);
-      }
+      const int64_t c0 = task * per_task, cols = std::min(n_cand, c0 + per_task) - c0;
+      fill(c0, cols, buf.data());
       for (int64_t r = 0; r < rows; ++r) {
         float* c = buf.data() + r * ldc;
         if (softcap > 0.f) cap_logits(c, cols, softcap);
@@ -310,45 +340,108 @@ void stats_impl(const T* xa, int64_t rows, const at::Tensor& packed, int64_t n_c
         partial[task * rows + r] = st;
       }
     }
-    release(packed.scalar_type());
+    done();
   });
   for (int64_t r = 0; r < rows; ++r) {
     Stats acc = partial[r];
     for (int64_t task = 1; task < n_tasks; ++task) merge_into(acc, partial[task * rows + r]);
     out[r] = acc;
   }
+}
+
+// brgemm: x (R, kp) against the packed panels, a task = up to kMaxBlocksPerTask panels.
+template <typename T>
+void stats_brgemm(const T* xa, int64_t rows, const at::Tensor& packed, int64_t n_cand, const float* bias,
+                  float softcap, Stats* out) {
+#if ADAINFER_HAS_BRGEMM
+  const int64_t kp = packed.size(1) / kBlockN, n_blocks = packed.size(0);
+  const T* wp = packed.const_data_ptr<T>();
+  const int64_t per_task =
+      std::clamp<int64_t>(kBufferBytes / (static_cast<int64_t>(sizeof(float)) * kBlockN * rows), 1, kMaxBlocksPerTask);
+  const int64_t ldc = per_task * kBlockN;
+  auto fill = [&](int64_t c0, int64_t /*cols*/, float* buf) {
+    const int64_t blk0 = c0 / kBlockN, blk1 = std::min(n_blocks, blk0 + per_task);
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      float* c = buf + (blk - blk0) * kBlockN;
+      for (int64_t r0 = 0; r0 < rows; r0 += kRowTile)
+        gemm_panel(std::min(kRowTile, rows - r0), kp, ldc, xa + r0 * kp, wp + blk * kp * kBlockN, c + r0 * ldc);
+    }
+  };
+  run_tasks(rows, n_cand, ldc, ldc, bias, softcap, out, fill, [&] { release(packed.scalar_type()); });
 #else
   (void)xa, (void)rows, (void)packed, (void)n_cand, (void)bias, (void)softcap, (void)out;
   TORCH_CHECK(false, "exit_head_cpu: built without cpublas::brgemm");
 #endif
 }
 
-at::ScalarType compute_dtype(at::ScalarType model) { return model == at::kBFloat16 ? at::kBFloat16 : at::kFloat; }
+// Row-major kernels: x (R, kx) against W (n_cand, d) as stored, a task = a 256 KiB logits buffer
+// (64 to 4096 candidates, a multiple of 64).
+void stats_rowmajor(const std::string& kernel, const void* xa, int64_t rows, int64_t kx, const at::Tensor& w,
+                    const float* bias, float softcap, Stats* out) {
+  const int64_t n_cand = w.size(0), d = w.size(1);
+  const uint16_t* wp = static_cast<const uint16_t*>(w.const_data_ptr());
+  const bool fp16 = w.scalar_type() == at::kHalf;
+  const int64_t per_task = std::clamp<int64_t>(kDotBufferBytes / (4 * rows) / 64 * 64, 64, 4096);
+  auto fill = [&](int64_t c0, int64_t cols, float* buf) {
+    const uint16_t* wt = wp + c0 * d;
+    if (kernel == "avx512bf16")
+      dot::logits_avx512bf16(static_cast<const uint16_t*>(xa), rows, kx, wt, cols, d, buf, per_task);
+    else if (kernel == "avx512")
+      dot::logits_avx512(static_cast<const float*>(xa), rows, kx, wt, fp16, cols, d, buf, per_task);
+    else
+      dot::logits_scalar(static_cast<const float*>(xa), rows, kx, wt, fp16, cols, d, buf, per_task);
+  };
+  run_tasks(rows, n_cand, per_task, per_task, bias, softcap, out, fill, [] {});
+}
 
 // hidden (R, d) -> top_prob (R,) f32, gap (R,) f32, pos (R,) i64: the candidate position of the top-1
 // (-1 for rows holding inf/NaN, whose top_prob and gap are NaN; NaN too when every logit is -inf).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& hidden, const at::Tensor& packed,
+// `w` is the brgemm kernel's packed panels (exit_head_cpu_pack) or, for the row-major kernels, the
+// (n_cand, d) weight itself in the hidden states' dtype. kernel: None = exit_head_cpu_kernel's choice.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& hidden, const at::Tensor& w,
                                                              int64_t n_cand, int64_t norm,
                                                              const std::optional<at::Tensor>& norm_weight,
                                                              const std::optional<at::Tensor>& norm_bias, double eps,
                                                              const std::optional<at::Tensor>& bias,
-                                                             std::optional<double> softcap) {
-  TORCH_CHECK(hidden.device().is_cpu() && packed.device().is_cpu(), "exit_head_cpu: hidden and packed must be CPU tensors");
+                                                             std::optional<double> softcap,
+                                                             const std::optional<std::string>& kernel_arg) {
+  TORCH_CHECK(hidden.device().is_cpu() && w.device().is_cpu(), "exit_head_cpu: hidden and packed must be CPU tensors");
   TORCH_CHECK(hidden.dim() == 2 && hidden.size(1) > 0, "exit_head_cpu: hidden must be 2-D (R, d), got shape ",
               hidden.sizes());
   const auto mt = hidden.scalar_type();
   TORCH_CHECK(mt == at::kFloat || mt == at::kBFloat16 || mt == at::kHalf, "exit_head_cpu: hidden must be fp32, bf16 or fp16, got ", mt);
-  const auto ct = compute_dtype(mt);
-  TORCH_CHECK(packed.scalar_type() == ct, "exit_head_cpu: packed must be ", ct, " for ", mt, " hidden states, got ",
-              packed.scalar_type());
-  TORCH_CHECK(exit_head_cpu_supported(ct), "exit_head_cpu: this CPU/torch build has no brgemm for ", ct);
-  TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.size(1) % kBlockN == 0,
-              "exit_head_cpu: packed must come from exit_head_cpu_pack, got shape ", packed.sizes());
-  const int64_t d = hidden.size(1), kp = packed.size(1) / kBlockN, n_blocks = packed.size(0);
-  TORCH_CHECK(kp == padded_k(d, ct), "exit_head_cpu: hidden has d=", d, " but packed was made for d=", kp,
-              ct == at::kBFloat16 ? " (padded to even)" : "");
-  TORCH_CHECK(n_cand > (n_blocks - 1) * kBlockN && n_cand <= n_blocks * kBlockN, "exit_head_cpu: n_cand=", n_cand,
-              " does not match packed with ", n_blocks, " panels");
+  const std::string kernel = kernel_arg.has_value() ? *kernel_arg : exit_head_cpu_kernel(mt);
+  TORCH_CHECK(std::find(std::begin(kKernels), std::end(kKernels), kernel) != std::end(kKernels) || kernel.empty(),
+              "exit_head_cpu: kernel must be one of brgemm, avx512bf16, avx512, scalar (or None), got '", kernel, "'");
+  TORCH_CHECK(kernel_runs(kernel, mt), "exit_head_cpu: ",
+              kernel.empty() ? std::string("no kernel") : "kernel '" + kernel + "'", " cannot run ", mt,
+              " weights on this CPU/torch build",
+              kernel == "brgemm" || kernel.empty() ? " (no brgemm for it: oneDNN's bf16 brgemm needs AMX)"
+              : kernel == "avx512bf16"             ? " (needs AVX512-BF16 and bf16)"
+              : kernel == "avx512"                 ? " (needs AVX-512 F/BW/VL/DQ and bf16 or fp16)"
+                                                   : " (bf16 or fp16 only)");
+  const bool rowmajor = kernel != "brgemm";
+  // The rows' dtype in the kernel: bf16 for the bf16 GEMMs, else fp32 (bf16 / fp16 -> fp32 is exact).
+  const auto ct = (kernel == "avx512bf16" || (kernel == "brgemm" && mt == at::kBFloat16)) ? at::kBFloat16 : at::kFloat;
+  const int64_t d = hidden.size(1);
+  int64_t kx = d;  // row stride of x
+  if (rowmajor) {
+    TORCH_CHECK(w.scalar_type() == mt && w.dim() == 2 && w.size(0) == n_cand && w.size(1) == d && w.is_contiguous(),
+                "exit_head_cpu: the '", kernel, "' kernel takes the weight as it is stored: a contiguous ", mt,
+                " tensor of shape (", n_cand, ", ", d, "), got ", w.scalar_type(), " ", w.sizes());
+    kx = kernel == "avx512bf16" ? (d + 31) / 32 * 32 : kernel == "avx512" ? (d + 15) / 16 * 16 : d;
+  } else {
+    TORCH_CHECK(w.scalar_type() == ct, "exit_head_cpu: packed must be ", ct, " for ", mt, " hidden states, got ",
+                w.scalar_type());
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) % kBlockN == 0,
+                "exit_head_cpu: packed must come from exit_head_cpu_pack, got shape ", w.sizes());
+    const int64_t kp = w.size(1) / kBlockN, n_blocks = w.size(0);
+    TORCH_CHECK(kp == padded_k(d, ct), "exit_head_cpu: hidden has d=", d, " but packed was made for d=", kp,
+                ct == at::kBFloat16 ? " (padded to even)" : "");
+    TORCH_CHECK(n_cand > (n_blocks - 1) * kBlockN && n_cand <= n_blocks * kBlockN, "exit_head_cpu: n_cand=", n_cand,
+                " does not match packed with ", n_blocks, " panels");
+    kx = kp;
+  }
   TORCH_CHECK(norm >= 0 && norm <= 2, "exit_head_cpu: norm must be 0 (none), 1 (rms) or 2 (layer), got ", norm);
   auto check_vec = [&](const std::optional<at::Tensor>& t, const char* name) -> at::Tensor {
     if (!t.has_value()) return {};
@@ -378,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& h
 
   const int64_t rows = hidden.size(0);
   const at::Tensor h = hidden.contiguous();
-  at::Tensor x = at::empty({rows, kp}, hidden.options().dtype(ct));
+  at::Tensor x = at::empty({rows, kx}, hidden.options().dtype(ct));
   std::vector<uint8_t> bad(rows, 0);
   std::vector<Stats> st(rows);
   if (rows > 0) {
@@ -386,14 +479,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& h
       const scalar_t* gp = g.defined() ? g.const_data_ptr<scalar_t>() : nullptr;
       const scalar_t* bp = nb.defined() ? nb.const_data_ptr<scalar_t>() : nullptr;
       if (ct == at::kBFloat16)
-        prepare_rows<scalar_t, at::BFloat16>(h, norm, gp, bp, eps, kp, x.mutable_data_ptr<at::BFloat16>(), bad.data());
+        prepare_rows<scalar_t, at::BFloat16>(h, norm, gp, bp, eps, kx, x.mutable_data_ptr<at::BFloat16>(), bad.data());
       else
-        prepare_rows<scalar_t, float>(h, norm, gp, bp, eps, kp, x.mutable_data_ptr<float>(), bad.data());
+        prepare_rows<scalar_t, float>(h, norm, gp, bp, eps, kx, x.mutable_data_ptr<float>(), bad.data());
     });
-    if (ct == at::kFloat)
-      stats_impl<float>(x.const_data_ptr<float>(), rows, packed, n_cand, bias_ptr, cap, st.data());
+    if (rowmajor)
+      stats_rowmajor(kernel, x.const_data_ptr(), rows, kx, w, bias_ptr, cap, st.data());
+    else if (ct == at::kFloat)
+      stats_brgemm<float>(x.const_data_ptr<float>(), rows, w, n_cand, bias_ptr, cap, st.data());
     else
-      stats_impl<at::BFloat16>(x.const_data_ptr<at::BFloat16>(), rows, packed, n_cand, bias_ptr, cap, st.data());
+      stats_brgemm<at::BFloat16>(x.const_data_ptr<at::BFloat16>(), rows, w, n_cand, bias_ptr, cap, st.data());
   }
   auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor top = at::empty({rows}, f32), gap = at::empty({rows}, f32);
@@ -417,10 +512,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& h
 
 TORCH_LIBRARY_FRAGMENT(adainfer, m) {
   m.def("exit_head_cpu_supported(ScalarType dtype) -> bool", &exit_head_cpu_supported);
+  m.def("exit_head_cpu_kernel(ScalarType dtype) -> str", &exit_head_cpu_kernel);
   m.def("exit_head_cpu_pack(Tensor weight) -> Tensor");
   m.def(
       "exit_head_cpu(Tensor hidden, Tensor packed, int n_cand, int norm, Tensor? norm_weight, Tensor? norm_bias, "
-      "float eps, Tensor? bias, float? softcap=None) -> (Tensor, Tensor, Tensor)");
+      "float eps, Tensor? bias, float? softcap=None, str? kernel=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(adainfer, CPU, m) {

@@ -36,7 +36,7 @@ from adainfer_kernels.reference import exit_head_ref
 
 exit_head_mod = sys.modules["adainfer_kernels.exit_head"]
 
-HAS_NATIVE = {dt: _native_supports(dt) for dt in (torch.float32, torch.bfloat16)}
+HAS_NATIVE = {dt: _native_supports(dt) for dt in (torch.float32, torch.bfloat16, torch.float16)}
 CPU_IMPLS = ["torch"] + (["native"] if any(HAS_NATIVE.values()) else [])
 
 
@@ -44,10 +44,9 @@ def run_backend(backend: str, hidden: torch.Tensor, head: ReadoutHead, stop_rule
     if backend in ("splitv", "rowtile"):
         return exit_head_triton(hidden, head, stop_rule, variant=backend, **kw)
     if backend in ("native", "torch"):
-        compute = torch.bfloat16 if head.weight.dtype == torch.bfloat16 else torch.float32
-        if backend == "native" and not HAS_NATIVE[compute]:
-            # e.g. bf16 needs AMX or a brgemm bf16 kernel, which some CPUs (AMD EPYC here) lack
-            pytest.skip(f"the native CPU exit head has no brgemm for {compute} on this CPU")
+        if backend == "native" and not HAS_NATIVE[head.weight.dtype]:
+            # e.g. fp32 needs oneDNN's brgemm, which some CPU/torch builds lack
+            pytest.skip(f"the native CPU exit head cannot run {head.weight.dtype} on this CPU")
         with torch.inference_mode():
             return _exit_head_cpu(hidden, head, stop_rule, impl=backend)
     if backend == "reference":
@@ -149,8 +148,12 @@ def _real_head(d: int, n_vocab: int, dtype: torch.dtype, norm: str) -> ReadoutHe
         ("bf16", "rms", 8, 576, 49152),
         ("bf16", "rms", 64, 576, 49152),
         ("fp16", "layer", 8, 576, 49152),
+        ("bf16", "layer", 200, 576, 49152),  # the bf16 kernel's packed tiles (many rows)
+        ("fp16", "rms", 64, 576, 49152),
         ("bf16", "rms", 1, 4096, 32000),
         ("bf16", "rms", 8, 4096, 32000),
+        ("bf16", "rms", 70, 4096, 32000),  # packed tiles from 64 rows at d >= 2048
+        ("fp16", "rms", 8, 4096, 32000),
     ],
 )
 def test_cpu_path_real_sizes(impl, dt, norm, n_rows, d, n_vocab):
@@ -201,7 +204,8 @@ def test_native_cpu_op_registration():
         ops.exit_head_cpu(h, packed, 130, 0, None, None, 1e-5, torch.randn(7))
     with pytest.raises(RuntimeError, match="needs norm_weight"):
         ops.exit_head_cpu(h, packed, 130, 1, None, None, 1e-5, None)
-    with pytest.raises(RuntimeError, match="packed must be BFloat16"):
+    # bf16 rows with fp32 panels: brgemm (AMX CPUs) wants bf16 panels, the row-major kernels the weight.
+    with pytest.raises(RuntimeError, match=r"packed must be BFloat16|takes the weight as it is stored"):
         ops.exit_head_cpu(h.bfloat16(), packed, 130, 0, None, None, 1e-5, None)
 
 
@@ -224,60 +228,171 @@ def test_native_cpu_op_softcap_argument():
             ops.exit_head_cpu(h, packed, 130, 0, None, None, 1e-5, None, bad)
 
 
-# The op's bf16 branch packs bf16 panels with oneDNN's VNNI packer, which oneDNN provides only on CPUs
-# with AMX (its ISA >= avx512_core_amx); the op checks that itself (exit_head_cpu_supported), so the
-# branch cannot be reached on other CPUs, not even by calling the op directly.
-NATIVE_BF16 = cpu_impl() == "native" and bool(torch.ops.adainfer.exit_head_cpu_supported(torch.bfloat16))
+# ---- the native op's kernels, each forced through the op's `kernel` argument ----
+
+KERNELS = {
+    torch.bfloat16: ("brgemm", "avx512bf16", "avx512", "scalar"),
+    torch.float16: ("brgemm", "avx512", "scalar"),
+}
 
 
-@pytest.mark.skipif(
-    not NATIVE_BF16, reason="the native op's bf16 branch needs AMX (oneDNN packs bf16 panels only there)"
-)
-@pytest.mark.parametrize("norm", ["rms", "layer", "none"])
-def test_native_bf16_op_matches_the_fp32_reference(norm):
-    """The native op's bf16 branch, called directly (no dispatcher): bf16 VNNI panels, brgemm with fp32
-    accumulation, the op's own norms, a subset with a logit bias, a soft-cap, odd d (K padded to even),
-    1 to 70 rows, against the fp32 reference under the bf16 tolerance rule (check_signals).
-
-    Where it runs: CPUs with AMX-BF16 (Intel Xeon 4th generation "Sapphire Rapids" and later), where
-    ``exit_head_cpu_supported(torch.bfloat16)`` is true. It skips elsewhere, AVX-512-BF16 CPUs without
-    AMX included (AMD Zen 4): the op refuses bf16 there, which the next test checks."""
+def _kernel_runs(kernel: str, dtype: torch.dtype) -> bool:
+    """Whether the op runs ``kernel`` for ``dtype`` rows here (it refuses with "cannot run" otherwise)."""
+    if cpu_impl() != "native":
+        return False
     ops = torch.ops.adainfer
-    cases = ((1, 64, 1000, None, None), (17, 97, 3001, 37, None), (70, 576, 5000, None, 30.0), (5, 96, 130, 65, 10.0))
-    for n_rows, d, n_vocab, subset, cap in cases:
-        head = make_head(
-            d, n_vocab, torch.bfloat16, norm, subset=subset, bias=subset is not None, softcap=cap, seed=n_rows + d
+    x = torch.ones(1, 2, dtype=dtype)
+    if kernel == "brgemm":
+        cdt = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        try:
+            w = ops.exit_head_cpu_pack(torch.ones(1, 2, dtype=cdt))
+        except RuntimeError as exc:
+            assert "no brgemm" in str(exc)
+            return False
+    else:
+        w = torch.ones(1, 2, dtype=dtype)
+    try:
+        ops.exit_head_cpu(x, w, 1, 0, None, None, 1e-5, None, None, kernel)
+    except RuntimeError as exc:
+        assert "cannot run" in str(exc), str(exc)
+        return False
+    return True
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def _op_signals(hidden, head, norm: str, kernel: str, cap) -> ExitSignals:
+    ops = torch.ops.adainfer
+    w = head.weight if head.vocab_subset is None else head.weight[head.vocab_subset]
+    if kernel == "brgemm":
+        w = ops.exit_head_cpu_pack(w if w.dtype == torch.bfloat16 else w.float())
+    nw, nb = (head.norm_weight, head.norm_bias) if norm != "none" else (None, None)
+    with torch.inference_mode():
+        top, gap, pos = ops.exit_head_cpu(
+            hidden, w, head.n_candidates, NORM_CODES[norm], nw, nb, head.eps, head.logit_bias, cap, kernel
         )
-        hidden = make_hidden(n_rows, head, torch.bfloat16)
-        w = head.weight if subset is None else head.weight[head.vocab_subset]
-        packed = ops.exit_head_cpu_pack(w)
-        assert packed.dtype == torch.bfloat16 and packed.shape == (-(-w.shape[0] // 64), (d + d % 2) * 64)
-        nw, nb = (head.norm_weight, head.norm_bias) if norm != "none" else (None, None)
-        with torch.inference_mode():
-            top, gap, pos = ops.exit_head_cpu(
-                hidden, packed, w.shape[0], NORM_CODES[norm], nw, nb, head.eps, head.logit_bias, cap
-            )
-        argmax = pos if subset is None else head.vocab_subset[pos]
-        got = ExitSignals(top, gap, argmax, STOP_RULE(top, gap))
-        check_signals(got, hidden, head, STOP_RULE)
+    argmax = pos if head.vocab_subset is None else head.vocab_subset[pos]
+    return ExitSignals(top, gap, argmax, STOP_RULE(top, gap))
 
 
-@pytest.mark.skipif(cpu_impl() != "native" or NATIVE_BF16, reason="runs where _C loads and its bf16 branch cannot")
-def test_native_bf16_op_refuses_cleanly_where_bf16_packing_is_missing():
-    """Where the bf16 branch cannot run (CPUs without AMX, e.g. this project's AVX-512-BF16 CI CPU), the op
-    refuses bf16 with a clear error instead of computing garbage, and the public entry point falls back
-    to the torch path with the same accuracy."""
+@pytest.mark.parametrize("norm", ["rms", "layer", "none"])
+@pytest.mark.parametrize(
+    "dt,kernel", [(dt, k) for dt, ks in KERNELS.items() for k in ks], ids=lambda v: str(v).replace("torch.", "")
+)
+def test_native_half_kernels_match_the_fp32_reference(dt, kernel, norm):
+    """Each kernel of the op for bf16 / fp16 heads, forced, on every shape class it has: the dot tiles
+    (1 to 70 rows), the bf16 kernel's packed tiles (>= 128 rows, or >= 64 rows at d >= 2048), d
+    not a multiple of the vector (97, 33), candidates not a multiple of the tile (130, 3001), a subset
+    with a logit bias, a soft-cap; against the fp32 reference under the tolerance rule (check_signals).
+    Kernels this CPU cannot run skip (brgemm for bf16 needs AMX; avx512* need AVX-512)."""
+    if not _kernel_runs(kernel, dt):
+        pytest.skip(f"kernel {kernel!r} cannot run {dt} on this CPU")
+    cases = [(1, 64, 1000, None, None), (17, 97, 3001, 37, None), (70, 576, 5000, None, 30.0), (5, 96, 130, 65, 10.0)]
+    cases += [(130, 33, 3001, None, None), (200, 96, 700, 300, 10.0), (64, 2049, 300, None, None)]
+    if kernel == "scalar":
+        cases = cases[:4]  # slow by design; its loop has no shape classes
+    for n_rows, d, n_vocab, subset, cap in cases:
+        head = make_head(d, n_vocab, dt, norm, subset=subset, bias=subset is not None, softcap=cap, seed=n_rows + d)
+        hidden = make_hidden(n_rows, head, dt)
+        check_signals(_op_signals(hidden, head, norm, kernel, cap), hidden, head, STOP_RULE)
+
+
+def test_native_kernel_choice_is_the_fast_one_this_cpu_has():
+    """Where the CPU has AVX512-BF16 (this project's CI CPU: AMD EPYC, no AMX), bf16 heads run the
+    vdpbf16ps kernel (or brgemm with AMX), fp16 heads the AVX-512 kernel: never the torch fallback
+    and its fp32 copy of W. `backend.exit_head_cpu_kernel` names the choice and says why."""
+    from adainfer_kernels.backend import exit_head_cpu_kernel
+
+    if cpu_impl() != "native":
+        pytest.skip("_C is not loaded")
+    flags = _cpu_flags()
+    bf16 = exit_head_cpu_kernel(torch.bfloat16)
+    if "avx512_bf16" in flags:
+        assert bf16.name in ("avx512bf16", "brgemm"), bf16
+        assert exit_head_cpu_kernel(torch.float16).name == "avx512"
+    if "avx512_bf16" in flags and not any(f.startswith("amx") for f in flags):
+        assert bf16.name == "avx512bf16" and "AMX" in bf16.reason, bf16
+        with pytest.raises(RuntimeError, match="no brgemm for BFloat16"):
+            torch.ops.adainfer.exit_head_cpu_pack(torch.randn(130, 64).bfloat16())
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        choice = exit_head_cpu_kernel(dt)
+        assert choice.name in ("brgemm", "avx512bf16", "avx512", "torch") and choice.reason
+
+
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+def test_native_half_path_keeps_no_copy_of_the_full_head(dt):
+    """The row-major kernels read the head's own tensor: no packed or fp32 copy is cached for a full
+    head; a subset is gathered once, in the head's dtype."""
+    dtype = DTYPES[dt]
+    if not HAS_NATIVE[dtype] or (dtype == torch.bfloat16 and _kernel_runs("brgemm", dtype)):
+        pytest.skip("the row-major kernels are not the choice here")
+    clear_cache()
+    head = make_head(64, 1000, dtype, "rms", seed=30)
+    hidden = make_hidden(3, head, dtype)
+    check_signals(exit_head(hidden, head, STOP_RULE), hidden, head, STOP_RULE)
+    assert len(_PACKED) == 0 and len(exit_head_mod._TRANSPOSED) == 0
+    sub = make_head(64, 1000, dtype, "rms", subset=37, seed=30)
+    check_signals(exit_head(hidden, sub, STOP_RULE), hidden, sub, STOP_RULE)
+    assert len(_PACKED) == 1 and len(exit_head_mod._TRANSPOSED) == 0
+    (cached,) = [v for _, _, v in exit_head_mod._PACKED._entries.values()]
+    assert cached.dtype == dtype and cached.shape == (37, 64)
+    clear_cache()
+
+
+@pytest.mark.parametrize("n_rows", [7, 200])
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+def test_native_results_do_not_depend_on_the_thread_count(dt, n_rows):
+    """Tasks and their merge order depend on R only: 1 and 2 threads give bit-identical signals."""
+    dtype = DTYPES[dt]
+    if not HAS_NATIVE[dtype]:
+        pytest.skip("the native op cannot run this dtype here")
+    head = make_head(576, 20000, dtype, "rms", seed=31)
+    hidden = make_hidden(n_rows, head, dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_backend("native", hidden, head, STOP_RULE)
+        torch.set_num_threads(max(2, threads))
+        many = run_backend("native", hidden, head, STOP_RULE)
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("top_prob", "gap", "argmax", "score"):
+        assert torch.equal(getattr(one, name), getattr(many, name)), name
+
+
+def test_native_op_refuses_kernels_it_cannot_run():
+    """Never a silent fallback: a forced kernel that cannot run, an unknown kernel or a weight in the
+    wrong layout is a clear error, and impl="native" raises where the op cannot run the dtype."""
+    if cpu_impl() != "native":
+        pytest.skip("_C is not loaded")
     ops = torch.ops.adainfer
-    with pytest.raises(RuntimeError, match="no brgemm for BFloat16"):
-        ops.exit_head_cpu_pack(torch.randn(130, 64).bfloat16())
-    fake = torch.zeros(3, 64 * 64, dtype=torch.bfloat16)  # shaped like a packed (130, 64) bf16 weight
-    with pytest.raises(RuntimeError, match="no brgemm for BFloat16"):
-        ops.exit_head_cpu(torch.randn(5, 64).bfloat16(), fake, 130, 0, None, None, 1e-5, None)
+    h16, w16 = torch.randn(3, 64).half(), torch.randn(130, 64).half()
+    with pytest.raises(RuntimeError, match="kernel 'avx512bf16' cannot run Half"):
+        ops.exit_head_cpu(h16, w16, 130, 0, None, None, 1e-5, None, None, "avx512bf16")
+    with pytest.raises(RuntimeError, match="kernel 'scalar' cannot run Float"):
+        ops.exit_head_cpu(h16.float(), w16.float(), 130, 0, None, None, 1e-5, None, None, "scalar")
+    with pytest.raises(RuntimeError, match="kernel must be one of"):
+        ops.exit_head_cpu(h16, w16, 130, 0, None, None, 1e-5, None, None, "amx")
+    with pytest.raises(
+        RuntimeError, match=r"takes the weight as it is stored: a contiguous Half tensor of shape \(130, 64\)"
+    ):
+        ops.exit_head_cpu(h16, w16[:, :32], 130, 0, None, None, 1e-5, None, None, "scalar")
+    with pytest.raises(RuntimeError, match="takes the weight as it is stored"):
+        ops.exit_head_cpu(h16, w16.t().contiguous().t(), 130, 0, None, None, 1e-5, None, None, "scalar")
+
+
+def test_forcing_native_where_it_cannot_run_raises(monkeypatch):
     head = make_head(64, 1000, torch.bfloat16, "rms", seed=29)
     hidden = make_hidden(4, head, torch.bfloat16)
+    monkeypatch.setattr(exit_head_mod, "_native_supports", lambda dtype: False)
     with pytest.raises(RuntimeError, match=r"native CPU exit head is unavailable for torch\.bfloat16"):
         _exit_head_cpu(hidden, head, None, impl="native")
-    check_signals(exit_head(hidden, head, STOP_RULE), hidden, head, STOP_RULE)
 
 
 def test_cpu_prepared_weight_cache_reuses_invalidates_and_dies_with_the_weight():

@@ -88,12 +88,16 @@ def _print_info(as_json: bool) -> int:
     else:
         console.print(f"adainfer_kernels._C: unavailable ({info['native_ext_error']})")
     console.print(f"CPU threads: {info['cpu_threads']}; forced backend: {info['forced_backend'] or 'none'}")
+    from rich.markup import escape
+
+    # One row per op; the CPU exit head also one per weight dtype ("exit_head[bf16]": the kernel
+    # that dtype runs here and why). Escaped: rich would read "[bf16]" as markup.
     table = Table(title="backend of each op")
     for col in ("device", "op", "backend", "why"):
         table.add_column(col)
     for dev, ops in info["ops"].items():
         for op, choice in ops.items():
-            table.add_row(dev, op, choice["name"], choice["reason"])
+            table.add_row(dev, escape(op), choice["name"], escape(choice["reason"]))
     console.print(table)
     families = Table(title="supported model families (adainfer.models)")
     for col in ("model_type", "class", "attention"):
