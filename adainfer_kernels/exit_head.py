@@ -13,8 +13,8 @@ the (rows, V) logits (docs/architecture.md, "The exit head"). Backends (``backen
   ``brgemm`` for fp32 heads (oneDNN's batch-reduce GEMM, AVX-512, on W^T packed once in 64-column
   panels) and for bf16 heads on AMX CPUs; without AMX, bf16 heads run ``avx512bf16``
   (csrc/exit_head_cpu_dot.cpp: W read as stored, row-major bf16, no copy; vdpbf16ps with fp32
-  accumulation; dot-product tiles of 6 rows x 4 candidates at few rows, and from 128 rows (64 at
-  d >= 2048) blocks of 64 candidates transposed on the fly into a per-thread L2 scratch), or
+  accumulation; dot-product tiles of 6 rows x 4 candidates at few rows, and from 128 rows
+  blocks of 64 candidates transposed on the fly into a per-thread L2 scratch), or
   ``avx512`` (each W vector widened to fp32 in registers, fp32 FMA) on AVX-512 CPUs without
   AVX512-BF16; fp16 heads run ``avx512`` (vcvtph2ps). On CPUs without AVX-512 the op's portable
   ``scalar`` kernel is slower than the torch fallback, which is then the choice.

@@ -32,13 +32,11 @@ namespace {
 
 constexpr int kMR = 6;  // rows per tile
 constexpr int kNR = 4;  // candidates per tile
-// From this many rows on, the bf16 kernel packs blocks of W on the fly (run_packed); from half as
-// many when d >= 2048, where a dot tile's rows no longer fit in L1. Measured on one Zen 4 core:
-// (576, 49152): dot ahead up to R ~ 96, packed 12% faster at 256; (4096, 32000): packed 10%
-// faster at 64, 27% at 256.
+// From this many rows on, the bf16 kernel packs blocks of W on the fly (run_packed). Measured on
+// 2 threads of this Zen 4 machine, quiet: (576, 49152): packed 9% faster at R = 256; (4096, 32000):
+// even at 256, and the dot tiles 24% faster at 64 (there a packed block and the rows it meets
+// overflow L2).
 constexpr int64_t kPackRows = 128;
-constexpr int64_t kPackRowsWide = 64;
-constexpr int64_t kWideD = 2048;
 
 // A tile function: MR x NR logits, NR candidates from w (row stride d), MR rows from x (stride kx).
 // pf: NR weight rows (row stride d) to prefetch into L1 while this tile runs, or nullptr.
@@ -386,7 +384,7 @@ bool cpu_has_avx512bf16() {
 void logits_avx512bf16(const uint16_t* x, int64_t rows, int64_t kx, const uint16_t* w, int64_t cols, int64_t d,
                        float* c, int64_t ldc) {
 #if ADAINFER_DOT_X86
-  if (rows >= (d >= kWideD ? kPackRowsWide : kPackRows) && ldc % kPackCols == 0) {
+  if (rows >= kPackRows && ldc % kPackCols == 0) {
     run_packed(x, rows, kx, w, cols, d, c, ldc);
     return;
   }

@@ -152,7 +152,7 @@ def _real_head(d: int, n_vocab: int, dtype: torch.dtype, norm: str) -> ReadoutHe
         ("fp16", "rms", 64, 576, 49152),
         ("bf16", "rms", 1, 4096, 32000),
         ("bf16", "rms", 8, 4096, 32000),
-        ("bf16", "rms", 70, 4096, 32000),  # packed tiles from 64 rows at d >= 2048
+        ("bf16", "rms", 130, 4096, 32000),  # packed tiles (>= 128 rows) at a Llama width
         ("fp16", "rms", 8, 4096, 32000),
     ],
 )
@@ -287,14 +287,14 @@ def _op_signals(hidden, head, norm: str, kernel: str, cap) -> ExitSignals:
 )
 def test_native_half_kernels_match_the_fp32_reference(dt, kernel, norm):
     """Each kernel of the op for bf16 / fp16 heads, forced, on every shape class it has: the dot tiles
-    (1 to 70 rows), the bf16 kernel's packed tiles (>= 128 rows, or >= 64 rows at d >= 2048), d
+    (1 to 70 rows), the bf16 kernel's packed tiles (>= 128 rows), d
     not a multiple of the vector (97, 33), candidates not a multiple of the tile (130, 3001), a subset
     with a logit bias, a soft-cap; against the fp32 reference under the tolerance rule (check_signals).
     Kernels this CPU cannot run skip (brgemm for bf16 needs AMX; avx512* need AVX-512)."""
     if not _kernel_runs(kernel, dt):
         pytest.skip(f"kernel {kernel!r} cannot run {dt} on this CPU")
     cases = [(1, 64, 1000, None, None), (17, 97, 3001, 37, None), (70, 576, 5000, None, 30.0), (5, 96, 130, 65, 10.0)]
-    cases += [(130, 33, 3001, None, None), (200, 96, 700, 300, 10.0), (64, 2049, 300, None, None)]
+    cases += [(130, 33, 3001, None, None), (200, 96, 700, 300, 10.0), (130, 2049, 300, None, None)]
     if kernel == "scalar":
         cases = cases[:4]  # slow by design; its loop has no shape classes
     for n_rows, d, n_vocab, subset, cap in cases:
