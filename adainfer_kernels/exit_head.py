@@ -171,18 +171,21 @@ def _exit_head_cpu(
     if impl not in CPU_IMPLS:
         raise ValueError(f"impl {impl!r} is not one of {CPU_IMPLS}")
     wdt = head.weight.dtype
+    kernel = None  # the native op's kernel, when the op runs
     if impl == "auto":
-        impl = "torch" if exit_head_cpu_kernel(wdt).name == "torch" else "native"
-    elif impl == "native" and not _native_supports(wdt):
-        why = _native.error() or exit_head_cpu_kernel(wdt).reason
-        raise RuntimeError(f"the native CPU exit head is unavailable for {wdt} here ({why})")
+        kernel = exit_head_cpu_kernel(wdt).name
+        impl = "torch" if kernel == "torch" else "native"
+    elif impl == "native":
+        if not _native_supports(wdt):
+            why = _native.error() or exit_head_cpu_kernel(wdt).reason
+            raise RuntimeError(f"the native CPU exit head is unavailable for {wdt} here ({why})")
+        kernel = str(torch.ops.adainfer.exit_head_cpu_kernel(wdt))
     if impl == "torch":
         cdt = _compute_dtype(wdt)
         x = decode_rows(hidden, head).to(cdt)
         wt = _TRANSPOSED.get((head.weight, head.vocab_subset), lambda: _transposed_fp32(head))
         return _finish(*_stats_torch(x, wt, head.logit_bias, head.logit_softcap), hidden, head, stop_rule)
 
-    kernel = str(torch.ops.adainfer.exit_head_cpu_kernel(wdt))
     if kernel == "brgemm":  # fp32 heads, and bf16 heads on AMX CPUs: W^T in packed panels, cached
         w = _PACKED.get((head.weight, head.vocab_subset), lambda: _pack(head, _compute_dtype(wdt)))
     else:  # the row-major kernels read W as it is stored; a subset is gathered once (cached)

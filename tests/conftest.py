@@ -27,6 +27,29 @@ def _seed():
 
 
 @pytest.fixture
+def record_classify(monkeypatch):
+    """``record_classify()`` from then on records every call of ``adainfer.app.classify.classify``
+    (the runtime's answers, as ``adainfer eval`` reads them) and returns the list it appends
+    ``(prompts, result)`` to."""
+
+    def install() -> list:
+        import adainfer.app.classify
+
+        calls = []
+        real = adainfer.app.classify.classify
+
+        def spy(model, tokenizer, prompts, *args, **kwargs):
+            result = real(model, tokenizer, prompts, *args, **kwargs)
+            calls.append((list(prompts), result))
+            return result
+
+        monkeypatch.setattr(adainfer.app.classify, "classify", spy)
+        return calls
+
+    return install
+
+
+@pytest.fixture
 def make_features():
     return synthetic_features
 

@@ -50,12 +50,11 @@ def test_calibrate_cli_rejects_options_that_lm_eval_tasks_define_themselves(tmp_
     assert "--k-shot do not apply to lm-eval tasks" in capsys.readouterr().err
 
 
-def test_calibrate_then_eval_on_an_lm_eval_task_from_the_command_line(tmp_path, capsys, monkeypatch):
+def test_calibrate_then_eval_on_an_lm_eval_task_from_the_command_line(tmp_path, capsys, record_classify):
     """`adainfer calibrate --task lmeval:NAME --include-path DIR`, then `eval` with the stored settings (no
     --include-path again), on a tiny model saved as a Hugging Face folder."""
     import json
 
-    import adainfer.app.classify
     import numpy as np
     from adainfer.app.cli import main
     from adainfer.calibration.classifier import StopClassifier
@@ -76,15 +75,7 @@ def test_calibrate_then_eval_on_an_lm_eval_task_from_the_command_line(tmp_path, 
     clf = StopClassifier.load(clf_path)
     assert clf.label_token_ids == tuple(LABELS)
     assert clf.info["task"]["include_path"] == str((tmp_path / "tasks").resolve())
-    # the runtime's own answers, as `eval` reads them (adainfer.classify), recorded to score them here
-    runs = []
-    real_classify = adainfer.app.classify.classify
-
-    def spy(model, tokenizer, prompts, *args, **kwargs):
-        runs.append((list(prompts), real_classify(model, tokenizer, prompts, *args, **kwargs)))
-        return runs[-1][1]
-
-    monkeypatch.setattr(adainfer.app.classify, "classify", spy)
+    runs = record_classify()  # the runtime's own answers, as `eval` reads them, recorded to score them here
     rc = main(["eval", *model, "--classifier", str(clf_path), "--out-dir", str(tmp_path / "out"), "--no-plots"])
     out = capsys.readouterr()
     assert rc == 0, out.err

@@ -153,7 +153,7 @@ def _write_reviews(path):
 
 
 @pytest.mark.slow
-def test_calibrate_then_eval_on_a_user_csv(tmp_path, capsys, monkeypatch):
+def test_calibrate_then_eval_on_a_user_csv(tmp_path, capsys, record_classify):
     data = tmp_path / "reviews.csv"
     _write_reviews(data)
     clf_path = tmp_path / "clf" / "classifier.json"
@@ -167,17 +167,7 @@ def test_calibrate_then_eval_on_a_user_csv(tmp_path, capsys, monkeypatch):
     assert "labels neg/pos -> tokens ' bad'/' good'" in out.out
     clf = StopClassifier.load(clf_path)
     assert clf.label_words == (" bad", " good") and clf.info["task"]["sizes"]["calibration"] == 12
-    # the runtime's own answers, as `eval` reads them (adainfer.classify), recorded to score them here
-    import adainfer.app.classify
-
-    runs = []
-    real_classify = adainfer.app.classify.classify
-
-    def spy(model, tokenizer, prompts, *args, **kwargs):
-        runs.append((list(prompts), real_classify(model, tokenizer, prompts, *args, **kwargs)))
-        return runs[-1][1]
-
-    monkeypatch.setattr(adainfer.app.classify, "classify", spy)
+    runs = record_classify()  # the runtime's own answers, as `eval` reads them, recorded to score them here
     rc = main(["eval", *common, "--classifier", str(clf_path.parent), "--out-dir", str(tmp_path / "out"), "--no-plots"])
     out = capsys.readouterr()
     assert rc == 0, out.err

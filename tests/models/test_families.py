@@ -12,14 +12,15 @@ import torch
 from adainfer import AdaInferConfig, ForcedExits, NeverExit
 from adainfer.models import FAMILIES, lens_head, supported_model_types
 from tiny_models import (
+    EAGER_ONLY,
     FAMILY_CONFIGS,
+    TINY_MODELS,
     assert_rows_generate_as_alone,
     decode_hidden,
     left_padded_batch,
     run_configs,
     tiny_family,
-    tiny_llama,
-    tiny_opt,
+    tiny_model,
 )
 
 from adainfer_kernels.reference import head_logits_ref
@@ -27,15 +28,8 @@ from adainfer_kernels.reference import head_logits_ref
 NAMES = list(FAMILY_CONFIGS)
 # Llama and OPT (pre-LN 125m-style; post-LN 350m-style: project_in/out, word_embed_proj_dim != hidden_size,
 # no final layer norm) beside the other families, for the checks every family gets here.
-BUILDERS = {
-    "llama": lambda attn, dtype=torch.float32: tiny_llama(attn, dtype),
-    "opt-pre-ln": lambda attn, dtype=torch.float32: tiny_opt(False, attn, dtype),
-    "opt-post-ln": lambda attn, dtype=torch.float32: tiny_opt(True, attn, dtype),
-    **{name: lambda attn, dtype=torch.float32, name=name: tiny_family(name, attn, dtype) for name in NAMES},
-}
-ALL = list(BUILDERS)
-# Gemma2's soft-capped attention is eager-only in transformers; the others run both kinds.
-ATTN = {name: ("eager",) if name == "gemma2" else ("sdpa", "eager") for name in ALL}
+ALL = list(TINY_MODELS)
+ATTN = {name: ("eager",) if name in EAGER_ONLY else ("sdpa", "eager") for name in ALL}
 GEN = {"max_new_tokens": 6, "do_sample": False}
 GEN_MODES = {
     "greedy": dict(GEN),
@@ -65,7 +59,7 @@ def _batch(model, batch: int, length: int) -> dict:
 @torch.inference_mode()
 def test_exit_head_decodes_like_the_model(name):
     """The family's exit head (norm numerics, soft-capping, OPT's project_out) reproduces the model's own logits."""
-    model = BUILDERS[name](_attn(name))
+    model = tiny_model(name, _attn(name))
     if name == "opt-post-ln":
         assert model.config.word_embed_proj_dim != model.config.hidden_size
         assert model.model.decoder.project_out is not None and model.model.decoder.final_layer_norm is None
@@ -89,7 +83,7 @@ def test_exit_head_decodes_like_the_model(name):
 )
 @torch.inference_mode()
 def test_exits_off_and_never_exit_are_bit_identical_and_undo_is_exact(name, attn, dtype):
-    model = BUILDERS[name](attn, dtype)
+    model = tiny_model(name, attn, dtype)
     batch = _batch(model, 4, 9)
     ref_logits = model(**batch).logits
     ref = {mode: _generate(model, batch, mode) for mode in GEN_MODES}

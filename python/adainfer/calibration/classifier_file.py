@@ -296,12 +296,16 @@ def _number(data: dict, key: str, where: str = "") -> float:
         raise ClassifierFileError(f"{where}{key} must be a number, got {type(value).__name__} ({value!r})")
     if not math.isfinite(value):
         raise ClassifierFileError(f"{where}{key} must be finite, got {value!r}")
+    _check_float32(value, f"{where}{key}")
+    return float(value)
+
+
+def _check_float32(value: float, what: str) -> None:
     if abs(value) > FLOAT32_MAX:
         raise ClassifierFileError(
-            f"{where}{key} {value!r} does not fit in float32, the precision the runtime scores in "
+            f"{what} {value!r} does not fit in float32, the precision the runtime scores in "
             f"(|x| <= {FLOAT32_MAX:.6g}): re-run `adainfer calibrate`"
         )
-    return float(value)
 
 
 def _int_list(values, name: str) -> list[int]:
@@ -380,11 +384,7 @@ def validate(c) -> None:
         value = getattr(c, name)
         if not math.isfinite(value):
             raise ClassifierFileError(f"weight {name} is not finite ({value!r})")
-        if abs(value) > FLOAT32_MAX:
-            raise ClassifierFileError(
-                f"weight {name} {value!r} does not fit in float32, the precision the runtime scores in "
-                f"(|x| <= {FLOAT32_MAX:.6g}): re-run `adainfer calibrate`"
-            )
+        _check_float32(value, f"weight {name}")
     if c.threshold is not None and not math.isfinite(c.threshold):
         raise ClassifierFileError(f"threshold is not finite ({c.threshold!r}); use null for 'never stop early'")
     if isinstance(c.min_layer, bool) or not isinstance(c.min_layer, int):

@@ -288,12 +288,7 @@ class AdaInferHandle:
     # -- per-call validation -----------------------------------------------------------------
     def _validate_call(self, args, kwargs) -> None:
         cfg = self.model.config
-        for flag in ("output_attentions", "output_hidden_states"):
-            if kwargs.get(flag, getattr(cfg, flag, False)):
-                raise ValueError(
-                    f"{flag}=True is not supported while AdaInfer exits are enabled (rows leave the batch at "
-                    "different layers); set handle.enabled = False for that call, or remove the patch"
-                )
+        _refuse_layer_outputs(lambda flag: kwargs.get(flag, getattr(cfg, flag, False)), "")
         _check_attention(self.family, cfg)
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.numel() and not bool(mask[:, -1].all()):
@@ -324,13 +319,7 @@ def _check_generate_call(model: nn.Module, kwargs) -> None:
     def setting(name):
         return kwargs.get(name, getattr(config, name, None))
 
-    fix = "set handle.enabled = False for that call, or remove the patch"
-    for flag in ("output_attentions", "output_hidden_states"):
-        if setting(flag):
-            raise ValueError(
-                f"generate(..., {flag}=True) is not supported while AdaInfer exits are enabled (rows leave "
-                f"the batch at different layers); {fix}"
-            )
+    _refuse_layer_outputs(setting, "generate(..., ")
     # Each generated token's exit is decided on its own position, once. Assisted decoding verifies
     # several draft tokens in one forward (their exits would all be decided on the last draft) and
     # a chunked prefill runs forwards that end mid-prompt (an exit decided on a prompt token).
@@ -345,7 +334,21 @@ def _check_generate_call(model: nn.Module, kwargs) -> None:
             raise ValueError(
                 f"generate(..., {name}=...) is not supported while AdaInfer exits are enabled: it runs forwards "
                 "whose last position is not the token being generated, and AdaInfer decides each token's exit "
-                f"on that token's own position; {fix}"
+                f"on that token's own position; {_ESCAPE_HATCH}"
+            )
+
+
+_ESCAPE_HATCH = "set handle.enabled = False for that call, or remove the patch"
+
+
+def _refuse_layer_outputs(setting, call: str) -> None:
+    """Per-layer outputs (``setting(flag)`` true for output_attentions / output_hidden_states) are
+    refused: rows leave the batch at different layers. ``call`` prefixes the flag in the message."""
+    for flag in ("output_attentions", "output_hidden_states"):
+        if setting(flag):
+            raise ValueError(
+                f"{call}{flag}=True is not supported while AdaInfer exits are enabled (rows leave the batch "
+                f"at different layers); {_ESCAPE_HATCH}"
             )
 
 
