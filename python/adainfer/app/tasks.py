@@ -220,12 +220,12 @@ def load_task(spec: str, **kwargs) -> ClassificationTask:
     """A bundled task by name (:mod:`adainfer.app.datasets`), or a user file by path
     (:func:`adainfer.app.user_tasks.load_user_task`); ``kwargs`` go to the one chosen."""
     # imported here: both modules build on this one's types
-    from adainfer.app.datasets import BUNDLED_TASKS, TWEET_TASK, movie_reviews, tweet_sentiment
+    from adainfer.app.datasets import BUNDLED_LOADERS, BUNDLED_TASKS
     from adainfer.app.user_tasks import TASK_FILE_KINDS, load_user_task
 
     if spec in BUNDLED_TASKS:
         user_only = ("text_column", "label_column", "encoding")
-        build = tweet_sentiment if spec == TWEET_TASK else movie_reviews
+        build = BUNDLED_LOADERS[spec]
         kwargs = {k: v for k, v in kwargs.items() if k not in user_only and not (k == "template" and v is None)}
         return build(**kwargs)
     if Path(spec).suffix.lower() in TASK_FILE_KINDS or Path(spec).exists():

@@ -64,6 +64,10 @@ TEMPLATES: dict[str, PromptTemplate] = {
         chat=True,
     ),
     "review": PromptTemplate(name="review", query="Review: {text}\nSentiment:"),
+    # The bundled debates, cities and names tasks (wordings compared in adainfer.app.datasets).
+    "debate": PromptTemplate(name="debate", query="Statement: {text}\nParty:"),
+    "city": PromptTemplate(name="city", query="The city of {text} is in"),
+    "name": PromptTemplate(name="name", query="Name: {text}\nGender:"),
     # For user files: the wording names the file's own labels.
     "user": PromptTemplate(
         name="user", instruction="Classify each text as one of: {labels}.", query="Text: {text}\nLabel:"
