@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adainfer.calibration.choices import METHODS, TARGETS
+from adainfer.calibration.choices import AUTO_METHODS, METHODS, READOUTS, TARGETS
 from adainfer.calibration.classifier import ModelIdentity, StopClassifier
 from adainfer.calibration.features import LayerFeatures, label_signals
 from adainfer.calibration.labelbias import estimate_label_bias, resolve_label_bias_estimator
 from adainfer.calibration.linear_fit import fit_linear
-from adainfer.calibration.metrics import clopper_pearson_upper
+from adainfer.calibration.metrics import clopper_pearson_upper, oracle_exit_layers
 from adainfer.calibration.probe import DEFAULT_C, ProbeHeads, cross_fitted_logits, fit_probes
 from adainfer.calibration.probe import signals_from_logits as probe_signals
 
@@ -254,7 +254,7 @@ def _fitted_probes(calibration: LayerFeatures, goal: np.ndarray, c: float) -> tu
 
 def calibrate(
     calibration: LayerFeatures,
-    heldout: LayerFeatures,
+    heldout: LayerFeatures | None,
     *,
     method: str = "svm",
     target: str = "consistency",
@@ -273,7 +273,9 @@ def calibrate(
     """Fit a stop classifier on ``calibration`` and choose its threshold on ``heldout``.
 
     Args:
-        calibration, heldout: features of two disjoint splits of the same task and model.
+        calibration, heldout: features of two disjoint splits of the same task and model. With
+            ``heldout`` None the rule is fitted only: no threshold (``info`` has its figures on
+            ``calibration``).
         method: ``svm`` | ``logreg`` | ``gap``.
         target: ``consistency`` | ``gold``.
         budget: the largest disagreement rate with the full model allowed on ``heldout``.
@@ -294,7 +296,7 @@ def calibrate(
     label_bias_estimator = resolve_label_bias_estimator(label_bias_estimator, calibration.n_labels)
     if vocab_mode == "full" and label_bias_estimator != "none":
         raise ValueError("the label-bias correction applies to label mode only: use label_bias_estimator='none'")
-    if identity_of(calibration) != identity_of(heldout):
+    if heldout is not None and identity_of(calibration) != identity_of(heldout):
         raise ValueError("calibration and held-out features come from different models")
     bias = estimate_label_bias(label_bias_estimator, calibration, content_free) if vocab_mode == "labels" else None
     use_layer = use_layer and method != "gap"
@@ -302,7 +304,7 @@ def calibrate(
     if readout == "probe":
         if vocab_mode != "labels":
             raise ValueError("probe readouts answer over the label tokens: use vocab_mode='labels'")
-        if calibration.hidden is None or heldout.hidden is None:
+        if calibration.hidden is None or (heldout is not None and heldout.hidden is None):
             raise ValueError("probe readouts need features collected with keep_hidden=True")
         goal = target_answer(calibration, vocab_mode, bias, target)
         probe, probe_cal = _fitted_probes(calibration, goal, probe_c)
@@ -329,13 +331,17 @@ def calibrate(
         readout=readout,
         probe=probe,
     )
-    layers = np.arange(1, heldout.n_layers + 1)[None, :]
+    layers = np.arange(1, calibration.n_layers + 1)[None, :]
+    # The rule's figures on the fitting split (out-of-fold probe signals for probes): what ``auto``
+    # compares, and, with a confidence, where the first checked layer is chosen, so that nothing but
+    # the threshold is chosen on the held-out rows that certify it.
+    top_c, gap_c, answer_c = layer_signals(calibration, vocab_mode, bias, probe_logits=probe_cal)
+    first = choose_threshold(clf.decision(top_c, gap_c, layers), answer_c, budget, min_layers=min_layers)
+    if heldout is None:
+        return clf.with_threshold(
+            None, calibration_n=calibration.n_examples, calibration_mean_exit_layer=first.mean_exit_layer
+        )
     if confidence is not None and (min_layers is None or len(min_layers) > 1):
-        # A guarantee needs the first checked layer fixed before the held-out rows are looked at:
-        # choose it on the calibration split (out-of-fold probe signals for probes), then certify
-        # the threshold on held-out.
-        top_c, gap_c, answer_c = layer_signals(calibration, vocab_mode, bias, probe_logits=probe_cal)
-        first = choose_threshold(clf.decision(top_c, gap_c, layers), answer_c, budget, min_layers=min_layers)
         min_layers = [first.min_layer] if first.threshold is not None else min_layers
     top, gap, answer = layer_signals(heldout, vocab_mode, bias, probe=probe)
     choice = choose_threshold(
@@ -350,7 +356,9 @@ def calibrate(
         heldout_disagreement=choice.disagreement,
         heldout_disagreement_upper_bound=choice.upper_bound,
         heldout_mean_exit_layer=choice.mean_exit_layer,
+        heldout_oracle_mean_exit_layer=float(oracle_exit_layers(answer).mean()),
         calibration_n=calibration.n_examples,
+        calibration_mean_exit_layer=first.mean_exit_layer,
         training_rows=int(y.size),
         training_settled_fraction=float(y.mean()),
         **(info or {}),
@@ -358,19 +366,32 @@ def calibrate(
 
 
 def calibrate_auto(
-    calibration: LayerFeatures, heldout: LayerFeatures, readout: str = "auto", **kwargs
+    calibration: LayerFeatures, heldout: LayerFeatures, readout: str = "auto", method: str = "svm", **kwargs
 ) -> StopClassifier:
-    """``calibrate`` with ``readout`` ``lens``, ``probe`` or ``auto``: both, and the one that runs
-    fewer layers on the held-out split within the budget (ties: the lens, which needs no probe
-    file). The held-out figures of both are kept in the chosen classifier's ``info``."""
-    if readout != "auto":
-        return calibrate(calibration, heldout, readout=readout, **kwargs)
-    candidates = {head: calibrate(calibration, heldout, readout=head, **kwargs) for head in ("lens", "probe")}
-    layers = {head: clf.info["heldout_mean_exit_layer"] for head, clf in candidates.items()}
-    best = "probe" if layers["probe"] < layers["lens"] else "lens"
+    """``calibrate`` where ``readout`` (``lens`` | ``probe``) and ``method`` may be ``auto``.
+
+    With ``auto``, every candidate rule is fitted on ``calibration`` and the one that runs the fewest
+    layers there within the budget (out-of-fold probe signals for probes; ties: the lens, which needs no
+    probe file, then the order of ``METHODS``) is chosen *before* any held-out row is looked at; only
+    that rule's threshold is then chosen (certified) on ``heldout``, so a confidence level holds for
+    the whole procedure. The candidates' calibration figures are kept in ``info["rule_choice"]``.
+    """
+    readouts = READOUTS if readout == "auto" else (readout,)
+    methods = AUTO_METHODS if method == "auto" else (method,)
+    if len(readouts) * len(methods) == 1:
+        return calibrate(calibration, heldout, readout=readouts[0], method=methods[0], **kwargs)
+    fitted = {}
+    for head in readouts:
+        for m in methods:
+            fitted[(head, m)] = calibrate(calibration, None, readout=head, method=m, **kwargs)
+    layers = {key: clf.info["calibration_mean_exit_layer"] for key, clf in fitted.items()}
+    best = min(fitted, key=lambda key: (layers[key], readouts.index(key[0]), methods.index(key[1])))
     summary = {
-        head: {"heldout_mean_exit_layer": layers[head], "min_layer": c.min_layer} for head, c in candidates.items()
+        "chosen": {"readout": best[0], "method": best[1]},
+        "by": "mean exit layer on the calibration split (out-of-fold probe signals)",
+        "candidates": [
+            {"readout": head, "method": m, "calibration_mean_exit_layer": layers[(head, m)]} for head, m in fitted
+        ],
     }
-    return candidates[best].with_threshold(
-        candidates[best].threshold, readout_choice={"chosen": best, "by": "held-out mean exit layer", **summary}
-    )
+    clf = calibrate(calibration, heldout, readout=best[0], method=best[1], **kwargs)
+    return clf.with_threshold(clf.threshold, rule_choice=summary)
