@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adainfer.calibration.choices import LABEL_BIAS_ESTIMATORS, METHODS, READOUTS, SPLITS, TARGETS, VOCAB_MODES
+from adainfer.calibration.choices import DTYPES, LABEL_BIAS_ESTIMATORS, METHODS, READOUTS, SPLITS, TARGETS, VOCAB_MODES
 from adainfer.calibration.probe import ProbeHeads
 
 FORMAT = "adainfer.StopClassifier"
@@ -435,6 +435,7 @@ INFO_FIELDS = {
     "budget": (_NUMBER, lambda v: 0 <= v < 1, "in [0, 1)"),
     "confidence": ((*_NUMBER, type(None)), lambda v: v is None or 0 < v < 1, "in (0, 1) or null"),
     "task": ((dict, type(None)), None, ""),
+    "dtype": (str, lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
 }
 TASK_INFO_FIELDS = {
     "task": (str, None, ""),
