@@ -110,8 +110,8 @@ BAD_ARGS = [
     (["eval", "--task", "{csv}", "--classifier", "{folder}"], "--classifier: .* is a folder without classifier.json"),
     (["eval", "--task", "{csv}", "--classifier", "{missing}"], "--classifier: classifier file not found"),
     (["calibrate", "--task", "tweet-sentiment", "--out-dir", "{out}", "--text-column", "t"], "applies to task files"),
-    ([*CAL, "--min-agreement", "0.5"], "--min-agreement applies to the tweet-sentiment task only"),
-    ([*EVAL, "--min-agreement", "0.5"], "--min-agreement applies to the tweet-sentiment task only"),
+    ([*CAL, "--min-agreement", "0.5"], "--min-agreement applies to the tweet tasks only"),
+    ([*EVAL, "--min-agreement", "0.5"], "--min-agreement applies to the tweet tasks only"),
     (["calibrate", "--out-dir", "{out}"], "the following arguments are required: --task"),
 ]
 

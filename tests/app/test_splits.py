@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from adainfer.app.splits import SPLITS, balanced_splits, draw_demonstrations
+from adainfer.app.splits import REST, SPLITS, balanced_splits, draw_demonstrations
 from adainfer.calibration import choices
 
 
@@ -66,3 +66,22 @@ def test_split_sizes_and_demonstrations_must_be_valid():
 
 def test_split_names_are_defined_once_in_calibration_choices():
     assert SPLITS is choices.SPLITS == ("calibration", "heldout", "test")
+
+
+def test_the_rest_split_takes_what_the_others_leave_up_to_its_cap():
+    by_class = [[f"a{i}" for i in range(100)], [f"b{i}" for i in range(80)]]
+    sizes = {"calibration": 20, "heldout": REST, "test": 20}
+    _, splits = balanced_splits(by_class, sizes, n_demo_pool=8, seed=0, max_rest=None)
+    assert {s: len(v) for s, v in splits.items()} == {"calibration": 20, "heldout": 2 * (80 - 8 - 20), "test": 20}
+    _, capped = balanced_splits(by_class, sizes, n_demo_pool=8, seed=0, max_rest=50)
+    assert len(capped["heldout"]) == 50
+    # the rest resolves to a number of examples before the draws: the same sizes given as numbers
+    # (what `adainfer eval` rebuilds from a classifier's stored sizes) give the same splits
+    resolved = {s: len(v) for s, v in capped.items()}
+    assert balanced_splits(by_class, resolved, n_demo_pool=8, seed=0)[1] == capped
+    texts = [e.text for v in splits.values() for e in v]
+    assert len(texts) == len(set(texts))
+    with pytest.raises(ValueError, match="no examples are left for split 'heldout'"):
+        balanced_splits(by_class, {"calibration": 80, "heldout": REST, "test": 80}, n_demo_pool=8, seed=0)
+    with pytest.raises(ValueError, match="only one split can take the rest"):
+        balanced_splits(by_class, {"calibration": REST, "heldout": REST}, n_demo_pool=8, seed=0)

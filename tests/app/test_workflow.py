@@ -88,3 +88,42 @@ def test_the_cli_evaluates_a_classifier_calibrated_from_python(tiny, reviews, tm
     settings = json.loads((out / "results.json").read_text())["settings"]
     assert settings["k_shot"] == 2 and settings["seed"] == 5 and settings["sizes"] == SIZES
     assert settings["label_words"] == [" bad", " good"] and settings["template"] == "user"
+
+
+def test_cli_calibrates_a_three_label_task_and_reports_the_preflight(tiny, tmp_path, capsys):
+    """A multi-class task end to end: three labels, the held-out split sized from the data (every
+    example left), the rule chosen on calibration, the pre-flight report printed and stored."""
+    folder, _ = tiny
+    lines = ["text,label"]
+    for i in range(30):
+        lines += [f"great product number {i},pos", f"awful thing number {i},neg", f"a plain item number {i},mid"]
+    data = tmp_path / "three.csv"
+    data.write_text("\n".join(lines) + "\n")
+    argv = ["calibrate", "--model", folder, "--task", str(data), "--label-words", "neg=bad", "mid=okay", "pos=good"]
+    argv += ["--k-shot", "3", "--n-calibration", "12", "--n-test", "6", "--batch-size", "4", "--budget", "0.2"]
+    assert main([*argv, "--out-dir", str(tmp_path / "clf")]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    clf = StopClassifier.load(tmp_path / "clf" / "classifier.json")
+    assert clf.label_token_ids is not None and len(clf.label_token_ids) == 3
+    sizes = clf.info["task"]["sizes"]
+    # 30 per class: the user-task demo pool takes its share, calibration 4 and test 2 per class, held-out the rest
+    assert sizes["calibration"] == 12 and sizes["test"] == 6 and sizes["heldout"] >= 30 and sizes["heldout"] % 3 == 0
+    assert clf.info["heldout_n"] == sizes["heldout"]
+    assert "reading " in out and " prompts through every layer: about " in out
+    assert "stop rule: " in out and "(mean exit layer on the calibration split: " in out
+    chosen = clf.info["rule_choice"]["chosen"]
+    assert (chosen["readout"], chosen["method"]) == (clf.readout, clf.method)
+    assert len(clf.info["rule_choice"]["candidates"]) == 4  # lens, probe x gap, svm
+    pre = clf.info["preflight"]
+    assert "pre-flight (held-out split, " in out and f"verdict: {pre['verdict']}" in out
+    assert pre["n_heldout"] == sizes["heldout"] and pre["batch_size"] == 4
+    assert 0.0 <= pre["certified_saved"] <= pre["oracle_saved"] <= 1.0
+    assert pre["certified_saved"] == pytest.approx(1.0 - clf.info["heldout_mean_exit_layer"] / clf.n_layers)
+    assert pre["forward_fixed_s"] >= 0.0 and pre["forward_per_row_s"] >= 0.0 and pre["predicted_speedup"] >= 1.0
+    # eval rebuilds the same three-label task from what calibrate stored
+    out_dir = tmp_path / "out"
+    argv = ["eval", "--model", folder, "--task", str(data), "--classifier", str(tmp_path / "clf")]
+    argv += ["--out-dir", str(out_dir), "--no-plots", "--wallclock-prompts", "0"]
+    assert main(argv) == 0, capsys.readouterr().err
+    result = json.loads((out_dir / "results.json").read_text())
+    assert result["settings"]["sizes"] == sizes and result["rows"][0]["metrics"]["n"] == 6

@@ -37,7 +37,7 @@ def test_demo_pipeline_on_the_bundled_model_produces_a_complete_table(bundled, t
     table = payload["table"]
     assert table["columns"] == [h for h, _ in TABLE_COLUMNS]
     assert [r[0] for r in table["rows"]] == [r["variant"]["name"] for r in payload["rows"]]
-    assert len(table["rows"]) == 10
+    assert len(table["rows"]) == 11
     headers = [h for h, _ in TABLE_COLUMNS]
     runtime_cols = {headers.index("runtime acc"), headers.index("= sim")}
     for r, cells in enumerate(table["rows"]):
@@ -71,10 +71,12 @@ def test_demo_pipeline_on_the_bundled_model_produces_a_complete_table(bundled, t
     assert max(map(len, full_accuracy_by_bias.values())) > 1, "no two rows share a label bias: nothing compared"
     (main_row,) = [r for r in payload["rows"] if r["variant"]["main"]]
     assert main_row["classifier"]["label_bias_estimator"] == "balanced"
-    # both exit heads are in the table; the main row is the one that saved more layers on held-out
+    # both exit heads are in the table; the main row is the rule chosen on the calibration split
     heads = {r["variant"]["name"]: r["classifier"]["readout"] for r in payload["rows"]}
     assert heads["svm + bias"] == "lens" and heads["probe svm + bias"] == "probe"
-    assert main_row["variant"]["name"] in ("svm + bias", "probe svm + bias")
+    main_clf = main_row["classifier"]
+    assert main_row["variant"]["name"] == f"{main_clf['method']} {main_clf['readout']} + bias (chosen)"
+    assert payload["rows"][0] == main_row and main_clf["method"] in ("gap", "svm")
     # the correction is applied to the full model's answer alike: raw and corrected rows differ there
     assert {r["variant"]["name"] for r in payload["rows"]} >= {"svm + bias", "svm, raw", "gap + bias"}
 

@@ -34,7 +34,15 @@ from adainfer.app.cli_args import (
     output_file,
     task_spec,
 )
-from adainfer.calibration.choices import LABEL_BIAS_CHOICES, METHODS, READOUT_CHOICES, TARGETS, VOCAB_MODES
+from adainfer.app.splits import MAX_REST, REST
+from adainfer.calibration.choices import (
+    DTYPE_CHOICES,
+    LABEL_BIAS_CHOICES,
+    METHOD_CHOICES,
+    READOUT_CHOICES,
+    TARGETS,
+    VOCAB_MODES,
+)
 
 # Never download at run time: everything the CLI loads is installed locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,7 +50,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # Calibration 400: the probes need it (research/probe_curve.md: layers saved 0.30 at 100, 0.36 at 200,
 # more at 400); the lens does not care. Held-out 400 resolves a 1% budget in steps of 0.25%.
-DEMO_SIZES = {"calibration": 400, "heldout": 400, "test": 300}
+DEMO_SIZES = {"calibration": 300, "heldout": 900, "test": 300}
 CONFIDENCE_HELP = (
     "certify the budget at this confidence (Clopper-Pearson, fixed-sequence thresholds; default 0.9); "
     "0: the point estimate on the held-out split, which does not hold on new data"
@@ -120,7 +128,7 @@ def _console():
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from adainfer.app.loading import load_bundled
+    from adainfer.app.loading import dtype_name, load_bundled, resolve_dtype
     from adainfer.app.pipeline import RunSettings, model_line, run_demo, runtime_answers
     from adainfer.app.workflow import wallclock_measure
 
@@ -138,8 +146,9 @@ def _demo(args: argparse.Namespace) -> int:
     )
     if args.n_test:
         settings.sizes["test"] = args.n_test
-    console.print("loading the bundled model (SmolLM2-135M-Instruct, offline) ...")
-    loaded = load_bundled()
+    dtype = resolve_dtype(args.dtype)
+    console.print(f"loading the bundled model (SmolLM2-135M-Instruct, offline, {dtype_name(dtype)}) ...")
+    loaded = load_bundled(dtype)
     console.print(model_line(loaded))
     if args.verbose:
         print(loaded.model)
@@ -183,7 +192,7 @@ class _Parser(argparse.ArgumentParser):
 def _option_problem(args: argparse.Namespace) -> str | None:
     """What the parser cannot check alone: options that apply to one kind of task only are refused
     for the other (they were ignored), a required output, options that exclude each other."""
-    from adainfer.app.datasets import BUNDLED_TASKS
+    from adainfer.app.datasets import BUNDLED_TASKS, TWEET3_TASK, TWEET_TASK
 
     if args.command == "calibrate":
         if args.out_dir is None and args.out_file is None:
@@ -194,8 +203,9 @@ def _option_problem(args: argparse.Namespace) -> str | None:
     for option in ("text_column", "label_column", "encoding"):
         if bundled and getattr(args, option) is not None:
             return f"--{option.replace('_', '-')} applies to task files only, not to {args.task}"
-    if not bundled and args.min_agreement is not None:
-        return f"--min-agreement applies to the tweet-sentiment task only, not to a task file ({args.task})"
+    if args.min_agreement is not None and args.task not in (TWEET_TASK, TWEET3_TASK):
+        what = args.task if bundled else f"a task file ({args.task})"
+        return f"--min-agreement applies to the tweet tasks only ({TWEET_TASK}, {TWEET3_TASK}), not to {what}"
     return None
 
 
@@ -278,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--n-test", type=SPLIT_SIZE, help="test examples (default 300)")
     p_demo.add_argument("--batch-size", type=POSITIVE, default=32, help="prompts per forward pass (default 32)")
     p_demo.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="the model's dtype; auto (default): bfloat16 where this CPU multiplies bf16 natively, else float32",
+    )
+    p_demo.add_argument(
         "--wallclock-prompts",
         type=NON_NEGATIVE,
         default=96,
@@ -306,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_cal.add_argument("--budget", type=BUDGET, default=0.01, help="disagreement budget with the full model, in [0, 1)")
     p_cal.add_argument("--confidence", type=CONFIDENCE, default=0.9, help=CONFIDENCE_HELP)
     p_cal.add_argument("--target", default="consistency", choices=TARGETS)
-    p_cal.add_argument("--method", default="svm", choices=METHODS)
+    p_cal.add_argument("--method", default="auto", choices=METHOD_CHOICES)
     _add_label_bias_arg(p_cal)
     p_cal.add_argument("--vocab", default="labels", choices=VOCAB_MODES, help="exit head over labels or all")
     p_cal.add_argument("--no-layer-feature", action="store_true", help="features top_prob and gap only")
@@ -318,9 +334,23 @@ def build_parser() -> argparse.ArgumentParser:
         "auto: both, keep the one that saves more layers on the held-out split",
     )
     add_deprecated_alias(p_cal, "--exit-head", readout)
-    p_cal.add_argument("--n-calibration", type=SPLIT_SIZE, default=400, help="fits the stop rule and probes (400)")
-    p_cal.add_argument("--n-heldout", type=SPLIT_SIZE, default=400, help="examples to threshold on (default 400)")
+    p_cal.add_argument(
+        "--n-calibration", type=SPLIT_SIZE, default=300, help="fits the probes and the stop rule (default 300)"
+    )
+    p_cal.add_argument(
+        "--n-heldout",
+        type=SPLIT_SIZE,
+        default=REST,
+        help=f"certify the threshold (default: every example the other splits leave, up to {MAX_REST:,})",
+    )
     p_cal.add_argument("--n-test", type=SPLIT_SIZE, default=300, help="reserved for eval (kept disjoint)")
+    p_cal.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPE_CHOICES,
+        help="the model's dtype while calibrating (default float32; auto: bfloat16 where this CPU multiplies "
+        "bf16 natively); stored with the classifier, eval runs in it",
+    )
 
     p_eval = sub.add_parser("eval", help="evaluate a saved classifier on a task's test split")
     _add_task_args(p_eval)
@@ -344,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (results.json, PNGs)",
     )
     p_eval.add_argument("--no-plots", action="store_true")
+    p_eval.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, help="the model's dtype (default: the one the classifier was calibrated in)"
+    )
     return parser
 
 

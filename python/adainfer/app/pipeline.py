@@ -24,6 +24,7 @@ import json
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +56,22 @@ class Variant:
 
 
 def demo_variants(
-    label_bias_estimator: str, full_vocab: bool = True, bound: float = 0.9, main_readout: str = "lens"
+    label_bias_estimator: str,
+    full_vocab: bool = True,
+    bound: float = 0.9,
+    main_rule: tuple[str, str] = ("lens", "svm"),
 ) -> list[Variant]:
-    """The table's rows: the paper's lens rule and the probe rule first (``main_readout`` is the
-    main row: measured through the runtime and timed), then the ablations (lens)."""
+    """The table's rows: the main row first (``main_rule`` = (readout, method), what
+    ``adainfer calibrate`` chooses by default: measured through the runtime and timed), then the
+    paper's lens svm and the probe svm (the defaults before the choice), then the ablations (lens)."""
+    readout, method = main_rule
+    main = Variant(
+        f"{method} {readout} + bias (chosen)", method=method, label_bias_estimator=label_bias_estimator, readout=readout
+    )
     variants = [
-        Variant("svm + bias", label_bias_estimator=label_bias_estimator, main=main_readout == "lens"),
-        Variant(
-            "probe svm + bias", label_bias_estimator=label_bias_estimator, readout="probe", main=main_readout == "probe"
-        ),
+        dataclass_replace(main, main=True),
+        Variant("svm + bias", label_bias_estimator=label_bias_estimator),
+        Variant("probe svm + bias", label_bias_estimator=label_bias_estimator, readout="probe"),
         Variant("probe, no bound", label_bias_estimator=label_bias_estimator, readout="probe", confidence=0.0),
         Variant("svm + bias, no bound", label_bias_estimator=label_bias_estimator, confidence=0.0),
         Variant("svm, raw", label_bias_estimator="none"),
@@ -95,7 +103,8 @@ class RunSettings:
     label_bias_estimator: str = "auto"
     batch_size: int = 32
     full_vocab: bool = True
-    readout: str = "auto"  # the main row's: lens, probe, or auto (the better on held-out)
+    readout: str = "auto"  # the main row's: lens, probe, or auto (chosen on the calibration split)
+    method: str = "auto"  # the main row's: svm, logreg, gap, or auto (chosen with the readout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,21 +174,23 @@ def run_variant(
     return {"variant": asdict(variant), "classifier": clf, "metrics": metrics}
 
 
-def choose_readout(feats: dict[str, LayerFeatures], settings: RunSettings) -> str:
-    """The main row's exit head: the setting, or with ``auto`` the one whose classifier runs fewer
-    layers on the held-out split within the budget (never the test split)."""
-    if settings.readout != "auto":
-        return settings.readout
+def choose_rule(feats: dict[str, LayerFeatures], settings: RunSettings) -> tuple[str, str]:
+    """The main row's (readout, method): the settings, or where ``auto``, the rule that runs the
+    fewest layers on the calibration split within the budget (``calibrate_auto``; never the
+    held-out or test split)."""
+    if settings.readout != "auto" and settings.method != "auto":
+        return settings.readout, settings.method
     clf = calibrate_auto(
         feats["calibration"],
         feats["heldout"],
-        method="svm",
+        readout=settings.readout,
+        method=settings.method,
         budget=settings.budget,
         confidence=_confidence(settings.confidence),
         label_bias_estimator=settings.label_bias_estimator,
         content_free=feats.get("content-free"),
     )
-    return clf.readout
+    return clf.readout, clf.method
 
 
 def _confidence(value: float | None) -> float | None:
@@ -269,7 +280,7 @@ def run_demo(
     )
     t_features = time.perf_counter() - t0
     info = {"task": task_info(settings.task, settings)}
-    main_head = choose_readout(feats, settings)
+    main_rule = choose_rule(feats, settings)
     measured = measure_wallclock is not None or measure_runtime is not None
     prompts = rendered.prompts("test") if measured else None
     rows = [
@@ -285,7 +296,7 @@ def run_demo(
             tokenizer=loaded.tokenizer,
             prompts=prompts,
         )
-        for v in demo_variants(settings.label_bias_estimator, settings.full_vocab, main_readout=main_head)
+        for v in demo_variants(settings.label_bias_estimator, settings.full_vocab, main_rule=main_rule)
     ]
     budget_txt = f"{settings.budget:.1%} disagreement budget" + (
         f" at {settings.confidence:.0%} confidence" if settings.confidence else ""
@@ -449,7 +460,8 @@ def model_line(loaded) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     return (
         f"{type(model).__name__}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-        f"vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M parameters, attention {cfg._attn_implementation}"
+        f"vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M parameters, attention {cfg._attn_implementation}, "
+        f"{str(next(model.parameters()).dtype).removeprefix('torch.')}"
     )
 
 

@@ -33,6 +33,7 @@ from adainfer.calibration.evaluate import WallclockFn
 from adainfer.calibration.evaluate import evaluate as evaluate_features
 from adainfer.calibration.features import LayerFeatures, collect_content_free, collect_task_features
 from adainfer.calibration.fit import calibrate_auto
+from adainfer.calibration.preflight import ForwardCost, preflight
 
 DEFAULT_SIZES = {"calibration": 300, "heldout": 300, "test": 300}
 
@@ -65,7 +66,7 @@ def calibrate(
     budget: float = 0.01,
     confidence: float | None = 0.9,
     readout: str = "auto",
-    method: str = "svm",
+    method: str = "auto",
     target: str = "consistency",
     label_bias_estimator: str = "auto",
     vocab_mode: str = "labels",
@@ -87,8 +88,9 @@ def calibrate(
         budget: the disagreement rate with the full model allowed, in [0, 1).
         confidence: certify the budget at this level (one-sided Clopper-Pearson upper bound);
             0 or None: the point estimate on the held-out split.
-        readout: ``lens``, ``probe`` or ``auto`` (both; the one that runs fewer layers on held-out).
-        method: ``svm`` (the paper), ``logreg`` or ``gap``.
+        readout: ``lens``, ``probe`` or ``auto`` (each fitted on calibration; the one that runs fewer
+            layers there within the budget is the one held-out certifies).
+        method: ``svm`` (the paper), ``logreg``, ``gap`` or ``auto`` (chosen with the readout).
         target: ``consistency`` (the full model's answer) or ``gold`` (the gold label).
         label_bias_estimator: ``auto``, ``none``, ``content-free``, ``mean`` or ``balanced``.
         vocab_mode: ``labels`` (the exit head reads the label tokens) or ``full`` (the whole
@@ -138,11 +140,14 @@ def calibration_lines(clf: StopClassifier) -> list[str]:
     ``auto``), and the threshold with its held-out figures."""
     info = clf.info
     lines = []
-    if "readout_choice" in info:
-        ch = info["readout_choice"]
+    if "rule_choice" in info:
+        ch = info["rule_choice"]
+        tried = ", ".join(
+            f"{c['method']} {c['readout']} {c['calibration_mean_exit_layer']:.2f}" for c in ch["candidates"]
+        )
         lines.append(
-            f"readout: {ch['chosen']} (held-out mean exit layer: lens {ch['lens']['heldout_mean_exit_layer']:.2f}, "
-            f"probe {ch['probe']['heldout_mean_exit_layer']:.2f})"
+            f"stop rule: {ch['chosen']['method']} over the {ch['chosen']['readout']} readout "
+            f"(mean exit layer on the calibration split: {tried})"
         )
     if clf.threshold is None:
         lines.append("no threshold fits the budget on the held-out split: the classifier never stops early")
@@ -262,7 +267,7 @@ def load_task_from_args(args, sizes: dict[str, int], stored: dict | None = None)
     """The task the command line names, with ``sizes``: (task, the settings to store with a
     classifier). An option not given falls back to ``stored`` (a classifier's ``info["task"]``),
     then to the default."""
-    from adainfer.app.datasets import BUNDLED_TASKS, TWEET_TASK
+    from adainfer.app.datasets import BUNDLED_TASKS, TWEET3_TASK, TWEET_TASK
     from adainfer.app.lmeval_task import is_lmeval_spec, load_from_args
     from adainfer.app.tasks import load_task
 
@@ -284,7 +289,7 @@ def load_task_from_args(args, sizes: dict[str, int], stored: dict | None = None)
     words = args.label_words if args.label_words is not None else stored.get("label_words_arg")
     if words:
         kwargs["label_words"] = words
-    if args.task == TWEET_TASK:
+    if args.task in (TWEET_TASK, TWEET3_TASK):
         kwargs["min_confidence"] = pick("min_agreement", 1.0, stored_name="min_confidence")
     else:
         kwargs.update(
@@ -307,9 +312,10 @@ def _console(console):
     return Console()
 
 
-def _load_model(name: str, console):
-    console.print(f"loading model {name} ...")
-    loaded = loading.load_model(name)
+def _load_model(name: str, console, dtype: str = "float32"):
+    resolved = loading.resolve_dtype(dtype)
+    console.print(f"loading model {name} ({loading.dtype_name(resolved)}) ...")
+    loaded = loading.load_model(name, resolved)
     console.print(model_line(loaded))
     return loaded
 
@@ -320,9 +326,12 @@ def calibrate_command(args, console=None) -> int:
     console = _console(console)
     sizes = {"calibration": args.n_calibration, "heldout": args.n_heldout, "test": args.n_test}
     task, kwargs = load_task_from_args(args, sizes)
-    loaded = _load_model(args.model, console)
+    loaded = _load_model(args.model, console, args.dtype)
     rendered = task.render(loaded.tokenizer)
+    sizes = {s: len(examples) for s, examples in task.splits.items()}  # the held-out split's "rest" resolved
+    kwargs = {**kwargs, "sizes": sizes}
     console.print(task_line(rendered, sizes))
+    cost = _forward_cost(loaded, rendered, args.batch_size, args.vocab, console)
     clf = calibrate(
         loaded.model,
         loaded.tokenizer,
@@ -338,13 +347,51 @@ def calibrate_command(args, console=None) -> int:
         batch_size=args.batch_size,
         task_info={**_jsonable(kwargs), "task": args.task, "label_words_arg": args.label_words},
     )
+    report = preflight(clf, cost)
+    dtype = loading.dtype_name(next(loaded.model.parameters()).dtype)
+    clf = clf.with_threshold(clf.threshold, preflight=report.to_dict(), dtype=dtype)
     out = Path(args.out_dir) / "classifier.json" if args.out_dir is not None else Path(args.out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     clf.save(out)
-    for line in calibration_lines(clf):
+    for line in calibration_lines(clf) + report.lines():
         console.print(line)
     console.print(f"wrote {out}")
     return 0
+
+
+def _forward_cost(loaded, rendered: RenderedTask, batch_size: int, vocab: str, console) -> ForwardCost | None:
+    """Before the work: time the feature pass on one batch and say how long reading every prompt will
+    take; and time the model's forward at ``batch_size`` and a quarter of it (the pre-flight's cost
+    model). None (nothing timed) when the held-out split has fewer than ``batch_size`` prompts."""
+    import time
+
+    from adainfer.calibration.features import collect_features
+    from adainfer.runtime.wallclock import measure_forward_cost
+
+    n_read = sum(len(rendered.task.split(s)) for s in ("calibration", "heldout"))
+    suffixes = rendered.suffixes("heldout")
+    if len(suffixes) < batch_size:
+        console.print(f"reading {n_read} prompts (too few held-out prompts to time a batch of {batch_size})")
+        return None
+    t0 = time.perf_counter()
+    collect_features(
+        loaded.model,
+        loaded.tokenizer,
+        rendered.prefix,
+        suffixes[:batch_size],
+        None,
+        rendered.label_token_ids,
+        batch_size=batch_size,
+        full_vocab=vocab == "full",
+        keep_hidden=True,
+        progress=False,
+    )
+    per_prompt = (time.perf_counter() - t0) / batch_size
+    console.print(
+        f"reading {n_read} prompts through every layer: about {n_read * per_prompt:.0f} s here "
+        f"(one batch of {batch_size} timed: {per_prompt * 1e3:.0f} ms a prompt)"
+    )
+    return measure_forward_cost(loaded.model, loaded.tokenizer, rendered.prompts("heldout"), batch_size)
 
 
 def eval_command(args, console=None) -> int:
@@ -361,7 +408,7 @@ def eval_command(args, console=None) -> int:
     if args.n_test:
         sizes["test"] = args.n_test
     task, task_kwargs = load_task_from_args(args, sizes, stored)
-    loaded = _load_model(args.model, console)
+    loaded = _load_model(args.model, console, args.dtype or clf.info.get("dtype", "float32"))
     rendered = task.render(loaded.tokenizer)
     check_fits(clf, loaded.model, rendered)
     console.print(task_line(rendered, sizes))
