@@ -226,3 +226,39 @@ def test_runtime_probe_exits_and_answers_equal_the_simulation():
     z = probes.logits(hidden)  # (8, 3, 2)
     want = torch.log_softmax(torch.tensor(z[np.arange(8), np.minimum(sim["exit_layers"], 3) - 1]), dim=-1).float()
     torch.testing.assert_close(stats.label_logprobs[exited], want[exited], rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_a_bf16_model_reads_its_probes_in_fp32():
+    """Under a bf16 model the probe head keeps its fp32 weight (the rows are cast to it: a bf16 copy
+    of W rounds the large, cancelling terms that its folded standardisation puts in W h and the
+    bias), and the runtime's exits and answers are the simulation's from the same bf16 states."""
+    model = tiny_llama("sdpa").to(torch.bfloat16)
+    batch = left_padded_batch(8, 9, seed=3)
+    out = model(**batch, output_hidden_states=True)
+    states = out.hidden_states
+    hidden = torch.stack([states[k][:, -1] for k in range(1, 4)], dim=1).float().numpy()  # bf16 values, exact
+    rng = np.random.default_rng(1)
+    weight = (rng.normal(size=(3, 2, 64)) * 3.0).astype(np.float32)
+    offset = 40.0 * rng.normal(size=(64,))  # a large mean folded into the bias, as standardisation does
+    bias = -np.einsum("lkd,d->lk", weight, offset).astype(np.float32)
+    probes = ProbeHeads(weight=weight, bias=bias)
+    clf = _probe_classifier(model, probes)
+    head, _ = adainfer.ClassifierPolicy(clf).head_and_rule(1, adainfer.lens_head(model))
+    assert head.weight.dtype == torch.float32 and model.dtype == torch.bfloat16
+    labels = [5, 17]
+    lens = [decode_hidden(model, states[k][:, -1])[:, labels] for k in range(1, 4)] + [out.logits[:, -1, labels]]
+    feats = LayerFeatures(
+        label_logits=torch.stack(lens, dim=1).float().numpy(),
+        labels=np.full(8, -1),
+        label_token_ids=np.array(labels),
+        prompt_lengths=np.full(8, 9),
+        hidden=hidden,
+        meta={**META, "num_hidden_layers": 4, "hidden_size": 64},
+    )
+    sim = simulate(feats, clf)
+    with adainfer.patched(model, clf, adainfer.AdaInferConfig(mode="mask")) as handle:
+        model(**batch)
+        stats = handle.last_stats
+    assert stats.exit_layers.tolist() == sim["exit_layers"].tolist()
+    assert stats.answer_label.tolist() == sim["exit_answer"].tolist()

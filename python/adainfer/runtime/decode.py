@@ -19,8 +19,12 @@ def exit_signals(
     last: torch.Tensor, head: ReadoutHead, stop_rule: StopRule | None, device: torch.device
 ) -> ExitSignals:
     """The exit head on rows' last positions ``last`` (S, d), computed where the head is (the few
-    rows move there, never the LM head to the rows), returned on ``device``."""
-    signals = exit_head(to_device(last, head.weight.device), head, stop_rule)
+    rows move there, never the LM head to the rows), returned on ``device``. Rows are cast to the
+    head's dtype where it differs (a probe's fp32 weight under a bf16 model: ``ClassifierPolicy``)."""
+    rows = to_device(last, head.weight.device)
+    if rows.dtype != head.weight.dtype:
+        rows = rows.to(head.weight.dtype)
+    signals = exit_head(rows, head, stop_rule)
     if signals.top_prob.device != device:
         signals = ExitSignals(*(None if t is None else t.to(device) for t in vars(signals).values()))
     return signals

@@ -92,13 +92,19 @@ class ClassifierPolicy:
         return cached[1], cached[2]
 
     def _probe_head(self, layer: int, base: ReadoutHead) -> ReadoutHead:
-        """Layer ``layer``'s probe as a readout head: its (K, d) weight in the model's dtype on the
-        head's device, no norm (the probe reads the raw hidden state), subset = its K rows, and
-        its bias as the logit bias (fp32)."""
+        """Layer ``layer``'s probe as a readout head: its (K, d) weight in fp32 on the head's
+        device, no norm (the probe reads the raw hidden state), subset = its K rows, and its bias
+        as the logit bias (fp32).
+
+        The weight stays fp32 whatever the model's dtype (the rows are cast to it: ``exit_signals``),
+        as the simulation reads it: a probe's folded standardisation makes W h and its bias large
+        and of opposite signs, so a bf16 copy of W (8 bits of mantissa) moves the probe's logits
+        (under the bundled model in bf16 it changed 1 exit layer in 96 test prompts against the
+        simulation; it costs a (rows, d) cast of a few rows)."""
         weight, bias = self.classifier.probe_layer(layer)
-        device, dtype = base.weight.device, base.weight.dtype
+        device = base.weight.device
         return ReadoutHead(
-            weight=torch.as_tensor(weight).to(device=device, dtype=dtype),
+            weight=torch.as_tensor(weight, dtype=torch.float32).to(device=device),
             norm="none",
             vocab_subset=torch.arange(weight.shape[0], device=device),
             logit_bias=torch.as_tensor(bias, dtype=torch.float32).to(device),
