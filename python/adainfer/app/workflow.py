@@ -365,28 +365,33 @@ def _forward_cost(loaded, rendered: RenderedTask, batch_size: int, vocab: str, c
     model). None (nothing timed) when the held-out split has fewer than ``batch_size`` prompts."""
     import time
 
+    from adainfer.app.costs import measure_forward_cost
     from adainfer.calibration.features import collect_features
-    from adainfer.runtime.wallclock import measure_forward_cost
 
     n_read = sum(len(rendered.task.split(s)) for s in ("calibration", "heldout"))
     suffixes = rendered.suffixes("heldout")
     if len(suffixes) < batch_size:
         console.print(f"reading {n_read} prompts (too few held-out prompts to time a batch of {batch_size})")
         return None
-    t0 = time.perf_counter()
-    collect_features(
-        loaded.model,
-        loaded.tokenizer,
-        rendered.prefix,
-        suffixes[:batch_size],
-        None,
-        rendered.label_token_ids,
-        batch_size=batch_size,
-        full_vocab=vocab == "full",
-        keep_hidden=True,
-        progress=False,
-    )
-    per_prompt = (time.perf_counter() - t0) / batch_size
+
+    def read(rows: list[str]) -> float:
+        t0 = time.perf_counter()
+        collect_features(
+            loaded.model,
+            loaded.tokenizer,
+            rendered.prefix,
+            rows,
+            None,
+            rendered.label_token_ids,
+            batch_size=batch_size,
+            full_vocab=vocab == "full",
+            keep_hidden=True,
+            progress=False,
+        )
+        return time.perf_counter() - t0
+
+    read(suffixes[:2])  # warm-up: the first forward of a process runs slower (one-time setup)
+    per_prompt = read(suffixes[:batch_size]) / batch_size
     console.print(
         f"reading {n_read} prompts through every layer: about {n_read * per_prompt:.0f} s here "
         f"(one batch of {batch_size} timed: {per_prompt * 1e3:.0f} ms a prompt)"

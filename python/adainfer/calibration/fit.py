@@ -12,7 +12,10 @@
        D(m, t) = #{i : answer at exit_i != answer at L},
    satisfies D / n <= budget, or, with ``confidence`` c, the one-sided Clopper-Pearson upper bound
    of the disagreement rate at level c is <= budget. Ties go to fewer checks, then to the larger t.
-   When nothing beats "never exit early", the threshold is None.
+   When nothing beats "never exit early", the threshold is None. With a confidence, m is chosen on
+   the calibration split (step 2's signals) and only t on held-out, by fixed-sequence testing: the
+   bound then holds for the whole procedure (``calibrate_auto`` chooses the readout and the rule on
+   the calibration split too).
 
 :func:`choose_threshold` sweeps each m exactly in O(E log E) for E prefix-maximum records: as t
 falls below a row's record value its exit moves to that record's layer, so sorting the records by
@@ -372,7 +375,7 @@ def calibrate_auto(
 
     With ``auto``, every candidate rule is fitted on ``calibration`` and the one that runs the fewest
     layers there within the budget (out-of-fold probe signals for probes; ties: the lens, which needs no
-    probe file, then the order of ``METHODS``) is chosen *before* any held-out row is looked at; only
+    probe file, then the order of ``AUTO_METHODS``) is chosen *before* any held-out row is looked at; only
     that rule's threshold is then chosen (certified) on ``heldout``, so a confidence level holds for
     the whole procedure. The candidates' calibration figures are kept in ``info["rule_choice"]``.
     """
