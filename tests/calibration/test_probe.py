@@ -190,6 +190,21 @@ def test_probe_classifier_file_round_trip_and_refusals(tmp_path):
         clf.check_compatible(other)
 
 
+def _tiny_features(model, out, hidden: np.ndarray, labels: list[int]) -> LayerFeatures:
+    """The features of a 4-layer tiny model's forward ``out`` (with hidden states) over ``labels``."""
+    states = out.hidden_states
+    lens = [decode_hidden(model, states[k][:, -1])[:, labels] for k in range(1, 4)] + [out.logits[:, -1, labels]]
+    n = hidden.shape[0]
+    return LayerFeatures(
+        label_logits=torch.stack(lens, dim=1).float().numpy(),
+        labels=np.full(n, -1),
+        label_token_ids=np.array(labels),
+        prompt_lengths=np.full(n, 9),
+        hidden=hidden,
+        meta={**META, "num_hidden_layers": 4, "hidden_size": 64},
+    )
+
+
 @torch.inference_mode()
 def test_runtime_probe_exits_and_answers_equal_the_simulation():
     """The patched model with a probe classifier stops and answers where the simulation from the
@@ -205,15 +220,7 @@ def test_runtime_probe_exits_and_answers_equal_the_simulation():
     )
     clf = _probe_classifier(model, probes)
     labels = [5, 17]
-    lens = [decode_hidden(model, states[k][:, -1])[:, labels] for k in range(1, 4)] + [out.logits[:, -1, labels]]
-    feats = LayerFeatures(
-        label_logits=torch.stack(lens, dim=1).float().numpy(),
-        labels=np.full(8, -1),
-        label_token_ids=np.array(labels),
-        prompt_lengths=np.full(8, 9),
-        hidden=hidden,
-        meta={**META, "num_hidden_layers": 4, "hidden_size": 64},
-    )
+    feats = _tiny_features(model, out, hidden, labels)
     sim = simulate(feats, clf)
     assert 0 < (sim["exit_layers"] < 4).sum() < 8, f"the test needs a mix of exits: {sim['exit_layers']}"
     with adainfer.patched(model, clf) as handle:
@@ -247,15 +254,7 @@ def test_a_bf16_model_reads_its_probes_in_fp32():
     head, _ = adainfer.ClassifierPolicy(clf).head_and_rule(1, adainfer.lens_head(model))
     assert head.weight.dtype == torch.float32 and model.dtype == torch.bfloat16
     labels = [5, 17]
-    lens = [decode_hidden(model, states[k][:, -1])[:, labels] for k in range(1, 4)] + [out.logits[:, -1, labels]]
-    feats = LayerFeatures(
-        label_logits=torch.stack(lens, dim=1).float().numpy(),
-        labels=np.full(8, -1),
-        label_token_ids=np.array(labels),
-        prompt_lengths=np.full(8, 9),
-        hidden=hidden,
-        meta={**META, "num_hidden_layers": 4, "hidden_size": 64},
-    )
+    feats = _tiny_features(model, out, hidden, labels)
     sim = simulate(feats, clf)
     with adainfer.patched(model, clf, adainfer.AdaInferConfig(mode="mask")) as handle:
         model(**batch)
