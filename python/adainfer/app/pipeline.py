@@ -5,17 +5,20 @@ summary lines, the output files).
 
 The variants of the demo table (all from the same features, so the comparison is exact):
 
-    svm + bias       the main row: LinearSVC (paper), label tokens, per-layer label-bias correction
-    svm + bias, 90% bound   the same, the budget held by a 90% Clopper-Pearson upper bound
-    svm, raw         the same without the correction (the full model's answer is raw too)
+    M + bias (chosen)   the main row: the readout (lens / probe) and rule M (gap / svm) that
+                        ``adainfer calibrate`` chooses on the calibration split (``choose_rule``)
+    svm + bias       LinearSVC (paper) over the lens, label tokens, per-layer label-bias correction
+    probe svm + bias the same rule over the per-layer probes (the default before the choice)
+    probe, no bound / svm + bias, no bound   the point estimate on held-out instead of the bound
+    svm, raw         the lens svm without the correction (the full model's answer is raw too)
     logreg + bias    logistic regression instead of the SVM
     svm gold + bias  the paper's target (gold label) instead of consistency
     gap + bias       the plain gap-threshold baseline
     gap, raw         the same without the correction
     svm full-vocab   exit head over the whole vocabulary (no label restriction, no correction)
 
-Every threshold is chosen on the held-out split under the same disagreement budget; every figure
-is measured on the test split.
+Every threshold is chosen on the held-out split under the same disagreement budget (certified at
+the run's confidence unless "no bound"); every figure is measured on the test split.
 """
 
 from __future__ import annotations
