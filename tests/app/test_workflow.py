@@ -127,3 +127,17 @@ def test_cli_calibrates_a_three_label_task_and_reports_the_preflight(tiny, tmp_p
     assert main(argv) == 0, capsys.readouterr().err
     result = json.loads((out_dir / "results.json").read_text())
     assert result["settings"]["sizes"] == sizes and result["rows"][0]["metrics"]["n"] == 6
+
+
+def test_a_bf16_calibration_is_stored_and_evaluated_in_bf16(tiny, reviews, tmp_path, capsys):
+    folder, _ = tiny
+    common = ["--model", folder, "--task", str(reviews), "--label-words", "neg=bad", "pos=good", "--k-shot", "2"]
+    sizes = ["--n-calibration", "12", "--n-heldout", "12", "--n-test", "8", "--batch-size", "4"]
+    argv = ["calibrate", *common, *sizes, "--dtype", "bfloat16", "--budget", "0.2", "--out-dir", str(tmp_path / "c")]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "(bfloat16) ..." in out and "note: the bound is certified on the feature pass's bfloat16 numerics" in out
+    assert StopClassifier.load(tmp_path / "c" / "classifier.json").info["dtype"] == "bfloat16"
+    argv = ["eval", *common, "--classifier", str(tmp_path / "c"), "--out-dir", str(tmp_path / "o"), "--no-plots"]
+    assert main([*argv, "--wallclock-prompts", "0"]) == 0, capsys.readouterr().err
+    assert "attention sdpa, bfloat16" in capsys.readouterr().out  # eval runs in the calibrated dtype
