@@ -37,7 +37,8 @@ from adainfer.calibration.choices import LABEL_BIAS_ESTIMATORS
 from adainfer.calibration.classifier import StopClassifier
 from adainfer.calibration.evaluate import RuntimeFn, WallclockFn, evaluate, per_layer_table, simulate, threshold_sweep
 from adainfer.calibration.features import LayerFeatures, collect_content_free, collect_task_features, label_signals
-from adainfer.calibration.fit import calibrate, calibrate_auto
+from adainfer.calibration.fit import calibrate
+from adainfer.calibration.fit import choose_rule as choose_rule_on_calibration
 from adainfer.calibration.labelbias import estimate_label_bias
 
 NOT_MEASURED = "not measured"
@@ -179,21 +180,17 @@ def run_variant(
 
 def choose_rule(feats: dict[str, LayerFeatures], settings: RunSettings) -> tuple[str, str]:
     """The main row's (readout, method): the settings, or where ``auto``, the rule that runs the
-    fewest layers on the calibration split within the budget (``calibrate_auto``; never the
-    held-out or test split)."""
-    if settings.readout != "auto" and settings.method != "auto":
-        return settings.readout, settings.method
-    clf = calibrate_auto(
+    fewest layers on the calibration split within the budget (``adainfer.calibration.fit.choose_rule``;
+    never the held-out or test split)."""
+    readout, method, _ = choose_rule_on_calibration(
         feats["calibration"],
-        feats["heldout"],
-        readout=settings.readout,
-        method=settings.method,
+        settings.readout,
+        settings.method,
         budget=settings.budget,
-        confidence=_confidence(settings.confidence),
         label_bias_estimator=settings.label_bias_estimator,
         content_free=feats.get("content-free"),
     )
-    return clf.readout, clf.method
+    return readout, method
 
 
 def _confidence(value: float | None) -> float | None:

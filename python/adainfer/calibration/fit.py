@@ -368,33 +368,44 @@ def calibrate(
     )
 
 
+def choose_rule(
+    calibration: LayerFeatures, readout: str = "auto", method: str = "auto", **kwargs
+) -> tuple[str, str, dict | None]:
+    """(readout, method, summary): the candidate rule (``auto``: every readout in ``READOUTS`` x every
+    method in ``AUTO_METHODS``) that runs the fewest layers on ``calibration`` within the budget
+    (out-of-fold probe signals for probes; ties: the lens, which needs no probe file, then the order
+    of ``AUTO_METHODS``). Nothing held out is read. ``summary`` (None with one candidate) holds each
+    candidate's figures; ``kwargs`` go to ``calibrate``."""
+    readouts = READOUTS if readout == "auto" else (readout,)
+    methods = AUTO_METHODS if method == "auto" else (method,)
+    if len(readouts) * len(methods) == 1:
+        return readouts[0], methods[0], None
+    layers = {
+        (head, m): calibrate(calibration, None, readout=head, method=m, **kwargs).info["calibration_mean_exit_layer"]
+        for head in readouts
+        for m in methods
+    }
+    best = min(layers, key=lambda key: (layers[key], readouts.index(key[0]), methods.index(key[1])))
+    summary = {
+        "chosen": {"readout": best[0], "method": best[1]},
+        "by": "mean exit layer on the calibration split (out-of-fold probe signals)",
+        "candidates": [
+            {"readout": head, "method": m, "calibration_mean_exit_layer": value} for (head, m), value in layers.items()
+        ],
+    }
+    return best[0], best[1], summary
+
+
 def calibrate_auto(
     calibration: LayerFeatures, heldout: LayerFeatures, readout: str = "auto", method: str = "svm", **kwargs
 ) -> StopClassifier:
     """``calibrate`` where ``readout`` (``lens`` | ``probe``) and ``method`` may be ``auto``.
 
-    With ``auto``, every candidate rule is fitted on ``calibration`` and the one that runs the fewest
-    layers there within the budget (out-of-fold probe signals for probes; ties: the lens, which needs no
-    probe file, then the order of ``AUTO_METHODS``) is chosen *before* any held-out row is looked at; only
-    that rule's threshold is then chosen (certified) on ``heldout``, so a confidence level holds for
-    the whole procedure. The candidates' calibration figures are kept in ``info["rule_choice"]``.
+    With ``auto``, the rule is chosen by :func:`choose_rule` on ``calibration`` *before* any held-out
+    row is looked at; only that rule's threshold is then chosen (certified) on ``heldout``, so a
+    confidence level holds for the whole procedure. The candidates' calibration figures are kept in
+    ``info["rule_choice"]``.
     """
-    readouts = READOUTS if readout == "auto" else (readout,)
-    methods = AUTO_METHODS if method == "auto" else (method,)
-    if len(readouts) * len(methods) == 1:
-        return calibrate(calibration, heldout, readout=readouts[0], method=methods[0], **kwargs)
-    fitted = {}
-    for head in readouts:
-        for m in methods:
-            fitted[(head, m)] = calibrate(calibration, None, readout=head, method=m, **kwargs)
-    layers = {key: clf.info["calibration_mean_exit_layer"] for key, clf in fitted.items()}
-    best = min(fitted, key=lambda key: (layers[key], readouts.index(key[0]), methods.index(key[1])))
-    summary = {
-        "chosen": {"readout": best[0], "method": best[1]},
-        "by": "mean exit layer on the calibration split (out-of-fold probe signals)",
-        "candidates": [
-            {"readout": head, "method": m, "calibration_mean_exit_layer": layers[(head, m)]} for head, m in fitted
-        ],
-    }
-    clf = calibrate(calibration, heldout, readout=best[0], method=best[1], **kwargs)
-    return clf.with_threshold(clf.threshold, rule_choice=summary)
+    head, m, summary = choose_rule(calibration, readout, method, **kwargs)
+    clf = calibrate(calibration, heldout, readout=head, method=m, **kwargs)
+    return clf if summary is None else clf.with_threshold(clf.threshold, rule_choice=summary)
