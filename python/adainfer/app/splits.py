@@ -55,20 +55,13 @@ def balanced_splits(
     """
     k = len(by_class)
     rng = random.Random(seed)
+    have = min(len(texts) for texts in by_class)
     rest = [s for s, n in sizes.items() if n is REST]
     if len(rest) > 1:
         raise ValueError(f"only one split can take the rest of the examples, not {', '.join(rest)}")
-    if rest:
-        have = min(len(texts) for texts in by_class)
-        left = have - n_demo_pool - sum((n // k) for n in sizes.values() if n is not REST)
-        per_class_rest = max(0, left if max_rest is None else min(left, max_rest // k))
-        if per_class_rest < 1:
-            raise ValueError(
-                f"no examples are left for split {rest[0]!r}: the smallest class has {have}, the other splits and "
-                f"{n_demo_pool} demonstration candidates take them all (use smaller splits)"
-            )
-        sizes = {s: (per_class_rest * k if n is REST else n) for s, n in sizes.items()}
     for s, n in sizes.items():
+        if n is REST:
+            continue
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"split {s!r} must have a whole number of examples >= 0, got {n!r}")
         if 0 < n < k:
@@ -77,9 +70,17 @@ def balanced_splits(
             )
     if n_demo_pool < 0:
         raise ValueError(f"n_demo_pool must be >= 0, got {n_demo_pool}")
+    if rest:
+        left = have - n_demo_pool - sum((n // k) for n in sizes.values() if n is not REST)
+        per_class_rest = max(0, left if max_rest is None else min(left, max_rest // k))
+        if per_class_rest < 1:
+            raise ValueError(
+                f"no examples are left for split {rest[0]!r}: the smallest class has {have}, the other splits and "
+                f"{n_demo_pool} demonstration candidates take them all (use smaller splits)"
+            )
+        sizes = {s: (per_class_rest * k if n is REST else n) for s, n in sizes.items()}
     per_class = {s: n // k for s, n in sizes.items()}
     need = n_demo_pool + sum(per_class.values())
-    have = min(len(texts) for texts in by_class)
     if have < need:
         if not allow_shrink:
             raise ValueError(f"the smallest class has {have} examples; the splits need {need} per class")
