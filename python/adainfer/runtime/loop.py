@@ -30,14 +30,12 @@ decoding of exit answers in ``runtime.decode``.
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
 from adainfer.models import ModelFamily
 from adainfer.runtime.config import AdaInferConfig
-from adainfer.runtime.decode import exit_signals, label_logprobs
+from adainfer.runtime.core import check_rows
 from adainfer.runtime.placement import (
     container_hooks_within,
     execution_device,
@@ -49,7 +47,7 @@ from adainfer.runtime.policy import ExitPolicy
 from adainfer.runtime.rows import FinishedRows, RowSubsetCache, RowView
 from adainfer.runtime.stats import ExitStats
 from adainfer_kernels.compaction import compact_rows, merge_rows, scatter_rows
-from adainfer_kernels.head import ExitSignals, ReadoutHead
+from adainfer_kernels.head import ReadoutHead
 
 # kwargs of a decoder layer whose dim 0 is the batch (restricted to the active rows); the rest pass through.
 _BATCH_KWARGS = ("attention_mask", "position_ids")
@@ -140,34 +138,12 @@ class LayerLoop:
             tensors = (head.weight, head.norm_weight, head.norm_bias, head.project_out)
             self._head_modules = modules_owning(self.model, tensors)
 
-    @torch.no_grad()  # a stop decision is not differentiable; the exit head refuses autograd inputs
     def check(self, layer: int, hidden: torch.Tensor, rows: torch.Tensor, stats: ExitStats) -> torch.Tensor:
         """(A,) bool: which of the active rows (original ids ``rows``, hidden (A, T, d)) stop at
-        ``layer``; the answers of the rows that stop are recorded in ``stats``."""
-        t0 = time.perf_counter()
-        policy = self.policy
+        ``layer``; the answers of the rows that stop are recorded in ``stats`` (``core.check_rows``)."""
         with materialised(self._head_modules):
             base = self.family.lens_head(self.model) if self._head_modules else self.base_head
-            head, stop_rule = policy.head_and_rule(layer, base)
-            last = hidden[:, -1, :]
-            if policy.needs_signals:
-                signals = exit_signals(last, head, stop_rule, hidden.device)
-                stop = policy.should_stop(layer, signals, rows)
-            else:  # decided without the signals: decode only the rows that stop
-                stop = policy.should_stop(layer, None, rows)
-                signals = None
-            if bool(stop.any()):
-                stopped = last[stop]
-                if head.vocab_subset is not None:
-                    stats.record_answers(rows[stop], label_logprobs(to_device(stopped, head.weight.device), head), None)
-                elif signals is None:  # decoded once, from the model's own logits (ExitStats)
-                    stats.defer_answers(rows[stop], stopped, head)
-                else:
-                    kept = ExitSignals(signals.top_prob[stop], signals.gap[stop], signals.argmax[stop])
-                    stats.record_answers(rows[stop], None, kept)
-        stats.rows_checked += rows.numel()
-        stats.check_seconds += time.perf_counter() - t0
-        return stop
+            return check_rows(self.policy, base, layer, hidden[:, -1, :], rows, stats)
 
 
 class LayerPass:
