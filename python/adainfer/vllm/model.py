@@ -1,0 +1,297 @@
+"""``AdaInferForCausalLM``: vLLM's Llama with AdaInfer's per-request early exit.
+
+One vLLM step runs the requests of a continuous batch token-major: ``hidden [num_tokens, d]``,
+request i owning tokens ``qsl[i]:qsl[i+1]``, vLLM's residual stream kept apart (``hidden + residual``
+is the state Hugging Face's layer would return). The step's loop:
+
+    h, residual = embed(input_ids), None
+    for layer k = 1..L:
+        fill K/V of layer k for the tokens of requests that exited (their frozen exit state)
+        h, residual = layer(positions, h, residual)          # only the active requests' tokens
+        if k is checked:
+            s = h[last] + residual[last]                     # last token of each active request
+            stop = core.check_rows(policy, head, k, s, ...)  # fused exit head + stop rule
+            requests that stop: exit layer k, state h + residual of all their tokens frozen
+            the active requests' tokens are compacted and the step's attention metadata is rebuilt
+            for them by the backend's own builder (step.StepCapture.metadata_for)
+    output: final norm of the active tokens and of the frozen states, back in token order
+
+``compute_logits`` then delivers the exit answer by the Hugging Face runtime's contract
+(``runtime.answers``): in label mode the sampled row of an exited request becomes the labels'
+log-probabilities (``-inf`` elsewhere); over the full vocabulary its logits are the LM head on the
+frozen state (the logit lens at the exit layer). Requests that ran every layer keep vLLM's logits.
+
+K/V of skipped layers (state propagation): every later layer gets the exited tokens' K/V computed
+from their frozen state through that layer's input norm, qkv projection and rotary embedding, and
+written by the backend's own ``do_kv_cache_update``, so decode steps and prefix caching read
+consistent K/V. A request is checked only when its last token is sampled this step (a chunk of a
+longer prompt is never an answer).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.models.llama import LlamaForCausalLM
+
+from adainfer.runtime.core import check_rows
+from adainfer.runtime.policy import ClassifierPolicy
+from adainfer.runtime.stats import ExitStats
+from adainfer.vllm import settings as S
+from adainfer.vllm.plugin import install_step_hooks
+from adainfer.vllm.step import CURRENT, token_ranges
+from adainfer_kernels.head import ReadoutHead
+
+# Exit layers kept per request until read (``report.take_exit_layers``); older entries are dropped
+# past this many requests so a server that nobody reads never grows without bound.
+MAX_LOGGED_REQUESTS = 100_000
+
+
+class _CheckOnly:
+    """A policy that runs every check of ``inner`` (same heads, same rules) but stops nothing."""
+
+    needs_signals = True
+
+    def __init__(self, inner: ClassifierPolicy) -> None:
+        self.inner = inner
+        self.label_token_ids = inner.label_token_ids
+
+    def layers_to_check(self, num_layers: int) -> frozenset[int]:
+        return self.inner.layers_to_check(num_layers)
+
+    def head_and_rule(self, layer, base):
+        return self.inner.head_and_rule(layer, base)
+
+    def should_stop(self, layer, signals, rows) -> torch.Tensor:
+        return torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
+
+    def final_label_bias(self, num_layers: int):
+        return None
+
+
+class VllmExitLoop:
+    """The exit loop of one ``AdaInferForCausalLM`` (one per worker process)."""
+
+    def __init__(self, model: AdaInferForCausalLM, policy, num_layers: int) -> None:
+        self.model = model
+        self.policy = policy
+        self.num_layers = num_layers
+        self.checked = frozenset(k for k in policy.layers_to_check(num_layers) if 1 <= k < num_layers)
+        self._head: ReadoutHead | None = None
+        self._used_serial = -1
+        self._last: tuple[ExitStats, torch.Tensor] | None = None  # (stats, checked mask) of the last step
+        self.log: dict[str, list[int]] = defaultdict(list)  # request id -> exit layer of each answer
+        self.layer_tokens = 0  # decoder-layer token rows computed, summed over steps
+        self.dense_tokens = 0  # what the dense model would have computed
+
+    # ---- the readout head, read off the loaded weights
+    def head(self) -> ReadoutHead:
+        if self._head is None:
+            m = self.model
+            vocab = m.config.vocab_size
+            weight = m.lm_head.weight
+            if weight.shape[0] != vocab:  # vLLM pads the vocabulary rows of its LM head
+                weight = weight[:vocab]
+            norm = m.model.norm
+            self._head = ReadoutHead(
+                weight=weight, norm="rms", norm_weight=norm.weight, eps=float(norm.variance_epsilon)
+            )
+        return self._head
+
+    # ---- one step
+    def forward(self, input_ids, positions, inputs_embeds=None) -> torch.Tensor:
+        step = CURRENT
+        if step.dummy or not step.builds:
+            # vLLM's warm-up and profiling runs (no request): nothing to check
+            if step.dummy:
+                return LlamaForCausalLM.forward(self.model, input_ids, positions, None, inputs_embeds)
+            raise RuntimeError("AdaInfer saw no attention metadata being built for this step: exits cannot run")
+        if step.serial == self._used_serial:
+            raise RuntimeError("AdaInfer saw this step's attention metadata already used: exits cannot run")
+        self._used_serial = step.serial
+        fc = get_forward_context()
+        if not isinstance(fc.attn_metadata, dict):
+            raise RuntimeError("AdaInfer needs one attention metadata dict per step (no micro-batching)")
+        saved_md, saved_slots = dict(fc.attn_metadata), dict(fc.slot_mapping)
+        missing = set(saved_md) - step.layer_names()
+        if missing:
+            raise RuntimeError(f"AdaInfer cannot rebuild the attention metadata of layers {sorted(missing)[:3]}")
+        try:
+            return self._run(step, fc, input_ids, positions, inputs_embeds, saved_slots)
+        finally:
+            fc.attn_metadata.clear()
+            fc.attn_metadata.update(saved_md)
+            fc.slot_mapping.clear()
+            fc.slot_mapping.update(saved_slots)
+
+    def _run(self, step, fc, input_ids, positions, inputs_embeds, slots) -> torch.Tensor:
+        inner = self.model.model
+        n_reqs = step.num_reqs
+        qsl = step.common.query_start_loc_cpu[: n_reqs + 1].to(torch.int64)
+        hidden = inner.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
+        n_tokens = hidden.shape[0]
+        if int(qsl[-1]) != n_tokens:
+            raise RuntimeError(f"AdaInfer expects unpadded steps: {n_tokens} tokens for {int(qsl[-1])} scheduled")
+        device = hidden.device
+        stats = ExitStats.start(n_reqs, self.num_layers, "compact", self.policy.label_token_ids, device)
+        checkable = step.samples_last_token().to(device)
+        residual = None
+        active = torch.arange(n_reqs, device=device)  # step indices of the requests still running
+        tokens = torch.arange(n_tokens, device=device)  # their tokens, in step order
+        lens = (qsl[1:] - qsl[:-1]).to(device)
+        pos = positions
+        frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (tokens, state, positions)
+        fin_tokens = fin_state = fin_pos = None
+        base = self.head()
+        for i in range(inner.start_layer, inner.end_layer):
+            layer = inner.layers[i]
+            if fin_tokens is not None:
+                self._fill_kv(layer, fin_state, fin_pos, slots, fin_tokens)
+            if active.numel():
+                hidden, residual = layer(pos, hidden, residual)
+                self.layer_tokens += hidden.shape[0]
+            self.dense_tokens += n_tokens
+            k = i + 1
+            if k not in self.checked or not active.numel():
+                continue
+            ends = torch.cumsum(lens, 0)
+            sel = torch.nonzero(checkable.index_select(0, active)).squeeze(1)
+            if sel.numel() == 0:
+                continue
+            last = (ends - 1).index_select(0, sel)
+            state = hidden.index_select(0, last) + residual.index_select(0, last)
+            stop = check_rows(self.policy, base, k, state, active.index_select(0, sel), stats)
+            if not bool(stop.any()):
+                continue
+            gone = sel[stop]  # positions among the active requests
+            keep = torch.ones(active.numel(), dtype=torch.bool, device=device)
+            keep[gone] = False
+            stats.exit_layers.index_fill_(0, active.index_select(0, gone), k)
+            starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+            out_idx = token_ranges(torch.cat([starts, ends[-1:]]).cpu(), gone.cpu()).to(device)
+            in_idx = token_ranges(torch.cat([starts, ends[-1:]]).cpu(), torch.nonzero(keep).squeeze(1).cpu()).to(device)
+            frozen.append(
+                (
+                    tokens.index_select(0, out_idx),
+                    hidden.index_select(0, out_idx) + residual.index_select(0, out_idx),
+                    pos.index_select(0, out_idx),
+                )
+            )
+            fin_tokens = torch.cat([f[0] for f in frozen])
+            fin_state = torch.cat([f[1] for f in frozen])
+            fin_pos = torch.cat([f[2] for f in frozen])
+            hidden, residual = hidden.index_select(0, in_idx), residual.index_select(0, in_idx)
+            pos, tokens = pos.index_select(0, in_idx), tokens.index_select(0, in_idx)
+            active, lens = active[keep], lens[keep]
+            if active.numel():
+                fc.attn_metadata.update(step.metadata_for(active, tokens))
+                for name, mapping in slots.items():
+                    fc.slot_mapping[name] = mapping.index_select(0, tokens.to(mapping.device))
+        out = torch.empty((n_tokens, base.hidden_size), dtype=hidden.dtype, device=device)
+        if active.numel():
+            final, _ = inner.norm(hidden, residual)
+            out.index_copy_(0, tokens, final)
+        if fin_tokens is not None:
+            out.index_copy_(0, fin_tokens, inner.norm(fin_state))
+        self._record(step, stats, checkable)
+        return out
+
+    def _fill_kv(self, layer, state, pos, slots, tokens) -> None:
+        """K/V of ``layer`` for exited tokens (frozen states ``state``): input norm -> qkv ->
+        rotary, written to the cache by the backend's ``do_kv_cache_update``."""
+        attn = layer.self_attn
+        a = attn.attn
+        mapping = slots.get(a.layer_name)
+        if mapping is None:
+            return
+        x = layer.input_layernorm(state)
+        qkv, _ = attn.qkv_proj(x)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = attn.rotary_emb(pos, q, k)
+        a.impl.do_kv_cache_update(
+            a,
+            k.reshape(-1, a.num_kv_heads, a.head_size),
+            v.reshape(-1, a.num_kv_heads, a.head_size_v),
+            a.kv_cache,
+            mapping.index_select(0, tokens.to(mapping.device)),
+        )
+
+    def _record(self, step, stats: ExitStats, checkable: torch.Tensor) -> None:
+        self._last = (stats, checkable)
+        layers = stats.exit_layers.tolist()
+        for rid, k, answered in zip(step.req_ids(), layers, checkable.tolist(), strict=True):
+            if answered:
+                self.log[rid].append(int(k))
+        if len(self.log) > MAX_LOGGED_REQUESTS:
+            for rid in list(self.log)[: len(self.log) - MAX_LOGGED_REQUESTS]:
+                del self.log[rid]
+
+    # ---- answers
+    def deliver(self, logits: torch.Tensor) -> torch.Tensor:
+        """The exit answers in the sampled rows' logits (one row per request of the last step)."""
+        last, self._last = self._last, None
+        if last is None or logits is None:
+            return logits
+        stats, _ = last
+        labels = stats.label_token_ids
+        if labels is None:
+            return logits  # full vocabulary: the LM head on the frozen state is the exit answer
+        if logits.shape[0] != stats.batch_size:
+            raise RuntimeError(
+                f"AdaInfer expects one sampled row per request: {logits.shape[0]} rows for {stats.batch_size}"
+            )
+        rows = torch.nonzero(stats.exit_layers < stats.num_layers).squeeze(1)
+        if rows.numel() == 0:
+            return logits
+        new = torch.full((rows.numel(), logits.shape[-1]), float("-inf"), dtype=logits.dtype, device=logits.device)
+        new.index_copy_(1, labels.to(logits.device), stats.label_logprobs.index_select(0, rows).to(logits.dtype))
+        logits[rows.to(logits.device)] = new
+        return logits
+
+    def take_log(self) -> dict[str, list[int]]:
+        log, self.log = dict(self.log), defaultdict(list)
+        return log
+
+
+class AdaInferForCausalLM(LlamaForCausalLM):
+    """vLLM's ``LlamaForCausalLM`` whose layer loop exits per request (``additional_config["adainfer"]``)."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        hf_config = vllm_config.model_config.hf_config
+        plugin = S.PluginSettings.from_additional_config(vllm_config.additional_config)
+        if plugin.exits != "off":
+            S.check_engine(vllm_config, str(hf_config.model_type))
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.adainfer_settings = plugin
+        self.adainfer_exit_loop: VllmExitLoop | None = None
+        if plugin.exits == "off":
+            return
+        from adainfer.calibration.classifier import StopClassifier
+
+        classifier = StopClassifier.load(plugin.classifier)
+        S.check_classifier(classifier, hf_config)
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        if tp > 1 and getattr(classifier, "readout", "lens") != "probe":
+            raise S.AdaInferStartupError(
+                "under tensor parallel the lens readout needs the vocab-sharded exit head's partials; "
+                "serve a probe classifier (readout 'probe') or tensor_parallel_size=1"
+            )
+        S.check_attention(self.model.layers[self.model.start_layer].self_attn.attn)
+        policy = ClassifierPolicy(classifier)
+        if plugin.exits == "check":
+            policy = _CheckOnly(policy)
+        self.adainfer_exit_loop = VllmExitLoop(self, policy, int(hf_config.num_hidden_layers))
+        install_step_hooks()
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        if self.adainfer_exit_loop is None:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        return self.adainfer_exit_loop.forward(input_ids, positions, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor):
+        logits = super().compute_logits(hidden_states)
+        if self.adainfer_exit_loop is None:
+            return logits
+        return self.adainfer_exit_loop.deliver(logits)
