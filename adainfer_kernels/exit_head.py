@@ -168,9 +168,25 @@ def _exit_head_cpu(
     ``"auto"`` takes the kernel ``backend.exit_head_cpu_kernel`` names (``adainfer info`` shows it
     and why); ``"native"`` raises where the op cannot run this dtype, never falling back silently.
     """
+    impl, kernel = _resolve_cpu_impl(head.weight.dtype, impl)
+    if impl == "torch":
+        return _finish(*_torch_stats(hidden, head)[:4], hidden, head, stop_rule)
+    rows, args = _native_args(hidden, head, kernel)
+    top, gap, pos = torch.ops.adainfer.exit_head_cpu(*args)
+    if rows is not hidden:  # non-finite rows of the caller's hidden states, not of the normed/projected rows
+        bad = ~torch.isfinite(hidden).all(dim=1)
+        top = torch.where(bad, float("nan"), top)
+        gap = torch.where(bad, float("nan"), gap)
+        pos = torch.where(bad, -1, pos)
+    argmax = pos if head.vocab_subset is None else torch.where(pos < 0, pos, head.vocab_subset[pos.clamp(min=0)])
+    value = stop_rule(top, gap) if stop_rule is not None else None
+    return ExitSignals(top_prob=top, gap=gap, argmax=argmax.to(torch.int64), score=value)
+
+
+def _resolve_cpu_impl(wdt: torch.dtype, impl: str) -> tuple[str, str | None]:
+    """(``"native"`` or ``"torch"``, the native op's kernel or None) for an LM head of dtype ``wdt``."""
     if impl not in CPU_IMPLS:
         raise ValueError(f"impl {impl!r} is not one of {CPU_IMPLS}")
-    wdt = head.weight.dtype
     kernel = None  # the native op's kernel, when the op runs
     if impl == "auto":
         kernel = exit_head_cpu_kernel(wdt).name
@@ -180,31 +196,55 @@ def _exit_head_cpu(
             why = _native.error() or exit_head_cpu_kernel(wdt).reason
             raise RuntimeError(f"the native CPU exit head is unavailable for {wdt} here ({why})")
         kernel = str(torch.ops.adainfer.exit_head_cpu_kernel(wdt))
-    if impl == "torch":
-        cdt = _compute_dtype(wdt)
-        x = decode_rows(hidden, head).to(cdt)
-        wt = _TRANSPOSED.get((head.weight, head.vocab_subset), lambda: _transposed_fp32(head))
-        return _finish(*_stats_torch(x, wt, head.logit_bias, head.logit_softcap), hidden, head, stop_rule)
+    return impl, kernel
 
+
+def _native_args(hidden: torch.Tensor, head: ReadoutHead, kernel: str | None) -> tuple[torch.Tensor, tuple]:
+    """(rows fed to the op, the arguments of ``exit_head_cpu`` / ``exit_head_cpu_stats``)."""
     if kernel == "brgemm":  # fp32 heads, and bf16 heads on AMX CPUs: W^T in packed panels, cached
-        w = _PACKED.get((head.weight, head.vocab_subset), lambda: _pack(head, _compute_dtype(wdt)))
+        w = _PACKED.get((head.weight, head.vocab_subset), lambda: _pack(head, _compute_dtype(head.weight.dtype)))
     else:  # the row-major kernels read W as it is stored; a subset is gathered once (cached)
         w = _rowmajor(head)
     # The op applies rms / layer norms itself (HF's numerics); Gemma's norm and project_out come pre-applied.
     rows, norm = kernel_rows(hidden, head)
     nw, nb = (head.norm_weight, head.norm_bias) if norm else (None, None)
     cap = float(head.logit_softcap) if head.logit_softcap is not None else None
-    top, gap, pos = torch.ops.adainfer.exit_head_cpu(
-        rows, w, head.n_candidates, norm, nw, nb, float(head.eps), head.logit_bias, cap, kernel
-    )
-    if rows is not hidden:  # non-finite rows of the caller's hidden states, not of the normed/projected rows
-        bad = ~torch.isfinite(hidden).all(dim=1)
-        top = torch.where(bad, float("nan"), top)
-        gap = torch.where(bad, float("nan"), gap)
-        pos = torch.where(bad, -1, pos)
-    argmax = pos if head.vocab_subset is None else torch.where(pos < 0, pos, head.vocab_subset[pos.clamp(min=0)])
-    value = stop_rule(top, gap) if stop_rule is not None else None
-    return ExitSignals(top_prob=top, gap=gap, argmax=argmax.to(torch.int64), score=value)
+    return rows, (rows, w, head.n_candidates, norm, nw, nb, float(head.eps), head.logit_bias, cap, kernel)
+
+
+def _torch_stats(hidden: torch.Tensor, head: ReadoutHead) -> tuple[torch.Tensor, ...]:
+    """``_stats_torch`` of the head's candidates (rows normed / projected with Hugging Face's ops)."""
+    x = decode_rows(hidden, head).to(_compute_dtype(head.weight.dtype))
+    wt = _TRANSPOSED.get((head.weight, head.vocab_subset), lambda: _transposed_fp32(head))
+    return _stats_torch(x, wt, head.logit_bias, head.logit_softcap)
+
+
+def cpu_stats(hidden: torch.Tensor, head: ReadoutHead, impl: str = "auto") -> tuple[torch.Tensor, ...]:
+    """Raw per-row statistics of the CPU path over the head's candidates (inputs already checked).
+
+    Returns (max, sum, pos, second, second_pos), each (R,): fp32 M = max z, fp32 S = sum exp(z - M),
+    int64 candidate position of M (lowest on ties), fp32 T = second largest z (a tie counts twice),
+    int64 lowest position of T other than pos (-1 when T = -inf). Rows of ``hidden`` holding inf/NaN:
+    M, S, T NaN and both positions -1. ``impl`` as ``_exit_head_cpu``; the native path is
+    ``adainfer::exit_head_cpu_stats``, whose statistics ``exit_head_cpu`` finishes into signals.
+    """
+    requested = impl
+    impl, kernel = _resolve_cpu_impl(head.weight.dtype, impl)
+    if impl == "native" and not _native.has_op("exit_head_cpu_stats"):
+        if requested == "native":
+            raise RuntimeError("adainfer_kernels._C predates exit_head_cpu_stats: rebuild it (pip install -e .)")
+        impl = "torch"
+    if impl == "torch":
+        big_m, big_s, pos, second, second_pos = _torch_stats(hidden, head)
+    else:
+        _, args = _native_args(hidden, head, kernel)
+        big_m, big_s, pos, second, second_pos = torch.ops.adainfer.exit_head_cpu_stats(*args)
+    # The caller's rows decide (the op saw normed / projected rows when decode_rows ran first).
+    bad = ~torch.isfinite(hidden).all(dim=1)
+    nan = torch.tensor(float("nan"))
+    second_pos = torch.where(bad | (second == float("-inf")), -1, second_pos)
+    pos = torch.where(bad, -1, pos)
+    return torch.where(bad, nan, big_m), torch.where(bad, nan, big_s), pos, torch.where(bad, nan, second), second_pos
 
 
 def _pack(head: ReadoutHead, cdt: torch.dtype) -> torch.Tensor:
@@ -238,12 +278,13 @@ def _transposed_fp32(head: ReadoutHead) -> torch.Tensor:
 def _stats_torch(
     x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, softcap: float | None = None
 ) -> tuple[torch.Tensor, ...]:
-    """The torch fallback: (max, sumexp, pos, second) per row over the candidates in chunks.
+    """The torch fallback: (max, sumexp, pos, second, second_pos) per row over the candidates in chunks.
 
     ``wt`` is the (d, K) fp32 transposed (subset) head; ``softcap`` caps each chunk's fp32 logits
     (``cap * tanh(z / cap)``) before the bias. Same statistics and tie rule as the native op:
     within a chunk ``max`` returns the first position of the maximum; across chunks a later chunk
-    wins only with a strictly larger max.
+    wins only with a strictly larger max. ``second_pos`` (the position of the second, lowest on
+    ties; meaningless while second is -inf) comes with the second's ``max`` at no extra pass.
     """
     n_rows, n_cand = x.shape[0], wt.shape[1]
     xf = x.float()
@@ -251,6 +292,7 @@ def _stats_torch(
     big_s = torch.zeros(n_rows)
     big_p = torch.zeros(n_rows, dtype=torch.int64)
     big_t = torch.full((n_rows,), float("-inf"))
+    big_j = torch.full((n_rows,), -1, dtype=torch.int64)
     step = _chunk(n_rows)
     for c0 in range(0, n_cand, step):
         c1 = min(n_cand, c0 + step)
@@ -264,16 +306,22 @@ def _stats_torch(
         safe = torch.where(finite, c_max, torch.zeros_like(c_max))
         c_sum = torch.where(finite, torch.exp(z - safe[:, None]).sum(dim=1), torch.zeros_like(c_max))
         z.scatter_(1, c_pos[:, None], float("-inf"))
-        c_sec = z.max(dim=1).values if z.shape[1] > 1 else torch.full_like(c_max, float("-inf"))
+        if z.shape[1] > 1:
+            c_sec, c_spos = z.max(dim=1)
+        else:
+            c_sec, c_spos = torch.full_like(c_max, float("-inf")), torch.zeros_like(c_pos)
         c_pos += c0
+        c_spos += c0
         take = c_max > big_m
+        # The second's position: on equal values the running (lower) position stays.
+        big_j = torch.where(take, torch.where(big_m >= c_sec, big_p, c_spos), torch.where(c_max > big_t, c_pos, big_j))
         new_m = torch.maximum(big_m, c_max)
         safe_new = torch.where(new_m > float("-inf"), new_m, torch.zeros_like(new_m))
         big_s = big_s * torch.exp(big_m - safe_new) + c_sum * torch.exp(c_max - safe_new)
         big_t = torch.where(take, torch.maximum(big_m, c_sec), torch.maximum(big_t, c_max))
         big_p = torch.where(take, c_pos, big_p)
         big_m = new_m
-    return big_m, big_s, big_p, big_t
+    return big_m, big_s, big_p, big_t, big_j
 
 
 def _finish(
@@ -327,6 +375,26 @@ def _register_fakes() -> None:
         r = hidden.shape[0]
         f = hidden.new_empty((r,), dtype=torch.float32)
         return f, f.clone(), hidden.new_empty((r,), dtype=torch.int64)
+
+    if not _native.has_op("exit_head_cpu_stats"):  # an extension built before the op existed
+        return
+
+    @torch.library.register_fake("adainfer::exit_head_cpu_stats")
+    def _stats_fake(
+        hidden: torch.Tensor,
+        packed: torch.Tensor,
+        n_cand: int,
+        norm: int,
+        norm_weight: torch.Tensor | None,
+        norm_bias: torch.Tensor | None,
+        eps: float,
+        bias: torch.Tensor | None,
+        softcap: float | None = None,
+        kernel: str | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        r = hidden.shape[0]
+        f = lambda dt: hidden.new_empty((r,), dtype=dt)
+        return f(torch.float32), f(torch.float32), f(torch.int64), f(torch.float32), f(torch.int64)
 
 
 _register_fakes()

@@ -151,8 +151,8 @@ def _load_normed(
     return tl.where(m2, xn, 0.0)
 
 
-@triton.jit(do_not_specialize=["n_rows", "eps", "softcap"])
-def _exit_head_kernel(
+@triton.jit
+def _exit_head_split(
     h_ptr,  # (n_rows, d) hidden states, unit stride along d
     w_ptr,  # (V, d) LM-head weight, unit stride along d
     nw_ptr,  # (d,) norm weight (NORM != 0)
@@ -163,6 +163,7 @@ def _exit_head_kernel(
     ps_ptr,  # (n_splits, n_rows) fp32 partial sum of exp(z - max)
     pi_ptr,  # (n_splits, n_rows) int32 partial first position of the max
     pt_ptr,  # (n_splits, n_rows) fp32 partial second largest logit
+    pj_ptr,  # (n_splits, n_rows) int32 partial lowest position of the second (TRACK_SECOND)
     n_rows,
     d,
     n_cand,
@@ -181,7 +182,10 @@ def _exit_head_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    TRACK_SECOND: tl.constexpr,  # also track and store the second's position (exit_head_partials)
 ):
+    """One program of the split-V pass: a block of rows against a slice of the candidates, written
+    as one partial (max, sum-exp, position, second[, second's position]) per (split, row)."""
     pid = tl.program_id(0)
     n_rb = tl.cdiv(n_rows, BLOCK_R)
     # Row blocks vary fastest: programs that read the same W tiles run together (L2 reuse).
@@ -224,6 +228,7 @@ def _exit_head_kernel(
     s_run = tl.zeros([BLOCK_R], dtype=tl.float32)
     i_run = tl.zeros([BLOCK_R], dtype=tl.int32)
     t_run = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    j_run = tl.full([BLOCK_R], -1, dtype=tl.int32)
     tile0 = split * tiles_per_split
     for t in range(0, tiles_per_split):
         cand = (tile0 + t) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -266,6 +271,12 @@ def _exit_head_kernel(
         safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
         s_run = s_run * tl.exp(m_run - safe_m) + tl.sum(tl.exp(z - safe_m[:, None]), axis=1)
         take = t_max > m_run
+        if TRACK_SECOND:
+            # The second's lowest position: in the tile, the first position of t_sec other than t_pos;
+            # across tiles, on equal values the running (lower) position stays.
+            other = cand[None, :] != t_pos[:, None]
+            t_spos = tl.min(tl.where(other & (z == t_sec[:, None]), cand[None, :], _INT32_MAX), axis=1)
+            j_run = tl.where(take, tl.where(m_run >= t_sec, i_run, t_spos), tl.where(t_max > t_run, t_pos, j_run))
         t_run = tl.where(take, tl.maximum(m_run, t_sec), tl.maximum(t_run, t_max))
         i_run = tl.where(take, t_pos, i_run)
         m_run = new_m
@@ -275,6 +286,89 @@ def _exit_head_kernel(
     tl.store(ps_ptr + p_off, s_run, mask=rmask)
     tl.store(pi_ptr + p_off, i_run, mask=rmask)
     tl.store(pt_ptr + p_off, t_run, mask=rmask)
+    if TRACK_SECOND:
+        tl.store(pj_ptr + p_off, j_run, mask=rmask)
+
+
+@triton.jit(do_not_specialize=["n_rows", "eps", "softcap"])
+def _exit_head_kernel(
+    h_ptr,
+    w_ptr,
+    nw_ptr,
+    nb_ptr,
+    ids_ptr,
+    logit_bias_ptr,
+    pm_ptr,
+    ps_ptr,
+    pi_ptr,
+    pt_ptr,
+    n_rows,
+    d,
+    n_cand,
+    tiles_per_split,
+    stride_hr,
+    stride_wv,
+    eps,
+    softcap,
+    NORM: tl.constexpr,
+    HAS_NB: tl.constexpr,
+    HAS_SUBSET: tl.constexpr,
+    HAS_LOGIT_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The split-V pass of ``exit_head``: partials (max, sum-exp, position, second); arguments as
+    ``_exit_head_split``."""
+    _exit_head_split(
+        h_ptr, w_ptr, nw_ptr, nb_ptr, ids_ptr, logit_bias_ptr, pm_ptr, ps_ptr, pi_ptr, pt_ptr, pi_ptr,
+        n_rows, d, n_cand, tiles_per_split, stride_hr, stride_wv, eps, softcap,
+        NORM, HAS_NB, HAS_SUBSET, HAS_LOGIT_BIAS, HAS_SOFTCAP, USE_DOT, DOT_FP32, BLOCK_R, BLOCK_V, BLOCK_D, False,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["n_rows", "eps", "softcap"])
+def _exit_head_partials_kernel(
+    h_ptr,
+    w_ptr,
+    nw_ptr,
+    nb_ptr,
+    ids_ptr,
+    logit_bias_ptr,
+    pm_ptr,
+    ps_ptr,
+    pi_ptr,
+    pt_ptr,
+    pj_ptr,
+    n_rows,
+    d,
+    n_cand,
+    tiles_per_split,
+    stride_hr,
+    stride_wv,
+    eps,
+    softcap,
+    NORM: tl.constexpr,
+    HAS_NB: tl.constexpr,
+    HAS_SUBSET: tl.constexpr,
+    HAS_LOGIT_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The split-V pass of ``exit_head_partials``: ``_exit_head_kernel``'s partials, same numerics,
+    plus the second's lowest position per (split, row) in ``pj_ptr``."""
+    _exit_head_split(
+        h_ptr, w_ptr, nw_ptr, nb_ptr, ids_ptr, logit_bias_ptr, pm_ptr, ps_ptr, pi_ptr, pt_ptr, pj_ptr,
+        n_rows, d, n_cand, tiles_per_split, stride_hr, stride_wv, eps, softcap,
+        NORM, HAS_NB, HAS_SUBSET, HAS_LOGIT_BIAS, HAS_SOFTCAP, USE_DOT, DOT_FP32, BLOCK_R, BLOCK_V, BLOCK_D, True,
+    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["n_rows", "rule_w_top_prob", "rule_w_gap", "rule_offset"])
@@ -467,11 +561,75 @@ def exit_head_triton(
     """
     if check:
         check_exit_head_inputs(hidden, head, stop_rule)
-    n_rows = hidden.shape[0]
-    dev = hidden.device
-    if n_rows == 0:
-        return empty_signals(dev, stop_rule is not None)
+    if hidden.shape[0] == 0:
+        return empty_signals(hidden.device, stop_rule is not None)
+    launch = _prepare(hidden, head, variant, n_splits)
+    # Triton launches on the current CUDA device: make it the tensors' device.
+    with _on_device(hidden.device):
+        return _launch(launch, _launch_split(launch, track_second=False), stop_rule)
 
+
+def exit_head_triton_partials(
+    hidden: torch.Tensor,
+    head: ReadoutHead,
+    *,
+    variant: str | None = None,
+    n_splits: int | None = None,
+    check: bool = True,
+) -> tuple[torch.Tensor, ...]:
+    """The split-V pass alone (``_exit_head_partials_kernel``): per-split partials, not merged.
+
+    Same kernel body and numerics as ``exit_head_triton``'s first pass, plus the second's position.
+
+    Args:
+        hidden, head, variant, n_splits, check: as ``exit_head_triton``.
+
+    Returns:
+        (max, sum, pos, second, second_pos), each (n_splits, R), splits in candidate order: fp32 max
+        logit of the split, fp32 sum of exp(z - max) over it, int32 first candidate position of the
+        max (0 when every logit of the split is -inf), fp32 second largest logit (a tie counts twice),
+        int32 lowest candidate position of the second other than pos (meaningless while second is
+        -inf). Rows holding inf/NaN are not flagged here (the caller checks ``hidden``). R = 0 gives
+        (0, 0) tensors.
+    """
+    if check:
+        check_exit_head_inputs(hidden, head)
+    if hidden.shape[0] == 0:
+        f, i = (torch.empty((0, 0), dtype=dt, device=hidden.device) for dt in (torch.float32, torch.int32))
+        return f, f.clone(), i, f.clone(), i.clone()
+    launch = _prepare(hidden, head, variant, n_splits)
+    with _on_device(hidden.device):
+        return _launch_split(launch, track_second=True)
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """What both kernels are launched with (``_prepare``): x (R, d) rows fed to the LM head, w (V, d),
+    chk (R, d_in) the caller's rows (inf/NaN check), 1-D parameters with unit stride."""
+
+    x: torch.Tensor
+    w: torch.Tensor
+    nw: torch.Tensor | None
+    nb: torch.Tensor | None
+    ids: torch.Tensor | None
+    logit_bias: torch.Tensor | None
+    chk: torch.Tensor
+    norm_code: int
+    cfg: TritonConfig
+    n_rb: int
+    splits: int
+    per_split: int
+    eps: float
+    softcap: float | None
+
+
+def _on_device(dev: torch.device) -> contextlib.AbstractContextManager:
+    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+
+
+def _prepare(hidden: torch.Tensor, head: ReadoutHead, variant: str | None, n_splits: int | None) -> _Launch:
+    """Rows, weights, launch configuration and split count of one call (R > 0, inputs checked)."""
+    n_rows = hidden.shape[0]
     # Gemma's norm, or any norm + project_out: in torch on (R, d) (Hugging Face's ops), then a norm-free kernel.
     x, norm_code = kernel_rows(hidden, head)
     if x.stride(-1) != 1:
@@ -486,22 +644,28 @@ def exit_head_triton(
     n_rb = triton.cdiv(n_rows, cfg.block_r)
     n_tiles = triton.cdiv(n_cand, cfg.block_v)
     if n_splits is None:
-        splits, per_split = _n_splits(n_rb, n_tiles, dev)
+        splits, per_split = _n_splits(n_rb, n_tiles, hidden.device)
     else:
         per_split = triton.cdiv(n_tiles, max(1, min(n_splits, n_tiles)))
         splits = triton.cdiv(n_tiles, per_split)
 
     # 1-D parameters are read with unit stride.
-    nw = head.norm_weight.contiguous() if norm_code else None
-    nb = head.norm_bias.contiguous() if (norm_code == 2 and head.norm_bias is not None) else None
-    ids = ids.contiguous() if ids is not None else None
-    logit_bias = head.logit_bias.contiguous() if head.logit_bias is not None else None
-    # Triton launches on the current CUDA device: make it the tensors' device.
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        cap = head.logit_softcap
-        return _launch(
-            x, w, nw, nb, ids, logit_bias, chk, stop_rule, norm_code, cfg, n_rb, splits, per_split, float(head.eps), cap
-        )
+    return _Launch(
+        x=x,
+        w=w,
+        nw=head.norm_weight.contiguous() if norm_code else None,
+        nb=head.norm_bias.contiguous() if (norm_code == 2 and head.norm_bias is not None) else None,
+        ids=ids.contiguous() if ids is not None else None,
+        logit_bias=head.logit_bias.contiguous() if head.logit_bias is not None else None,
+        chk=chk,
+        norm_code=norm_code,
+        cfg=cfg,
+        n_rb=n_rb,
+        splits=splits,
+        per_split=per_split,
+        eps=float(head.eps),
+        softcap=head.logit_softcap,
+    )
 
 
 MERGE_BLOCK_R = 16
@@ -509,66 +673,65 @@ MERGE_BLOCK_S = 128
 MERGE_BLOCK_D = 128
 
 
-def _launch(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    nw: torch.Tensor | None,
-    nb: torch.Tensor | None,
-    ids: torch.Tensor | None,
-    logit_bias: torch.Tensor | None,
-    chk: torch.Tensor,
-    stop_rule: StopRule | None,
-    norm_code: int,
-    cfg: TritonConfig,
-    n_rb: int,
-    splits: int,
-    per_split: int,
-    eps: float,
-    softcap: float | None = None,
-) -> ExitSignals:
-    """Allocate the partials and outputs and launch both kernels (inputs already prepared):
-    x (R, d) rows fed to the LM head, w (V, d), chk (R, d_in) the caller's rows (inf/NaN check)."""
+def _launch_split(p: _Launch, track_second: bool) -> tuple[torch.Tensor, ...]:
+    """Allocate the (splits, R) partials and launch the split-V pass: ``_exit_head_kernel``, or with
+    ``track_second`` ``_exit_head_partials_kernel`` (one more int32 partial: the second's position)."""
+    x, w, ids = p.x, p.w, p.ids
     n_rows, d = x.shape
     n_cand = ids.shape[0] if ids is not None else w.shape[0]
     dev = x.device
-    part_m = torch.empty((splits, n_rows), dtype=torch.float32, device=dev)
+    part_m = torch.empty((p.splits, n_rows), dtype=torch.float32, device=dev)
     part_s = torch.empty_like(part_m)
     part_t = torch.empty_like(part_m)
-    part_i = torch.empty((splits, n_rows), dtype=torch.int32, device=dev)
+    part_i = torch.empty((p.splits, n_rows), dtype=torch.int32, device=dev)
+    part_j = torch.empty_like(part_i) if track_second else None
     dummy = x  # never read: the matching constexpr flag is off
-    _exit_head_kernel[(n_rb * splits,)](
+    pointers = (
         x,
         w,
-        nw if nw is not None else dummy,
-        nb if nb is not None else dummy,
+        p.nw if p.nw is not None else dummy,
+        p.nb if p.nb is not None else dummy,
         ids if ids is not None else dummy,
-        logit_bias if logit_bias is not None else dummy,
+        p.logit_bias if p.logit_bias is not None else dummy,
         part_m,
         part_s,
         part_i,
         part_t,
+        *((part_j,) if track_second else ()),
+    )
+    kernel = _exit_head_partials_kernel if track_second else _exit_head_kernel
+    kernel[(p.n_rb * p.splits,)](
+        *pointers,
         n_rows,
         d,
         n_cand,
-        per_split,
+        p.per_split,
         x.stride(0),
         w.stride(0),
-        eps,
-        float(softcap) if softcap is not None else 1.0,
-        NORM=norm_code,
-        HAS_NB=nb is not None,
+        p.eps,
+        float(p.softcap) if p.softcap is not None else 1.0,
+        NORM=p.norm_code,
+        HAS_NB=p.nb is not None,
         HAS_SUBSET=ids is not None,
-        HAS_LOGIT_BIAS=logit_bias is not None,
-        HAS_SOFTCAP=softcap is not None,
-        USE_DOT=cfg.variant == "rowtile",
+        HAS_LOGIT_BIAS=p.logit_bias is not None,
+        HAS_SOFTCAP=p.softcap is not None,
+        USE_DOT=p.cfg.variant == "rowtile",
         DOT_FP32=_interpreting(),
-        BLOCK_R=cfg.block_r,
-        BLOCK_V=cfg.block_v,
-        BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        BLOCK_R=p.cfg.block_r,
+        BLOCK_V=p.cfg.block_v,
+        BLOCK_D=p.cfg.block_d,
+        num_warps=p.cfg.num_warps,
+        num_stages=p.cfg.num_stages,
     )
+    return (part_m, part_s, part_i, part_t) + ((part_j,) if track_second else ())
 
+
+def _launch(p: _Launch, partials: tuple[torch.Tensor, ...], stop_rule: StopRule | None) -> ExitSignals:
+    """Allocate the outputs and launch the merge pass over the (splits, R) partials."""
+    part_m, part_s, part_i, part_t = partials[:4]
+    ids, chk = p.ids, p.chk
+    n_rows = p.x.shape[0]
+    dev = p.x.device
     top = torch.empty(n_rows, dtype=torch.float32, device=dev)
     gap = torch.empty_like(top)
     arg = torch.empty(n_rows, dtype=torch.int64, device=dev)
@@ -585,7 +748,7 @@ def _launch(
         arg,
         score if score is not None else top,
         n_rows,
-        splits,
+        p.splits,
         chk.shape[1],
         chk.stride(0),
         float(stop_rule.w_top_prob) if stop_rule is not None else 0.0,

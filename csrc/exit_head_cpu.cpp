@@ -5,12 +5,18 @@
 //                                                        by the Python side)
 //   exit_head_cpu(hidden [R, d], w, n, norm, norm_weight?, norm_bias?, eps, bias?, softcap?, kernel?)
 //       -> (top_prob [R] f32, gap [R] f32, pos [R] i64)  every exit check
+//   exit_head_cpu_stats(same arguments)
+//       -> (max [R] f32, sum [R] f32, pos [R] i64, second [R] f32, second_pos [R] i64)
+//                                                        the raw statistics below (a shard's partials
+//                                                        under tensor parallel: exit_partials.py)
 //
 // x = norm(hidden) as Hugging Face rounds it, y = x @ W^T over the n candidates, z = y, or with a
 // soft-cap (Gemma2's final_logit_softcapping) z = cap * tanh(y / cap), then z += bias; then per
 // row M = max z, S = sum exp(z - M), T = second largest z (a tie counts twice), pos = lowest
 // position of M: top_prob = 1 / S, gap = (1 - exp(T - M)) / S. Rows holding inf/NaN: NaN and
-// pos -1. The norm and the finishing run here, not as torch ops: a handful of tiny ATen ops per
+// pos -1. exit_head_cpu_stats returns (M, S, pos, T, second_pos = lowest position of T other than pos,
+// -1 when T = -inf) instead, NaN / -1 for rows holding inf/NaN; exit_head_cpu is the final loop over
+// the same statistics. The norm and the finishing run here, not as torch ops: a handful of tiny ATen ops per
 // exit check each open an OpenMP region, and on a loaded machine each region waits for a core
 // (measured: 50-80 ms per check at R=64 on this 2-core machine, more than the GEMM).
 //
@@ -143,6 +149,7 @@ struct Stats {
   float sum = 0.f;
   int64_t pos = 0;
   float second = kNegInf;
+  int64_t second_pos = -1;  // found only for exit_head_cpu_stats; meaningless while second = -inf
 };
 
 // ---- row statistics of a buffer of fp32 logits, one copy per instruction set ----
@@ -202,16 +209,28 @@ SoftcapFn softcap_fn() {
 }
 
 // Merge b (later candidates) into a: on equal maxima a's lower position stays, second = max (gap 0).
+// The second's position follows the same rule: on equal values a's (lower) position stays.
 void merge_into(Stats& a, const Stats& b) {
   if (b.max > a.max) {
     a.sum = (a.max == kNegInf ? 0.f : a.sum * std::exp(a.max - b.max)) + b.sum;
+    a.second_pos = a.max >= b.second ? a.pos : b.second_pos;
     a.second = std::max(a.max, b.second);
     a.max = b.max;
     a.pos = b.pos;
   } else {
     if (b.max != kNegInf) a.sum += b.sum * std::exp(b.max - a.max);
+    if (b.max > a.second) a.second_pos = b.pos;
     a.second = std::max(a.second, b.max);
   }
+}
+
+// Lowest position j != st.pos holding st.second in a row of n logits (the vectorised row_stats keeps
+// the second's value only): one scan of the L2-resident buffer, run for exit_head_cpu_stats only.
+int64_t second_position(const float* c, int64_t n, const Stats& st) {
+  if (!(st.second > kNegInf)) return -1;
+  for (int64_t j = 0; j < n; ++j)
+    if (c[j] == st.second && j != st.pos) return j;
+  return -1;  // only with NaN logits
 }
 
 at::Tensor exit_head_cpu_pack(const at::Tensor& weight) {
@@ -317,10 +336,11 @@ void prepare_rows(const at::Tensor& h, int64_t norm, const MT* g, const MT* b, d
 // Per-row statistics over n_cand candidates in tasks of `per_task` consecutive candidates:
 // fill(task, c0, cols, buf, ldc) writes the task's fp32 logits buf[r * ldc + j] (candidate c0 + j);
 // softcap > 0 caps them (before the bias), 0 leaves them as they are. done() runs once per thread
-// chunk after its tasks (brgemm's release). Partials are merged in task order.
+// chunk after its tasks (brgemm's release). Partials are merged in task order. second_pos: also find the
+// second's position (exit_head_cpu_stats); without it the work is exit_head_cpu's, unchanged.
 template <typename Fill, typename Done>
 void run_tasks(int64_t rows, int64_t n_cand, int64_t per_task, int64_t ldc, const float* bias, float softcap,
-               Stats* out, const Fill& fill, const Done& done) {
+               bool second_pos, Stats* out, const Fill& fill, const Done& done) {
   const int64_t n_tasks = (n_cand + per_task - 1) / per_task;
   std::vector<Stats> partial(n_tasks * rows);
   const RowStatsFn row_stats = row_stats_fn();
@@ -336,6 +356,10 @@ void run_tasks(int64_t rows, int64_t n_cand, int64_t per_task, int64_t ldc, cons
         if (bias != nullptr)
           for (int64_t j = 0; j < cols; ++j) c[j] += bias[c0 + j];
         Stats st = row_stats(c, cols);
+        if (second_pos) {
+          st.second_pos = second_position(c, cols, st);
+          if (st.second_pos >= 0) st.second_pos += c0;
+        }
         st.pos += c0;
         partial[task * rows + r] = st;
       }
@@ -352,7 +376,7 @@ void run_tasks(int64_t rows, int64_t n_cand, int64_t per_task, int64_t ldc, cons
 // brgemm: x (R, kp) against the packed panels, a task = up to kMaxBlocksPerTask panels.
 template <typename T>
 void stats_brgemm(const T* xa, int64_t rows, const at::Tensor& packed, int64_t n_cand, const float* bias,
-                  float softcap, Stats* out) {
+                  float softcap, bool second_pos, Stats* out) {
 #if ADAINFER_HAS_BRGEMM
   const int64_t kp = packed.size(1) / kBlockN, n_blocks = packed.size(0);
   const T* wp = packed.const_data_ptr<T>();
@@ -367,9 +391,9 @@ void stats_brgemm(const T* xa, int64_t rows, const at::Tensor& packed, int64_t n
         gemm_panel(std::min(kRowTile, rows - r0), kp, ldc, xa + r0 * kp, wp + blk * kp * kBlockN, c + r0 * ldc);
     }
   };
-  run_tasks(rows, n_cand, ldc, ldc, bias, softcap, out, fill, [&] { release(packed.scalar_type()); });
+  run_tasks(rows, n_cand, ldc, ldc, bias, softcap, second_pos, out, fill, [&] { release(packed.scalar_type()); });
 #else
-  (void)xa, (void)rows, (void)packed, (void)n_cand, (void)bias, (void)softcap, (void)out;
+  (void)xa, (void)rows, (void)packed, (void)n_cand, (void)bias, (void)softcap, (void)second_pos, (void)out;
   TORCH_CHECK(false, "exit_head_cpu: built without cpublas::brgemm");
 #endif
 }
@@ -377,7 +401,7 @@ void stats_brgemm(const T* xa, int64_t rows, const at::Tensor& packed, int64_t n
 // Row-major kernels: x (R, kx) against W (n_cand, d) as stored, a task = a 256 KiB logits buffer
 // (64 to 4096 candidates, a multiple of 64).
 void stats_rowmajor(const std::string& kernel, const void* xa, int64_t rows, int64_t kx, const at::Tensor& w,
-                    const float* bias, float softcap, Stats* out) {
+                    const float* bias, float softcap, bool second_pos, Stats* out) {
   const int64_t n_cand = w.size(0), d = w.size(1);
   const uint16_t* wp = static_cast<const uint16_t*>(w.const_data_ptr());
   const bool fp16 = w.scalar_type() == at::kHalf;
@@ -391,20 +415,21 @@ void stats_rowmajor(const std::string& kernel, const void* xa, int64_t rows, int
     else
       dot::logits_scalar(static_cast<const float*>(xa), rows, kx, wt, fp16, cols, d, buf, per_task);
   };
-  run_tasks(rows, n_cand, per_task, per_task, bias, softcap, out, fill, [] {});
+  run_tasks(rows, n_cand, per_task, per_task, bias, softcap, second_pos, out, fill, [] {});
 }
 
-// hidden (R, d) -> top_prob (R,) f32, gap (R,) f32, pos (R,) i64: the candidate position of the top-1
-// (-1 for rows holding inf/NaN, whose top_prob and gap are NaN; NaN too when every logit is -inf).
-// `w` is the brgemm kernel's packed panels (exit_head_cpu_pack) or, for the row-major kernels, the
-// (n_cand, d) weight itself in the hidden states' dtype. kernel: None = exit_head_cpu_kernel's choice.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& hidden, const at::Tensor& w,
-                                                             int64_t n_cand, int64_t norm,
-                                                             const std::optional<at::Tensor>& norm_weight,
-                                                             const std::optional<at::Tensor>& norm_bias, double eps,
-                                                             const std::optional<at::Tensor>& bias,
-                                                             std::optional<double> softcap,
-                                                             const std::optional<std::string>& kernel_arg) {
+// Per-row statistics of both ops, and which rows hold inf/NaN (bad[r] != 0).
+struct RowStats {
+  std::vector<Stats> st;
+  std::vector<uint8_t> bad;
+};
+
+// The arguments' checks and the vocabulary pass of both ops (see exit_head_cpu); second_pos: also find
+// the second's position (exit_head_cpu_stats).
+RowStats row_statistics(const at::Tensor& hidden, const at::Tensor& w, int64_t n_cand, int64_t norm,
+                        const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
+                        double eps, const std::optional<at::Tensor>& bias, std::optional<double> softcap,
+                        const std::optional<std::string>& kernel_arg, bool second_pos) {
   TORCH_CHECK(hidden.device().is_cpu() && w.device().is_cpu(), "exit_head_cpu: hidden and packed must be CPU tensors");
   TORCH_CHECK(hidden.dim() == 2 && hidden.size(1) > 0, "exit_head_cpu: hidden must be 2-D (R, d), got shape ",
               hidden.sizes());
@@ -472,8 +497,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& h
   const int64_t rows = hidden.size(0);
   const at::Tensor h = hidden.contiguous();
   at::Tensor x = at::empty({rows, kx}, hidden.options().dtype(ct));
-  std::vector<uint8_t> bad(rows, 0);
-  std::vector<Stats> st(rows);
+  RowStats out{std::vector<Stats>(rows), std::vector<uint8_t>(rows, 0)};
+  std::vector<Stats>& st = out.st;
+  std::vector<uint8_t>& bad = out.bad;
   if (rows > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mt, "exit_head_cpu", [&] {
       const scalar_t* gp = g.defined() ? g.const_data_ptr<scalar_t>() : nullptr;
@@ -484,12 +510,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& h
         prepare_rows<scalar_t, float>(h, norm, gp, bp, eps, kx, x.mutable_data_ptr<float>(), bad.data());
     });
     if (rowmajor)
-      stats_rowmajor(kernel, x.const_data_ptr(), rows, kx, w, bias_ptr, cap, st.data());
+      stats_rowmajor(kernel, x.const_data_ptr(), rows, kx, w, bias_ptr, cap, second_pos, st.data());
     else if (ct == at::kFloat)
-      stats_brgemm<float>(x.const_data_ptr<float>(), rows, w, n_cand, bias_ptr, cap, st.data());
+      stats_brgemm<float>(x.const_data_ptr<float>(), rows, w, n_cand, bias_ptr, cap, second_pos, st.data());
     else
-      stats_brgemm<at::BFloat16>(x.const_data_ptr<at::BFloat16>(), rows, w, n_cand, bias_ptr, cap, st.data());
+      stats_brgemm<at::BFloat16>(x.const_data_ptr<at::BFloat16>(), rows, w, n_cand, bias_ptr, cap, second_pos,
+                                 st.data());
   }
+  return out;
+}
+
+// hidden (R, d) -> top_prob (R,) f32, gap (R,) f32, pos (R,) i64: the candidate position of the top-1
+// (-1 for rows holding inf/NaN, whose top_prob and gap are NaN; NaN too when every logit is -inf).
+// `w` is the brgemm kernel's packed panels (exit_head_cpu_pack) or, for the row-major kernels, the
+// (n_cand, d) weight itself in the hidden states' dtype. kernel: None = exit_head_cpu_kernel's choice.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& hidden, const at::Tensor& w,
+                                                             int64_t n_cand, int64_t norm,
+                                                             const std::optional<at::Tensor>& norm_weight,
+                                                             const std::optional<at::Tensor>& norm_bias, double eps,
+                                                             const std::optional<at::Tensor>& bias,
+                                                             std::optional<double> softcap,
+                                                             const std::optional<std::string>& kernel_arg) {
+  const RowStats rs =
+      row_statistics(hidden, w, n_cand, norm, norm_weight, norm_bias, eps, bias, softcap, kernel_arg, false);
+  const std::vector<Stats>& st = rs.st;
+  const std::vector<uint8_t>& bad = rs.bad;
+  const int64_t rows = hidden.size(0);
   auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor top = at::empty({rows}, f32), gap = at::empty({rows}, f32);
   at::Tensor pos = at::empty({rows}, hidden.options().dtype(at::kLong));
@@ -508,6 +554,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(const at::Tensor& h
   return {top, gap, pos};
 }
 
+// The same arguments -> the raw statistics (max M, sum S of exp(z - M), pos, second T, second_pos), each
+// (R,): what exit_head_cpu's final loop reads, plus the second's position (lowest position of T other
+// than pos; -1 when T = -inf, e.g. a single candidate). Rows holding inf/NaN: M, S, T NaN and both
+// positions -1. A shard's exit partials under tensor parallel (adainfer_kernels/exit_partials.py).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head_cpu_stats(
+    const at::Tensor& hidden, const at::Tensor& w, int64_t n_cand, int64_t norm,
+    const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias, double eps,
+    const std::optional<at::Tensor>& bias, std::optional<double> softcap,
+    const std::optional<std::string>& kernel_arg) {
+  const RowStats rs =
+      row_statistics(hidden, w, n_cand, norm, norm_weight, norm_bias, eps, bias, softcap, kernel_arg, true);
+  const int64_t rows = hidden.size(0);
+  auto f32 = hidden.options().dtype(at::kFloat), i64 = hidden.options().dtype(at::kLong);
+  at::Tensor mx = at::empty({rows}, f32), sum = at::empty({rows}, f32), second = at::empty({rows}, f32);
+  at::Tensor pos = at::empty({rows}, i64), second_pos = at::empty({rows}, i64);
+  float* mp = mx.mutable_data_ptr<float>();
+  float* sp = sum.mutable_data_ptr<float>();
+  float* tp = second.mutable_data_ptr<float>();
+  int64_t* pp = pos.mutable_data_ptr<int64_t>();
+  int64_t* qp = second_pos.mutable_data_ptr<int64_t>();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t r = 0; r < rows; ++r) {
+    const Stats& s = rs.st[r];
+    const bool bad = rs.bad[r] != 0;
+    mp[r] = bad ? nan : s.max;
+    sp[r] = bad ? nan : s.sum;
+    tp[r] = bad ? nan : s.second;
+    pp[r] = bad ? -1 : s.pos;
+    qp[r] = bad || !(s.second > kNegInf) ? -1 : s.second_pos;
+  }
+  return {mx, sum, pos, second, second_pos};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(adainfer, m) {
@@ -517,11 +596,16 @@ TORCH_LIBRARY_FRAGMENT(adainfer, m) {
   m.def(
       "exit_head_cpu(Tensor hidden, Tensor packed, int n_cand, int norm, Tensor? norm_weight, Tensor? norm_bias, "
       "float eps, Tensor? bias, float? softcap=None, str? kernel=None) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "exit_head_cpu_stats(Tensor hidden, Tensor packed, int n_cand, int norm, Tensor? norm_weight, "
+      "Tensor? norm_bias, float eps, Tensor? bias, float? softcap=None, str? kernel=None) -> "
+      "(Tensor max, Tensor sum, Tensor pos, Tensor second, Tensor second_pos)");
 }
 
 TORCH_LIBRARY_IMPL(adainfer, CPU, m) {
   m.impl("exit_head_cpu_pack", &exit_head_cpu_pack);
   m.impl("exit_head_cpu", &exit_head_cpu);
+  m.impl("exit_head_cpu_stats", &exit_head_cpu_stats);
 }
 
 }  // namespace adainfer

@@ -11,6 +11,8 @@ max logit error (+ 1e-4).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 
 import torch
@@ -176,3 +178,26 @@ def hf_numerics_signals(hidden: torch.Tensor, head: ReadoutHead, stop_rule: Stop
     argmax = pos if head.vocab_subset is None else head.vocab_subset[pos]
     top, gap = top.float(), gap.float()
     return ExitSignals(top, gap, argmax, stop_rule(top, gap) if stop_rule is not None else None)
+
+
+def shard_bounds(n_vocab: int, n_shards: int) -> list[int]:
+    """Uneven vocabulary shard bounds [0, b_1, ..., n_vocab]: with 2+ shards the second is a single
+    row, the rest have different sizes (tensor-parallel shards of a vocabulary that does not divide)."""
+    if n_shards == 1:
+        return [0, n_vocab]
+    rest = n_vocab - 1
+    weights = [k + 2 for k in range(n_shards - 1)]  # 2, 3, 4, ...: uneven
+    sizes = [rest * w // sum(weights) for w in weights]
+    sizes[-1] += rest - sum(sizes)
+    sizes = [sizes[0], 1, *sizes[1:]]
+    bounds = [0]
+    for s in sizes:
+        bounds.append(bounds[-1] + s)
+    assert bounds[-1] == n_vocab and all(b > a for a, b in itertools.pairwise(bounds))
+    return bounds
+
+
+def shard_head(head: ReadoutHead, start: int, end: int) -> ReadoutHead:
+    """The vocab shard [start, end) of a full-vocabulary head: the same decode path, rows of W."""
+    assert head.vocab_subset is None
+    return dataclasses.replace(head, weight=head.weight[start:end])
