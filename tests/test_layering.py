@@ -57,7 +57,18 @@ WING_RULES = {
     "runtime": {"runtime", "models"},
     "calibration": {"calibration", "models"},
     "app": {"app", "calibration", "runtime", "models"},
+    "vllm": {"vllm", "runtime", "calibration", "models"},  # the vLLM adapter: nothing imports it
 }
+
+
+def test_only_the_vllm_wing_imports_vllm():
+    """vLLM is an optional extra in its own venv: no other module may import it (at any depth)."""
+    files = sorted((ROOT / "python" / "adainfer").rglob("*.py")) + sorted((ROOT / "adainfer_kernels").rglob("*.py"))
+    offenders = [str(f.relative_to(ROOT)) for f in files if "vllm" in _imported_modules(f) and f.parent.name != "vllm"]
+    assert not offenders, f"only python/adainfer/vllm may import vllm: {offenders}"
+    code = "import sys, adainfer.vllm; print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"importing adainfer.vllm imported vLLM: {out.stdout}"
 
 
 def test_wings_of_adainfer_import_only_what_the_layering_allows():

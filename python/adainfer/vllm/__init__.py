@@ -2,11 +2,11 @@
 
 Serve a model with a calibrated classifier (the ``classifier.json`` of ``adainfer calibrate``):
 
-    vllm serve MODEL --enforce-eager \\
+    vllm serve MODEL --enforce-eager --no-enable-prefix-caching \\
         --hf-overrides '{"architectures": ["AdaInferForCausalLM"]}' \\
         --additional-config '{"adainfer": {"classifier": "clf/classifier.json"}}'
 
-or in Python, ``LLM(model=..., enforce_eager=True, hf_overrides=..., additional_config=...)``.
+or in Python, ``LLM(model=..., **adainfer.vllm.engine_args("clf/classifier.json"))``.
 The plugin registers itself through the ``vllm.general_plugins`` entry point (``plugin.register``);
 ``model.AdaInferForCausalLM`` runs the exits; ``report.take_exit_layers(llm)`` returns each
 request's exit layers. Importing this package imports nothing from vLLM.
@@ -28,5 +28,6 @@ def engine_args(classifier: str | None, exits: str = "on") -> dict:
     return {
         "hf_overrides": {"architectures": [ARCHITECTURE]},
         "additional_config": {"adainfer": settings},
-        "enforce_eager": True,
+        "enforce_eager": True,  # the layer loop is Python: no CUDA graphs, no torch.compile
+        "enable_prefix_caching": False,  # settings.check_engine says why
     }
