@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_dir": str(folder),
         "num_layers": clf.n_layers,
         "label_token_ids": label_ids,
+        "label_forms": list(rendered.label_forms),
         "prompts": prompts,
         "gold": [label_ids[e.label] for e in examples],
         "hf_exit_layers": out.exit_layers.tolist(),

@@ -250,9 +250,12 @@ class VllmExitLoop:
         logits[rows.to(logits.device)] = new
         return logits
 
-    def take_log(self) -> dict[str, list[int]]:
-        log, self.log = dict(self.log), defaultdict(list)
-        return log
+    def take_log(self, prefix: str | None = None) -> dict[str, list[int]]:
+        """The exit layers logged per request id (those starting with ``prefix`` when given), forgotten here."""
+        if prefix is None:
+            log, self.log = dict(self.log), defaultdict(list)
+            return log
+        return {rid: self.log.pop(rid) for rid in [r for r in self.log if r.startswith(prefix)]}
 
 
 class AdaInferForCausalLM(LlamaForCausalLM):

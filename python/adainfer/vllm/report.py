@@ -13,13 +13,14 @@ from __future__ import annotations
 WORKER_METHOD = "adainfer_exit_report"
 
 
-def read_worker(worker, take: bool) -> dict | None:
-    """This worker's exit log (emptied when ``take``) and layer-work counters; None without exits."""
+def read_worker(worker, take: bool, prefix: str | None = None) -> dict | None:
+    """This worker's exit log (the entries read are forgotten when ``take``; only request ids that
+    start with ``prefix`` when given) and layer-work counters; None without exits."""
     model = worker.model_runner.get_model()
     loop = getattr(model, "adainfer_exit_loop", None)
     if loop is None:
         return None
-    log = loop.take_log() if take else {}
+    log = loop.take_log(prefix) if take else {}
     return {"log": log, "layer_tokens": loop.layer_tokens, "dense_tokens": loop.dense_tokens}
 
 

