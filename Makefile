@@ -94,7 +94,7 @@ $(VLLM_DATA)/reference.json: $(BUILD_STAMP) bench/vllm_reference.py
 
 test-vllm: $(VLLM_VENV)/.adainfer-build $(VLLM_DATA)/reference.json
 	ADAINFER_VLLM_REFERENCE=$(abspath $(VLLM_DATA)/reference.json) VLLM_CPU_KVCACHE_SPACE=1 \
-	  $(VLLM_VENV)/bin/python -m pytest tests/vllm -q -p no:cacheprovider --durations=10
+	  $(VLLM_VENV)/bin/python -m pytest tests/vllm_plugin -q -p no:cacheprovider --durations=10
 
 # Quick runs only: their CSV rows go to build/bench, never to the committed bench/results (which only
 # an explicit full run of a script, e.g. `python bench/bench_runtime.py`, appends to).

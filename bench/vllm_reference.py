@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from adainfer.app.classify import classify
-    from adainfer.app.loading import _cache_key, bundled_model_dir, cache_dir, load_bundled
+    from adainfer.app.loading import bundled_hf_dir, load_bundled
     from adainfer.app.workflow import load_task_from_args
     from adainfer.calibration.classifier import StopClassifier
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     task, _ = load_task_from_args(ns, dict(stored["sizes"]), stored)
     loaded = load_bundled(torch.float32)
-    folder = cache_dir() / _cache_key(bundled_model_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    folder = bundled_hf_dir()
     rendered = task.render(loaded.tokenizer)
     examples = list(task.splits[args.split])
     examples = examples[: args.n]

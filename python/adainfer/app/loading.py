@@ -102,6 +102,17 @@ def load_bundled(dtype: torch.dtype = torch.float32, use_cache: bool = True) -> 
     return LoadedModel(model=model, tokenizer=tokenizer, name=BUNDLED_NAME)
 
 
+def bundled_hf_dir() -> Path:
+    """The bundled model as a Hugging Face folder (the fp32 safetensors copy in the cache), written
+    first if missing: what other engines (vLLM) load the bundled model from."""
+    target = cache_dir() / _cache_key(bundled_model_dir() / BUNDLED_GGUF)
+    if not target.exists():
+        load_bundled(torch.float32)
+    if not target.exists():
+        raise OSError(f"could not write the bundled model's safetensors copy at {target}")
+    return target
+
+
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """Load a local HF model directory, or a ``.gguf`` file, with its tokenizer (no download)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -21,7 +21,12 @@ def read_worker(worker, take: bool, prefix: str | None = None) -> dict | None:
     if loop is None:
         return None
     log = loop.take_log(prefix) if take else {}
-    return {"log": log, "layer_tokens": loop.layer_tokens, "dense_tokens": loop.dense_tokens}
+    return {
+        "log": log,
+        "layer_tokens": loop.layer_tokens,
+        "dense_tokens": loop.dense_tokens,
+        "num_layers": loop.num_layers,
+    }
 
 
 def take_exit_layers(llm) -> dict[str, list[int]]:

@@ -9,6 +9,10 @@ layers come from the engine's workers through ``collective_rpc`` (``report.WORKE
 for the request ids of that response only. ``GET /adainfer/work`` returns the decoder-layer token
 rows computed and those the dense model would have computed since start-up. Streaming responses
 pass through unchanged (their exit layers stay readable in the worker log).
+
+Metrics (vLLM's ``/metrics``, the server's default Prometheus registry): ``adainfer_exit_layer``, a
+histogram of the exit layer of every token answered through the middleware (buckets 1..64), and
+``adainfer_answers_total`` / ``adainfer_early_exits_total`` counters.
 """
 
 from __future__ import annotations
@@ -19,6 +23,32 @@ from adainfer.vllm.report import WORKER_METHOD, external_id
 
 ANNOTATED_PATHS = ("/v1/completions", "/v1/chat/completions")
 WORK_PATH = "/adainfer/work"
+_METRICS: dict | None = None
+
+
+def _metrics() -> dict:
+    """The Prometheus metrics, made once per process (prometheus_client refuses a second registration)."""
+    global _METRICS
+    if _METRICS is None:
+        from prometheus_client import Counter, Histogram
+
+        _METRICS = {
+            "layer": Histogram(
+                "adainfer_exit_layer", "Decoder layers each answered token ran (AdaInfer)", buckets=tuple(range(1, 65))
+            ),
+            "answers": Counter("adainfer_answers", "Tokens answered through the AdaInfer middleware"),
+            "early": Counter("adainfer_early_exits", "Answered tokens that stopped before the last layer"),
+        }
+    return _METRICS
+
+
+def _observe(layers: list[int], num_layers: int | None) -> None:
+    m = _metrics()
+    for k in layers:
+        m["layer"].observe(k)
+        m["answers"].inc()
+        if num_layers is not None and k < num_layers:
+            m["early"].inc()
 
 
 class ExitLayers:
@@ -69,7 +99,8 @@ class ExitLayers:
             return body
         response_id = data["id"]
         results = await scope["app"].state.engine_client.collective_rpc(WORKER_METHOD, args=(True, response_id))
-        log = (results[0] or {}).get("log", {}) if results else {}
+        first = (results[0] or {}) if results else {}
+        log = first.get("log", {})
         by_choice: dict[int, list[int]] = {}
         for rid, layers in log.items():
             rest = external_id(rid)[len(response_id) :]  # "-<prompt index>" for completions, "" for chat
@@ -79,6 +110,7 @@ class ExitLayers:
             layers = by_choice.get(int(choice.get("index", 0)))
             if layers is not None:
                 choice["adainfer"] = {"exit_layers": layers}
+                _observe(layers, first.get("num_layers"))
         return json.dumps(data).encode()
 
     async def _work(self, scope, send) -> None:

@@ -84,6 +84,11 @@ def test_completions_get_the_exit_answer_and_exit_layers(server, ref):
         assert choice.model_extra["adainfer"] == {"exit_layers": [ref["hf_exit_layers"][i]]}
     work = json.load(urllib.request.urlopen(f"{server}/adainfer/work"))
     assert 0 < work["layer_tokens"] < work["dense_tokens"]
+    metrics = urllib.request.urlopen(f"{server}/metrics").read().decode()
+    early = sum(k < ref["num_layers"] for k in ref["hf_exit_layers"][:n])
+    assert f"adainfer_answers_total {float(n)}" in metrics
+    assert f"adainfer_early_exits_total {float(early)}" in metrics
+    assert "adainfer_exit_layer_bucket" in metrics
 
 
 def test_streamed_completions_pass_through_the_middleware(server, ref):
