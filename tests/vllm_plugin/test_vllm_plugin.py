@@ -45,7 +45,9 @@ def _stop(llm: LLM) -> None:
 
 @pytest.fixture(scope="module")
 def engine(ref):
-    llm = _start(ref, **engine_args(ref["classifier"]))
+    """Without prefix caching: every token of an exited request leaves, the HF runtime's semantics
+    exactly (generation reads state-propagated K/V for the whole prompt, as HF's ``generate``)."""
+    llm = _start(ref, **engine_args(ref["classifier"]), enable_prefix_caching=False)
     yield llm
     _stop(llm)
 
@@ -118,6 +120,27 @@ def test_full_vocabulary_generation_reads_the_filled_kv_as_the_hf_runtime_does(r
         assert deeper > 0, "no step ran deeper than an earlier one exited: the filled K/V were never read"
     finally:
         _stop(llm)
+
+
+def test_with_prefix_caching_answers_are_the_hf_runtimes_and_do_not_depend_on_earlier_requests(ref):
+    """Prefix caching on (vLLM's default): the shared few-shot prefix is served from the cache, and
+    the tokens of blocks that become full keep running every layer when their request exits, so a
+    cached block always holds full-depth K/V. First-token answers and exit layers must still be the
+    HF runtime's, whether a prompt's prefix blocks were computed by itself or by earlier requests."""
+    n = 24
+    llm = _start(ref, **engine_args(ref["classifier"]))
+    try:
+        assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+        first, exits_first = _run(llm, ref["prompts"][:n])  # fills the cache (shared demonstrations)
+        again, exits_again = _run(llm, ref["prompts"][:n][::-1])  # every prefix block from the cache
+        done, dense = layer_work(llm)
+    finally:
+        _stop(llm)
+    for i in range(n):
+        want = (ref["hf_answer_token"][i], [ref["hf_exit_layers"][i]])
+        assert (first[i].outputs[0].token_ids[0], exits_first[i]) == want, i
+        assert (again[n - 1 - i].outputs[0].token_ids[0], exits_again[n - 1 - i]) == want, i
+    assert 0 < done < dense
 
 
 def test_exits_save_decoder_work(engine, ref):

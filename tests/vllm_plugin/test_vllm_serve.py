@@ -43,7 +43,7 @@ def server(ref, tmp_path_factory):
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ref["model_dir"],
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
-        "--enforce-eager", "--no-enable-prefix-caching",
+        "--enforce-eager",
         "--hf-overrides", json.dumps({"architectures": ["AdaInferForCausalLM"]}),
         "--additional-config", json.dumps({"adainfer": {"classifier": ref["classifier"]}}),
         "--middleware", "adainfer.vllm.server.ExitLayers",

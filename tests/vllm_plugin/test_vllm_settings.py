@@ -30,7 +30,7 @@ def model_dir() -> str:
 
 @pytest.fixture(scope="module")
 def served(model_dir):
-    """The engine configuration ``engine_args`` asks for (eager, no prefix caching)."""
+    """The engine configuration ``engine_args`` asks for (eager; prefix caching as vLLM's default)."""
     kwargs = engine_args(None, exits="off")
     kwargs.pop("additional_config"), kwargs.pop("hf_overrides")
     return EngineArgs(model=model_dir, dtype="float32", max_model_len=2048, **kwargs).create_engine_config()
@@ -55,15 +55,9 @@ def test_settings_must_be_given_and_known(tmp_path):
 
 
 def test_compiled_layer_loops_are_refused(model_dir):
-    compiled = EngineArgs(model=model_dir, dtype="float32", max_model_len=2048, enable_prefix_caching=False)
+    compiled = EngineArgs(model=model_dir, dtype="float32", max_model_len=2048)
     with pytest.raises(AdaInferStartupError, match="--enforce-eager"):
         check_engine(compiled.create_engine_config(), "llama")
-
-
-def test_prefix_caching_is_refused(model_dir):
-    cached = EngineArgs(model=model_dir, dtype="float32", max_model_len=2048, enforce_eager=True)
-    with pytest.raises(AdaInferStartupError, match="--no-enable-prefix-caching"):
-        check_engine(cached.create_engine_config(), "llama")
 
 
 def test_unsupported_families_and_features_are_refused(served):

@@ -20,6 +20,16 @@ import torch
 from adainfer.runtime.stats import ExitStats
 
 
+def label_answer_logits(logprobs: torch.Tensor, labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(n, V) logits that answer with given label log-probabilities: ``logprobs[:, k]`` at token
+    ``labels[k]``, ``-inf`` elsewhere (V, dtype and device those of ``like``'s last dimension).
+    Every engine adapter writes the exit answer in label mode with this (HF: the last position's
+    logits; vLLM: the sampled rows)."""
+    out = torch.full((logprobs.shape[0], like.shape[-1]), float("-inf"), dtype=like.dtype, device=like.device)
+    out.index_copy_(1, labels.to(like.device), logprobs.to(device=like.device, dtype=like.dtype))
+    return out
+
+
 def deliver_answers(stats: ExitStats, logits: torch.Tensor, final_label_bias: torch.Tensor | None) -> torch.Tensor:
     """Complete ``stats``' answers and return the logits to hand back (``logits`` itself when
     nothing changes; modified in place unless it requires grad).
@@ -64,9 +74,7 @@ def deliver_answers(stats: ExitStats, logits: torch.Tensor, final_label_bias: to
     rows = torch.nonzero(rewrite).squeeze(1)
     if rows.numel() == 0:
         return logits
-    new_last = torch.full((rows.numel(), logits.shape[-1]), float("-inf"), dtype=logits.dtype, device=device)
-    logprobs = stats.label_logprobs.to(device).index_select(0, rows).to(logits.dtype)
-    new_last.index_copy_(1, labels_here, logprobs)
+    new_last = label_answer_logits(stats.label_logprobs.to(device).index_select(0, rows), labels, logits)
     if logits.requires_grad:  # never an in-place write into a tensor autograd needs
         logits = logits.clone()
     logits[rows, -1, :] = new_last

@@ -2,7 +2,7 @@
 
 Serve a model with a calibrated classifier (the ``classifier.json`` of ``adainfer calibrate``):
 
-    vllm serve MODEL --enforce-eager --no-enable-prefix-caching \\
+    vllm serve MODEL --enforce-eager \\
         --hf-overrides '{"architectures": ["AdaInferForCausalLM"]}' \\
         --additional-config '{"adainfer": {"classifier": "clf/classifier.json"}}'
 
@@ -29,5 +29,4 @@ def engine_args(classifier: str | None, exits: str = "on") -> dict:
         "hf_overrides": {"architectures": [ARCHITECTURE]},
         "additional_config": {"adainfer": settings},
         "enforce_eager": True,  # the layer loop is Python: no CUDA graphs, no torch.compile
-        "enable_prefix_caching": False,  # settings.check_engine says why
     }

@@ -23,9 +23,19 @@ frozen state (the logit lens at the exit layer). Requests that ran every layer k
 
 K/V of skipped layers (state propagation): every later layer gets the exited tokens' K/V computed
 from their frozen state through that layer's input norm, qkv projection and rotary embedding, and
-written by the backend's own ``do_kv_cache_update``, so decode steps and prefix caching read
-consistent K/V. A request is checked only when its last token is sampled this step (a chunk of a
-longer prompt is never an answer).
+written by the backend's own ``do_kv_cache_update``, so the request's later decode steps read K/V
+for every layer, as in the HF runtime's ``generate``. A request is checked only when its last token
+is sampled this step (a chunk of a longer prompt is never an answer).
+
+Prefix caching: vLLM may hand a block that becomes full in this step to later requests with the
+same prefix. So when a request exits, only its tokens at or after the last block boundary its
+sequence reaches this step leave the step (frozen, their K/V state-propagated); the tokens of blocks
+that become full keep running every layer (they are no longer checked, and the request's answer is
+still its exit state), and the request stays in the attention metadata with that shorter query.
+Cached blocks then always hold the full model's K/V: no request's answer depends on which requests
+ran before it. Without prefix caching every token of an exited request leaves (the HF runtime's
+semantics, exactly). With a shared few-shot prefix served from the cache, what a step computes is
+mostly the requests' own suffixes, which exit.
 """
 
 from __future__ import annotations
@@ -36,12 +46,14 @@ import torch
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.llama import LlamaForCausalLM
 
+from adainfer.runtime.answers import label_answer_logits
 from adainfer.runtime.core import check_rows
 from adainfer.runtime.policy import ClassifierPolicy
 from adainfer.runtime.stats import ExitStats
 from adainfer.vllm import settings as S
 from adainfer.vllm.plugin import install_step_hooks
-from adainfer.vllm.step import CURRENT, token_ranges
+from adainfer.vllm.step import CURRENT
+from adainfer_kernels.compaction import compact_rows, scatter_rows
 from adainfer_kernels.head import ReadoutHead
 
 # Exit layers kept per request until read (``report.take_exit_layers``); older entries are dropped
@@ -85,6 +97,12 @@ class VllmExitLoop:
         self.log: dict[str, list[int]] = defaultdict(list)  # request id -> exit layer of each answer
         self.layer_tokens = 0  # decoder-layer token rows computed, summed over steps
         self.dense_tokens = 0  # what the dense model would have computed
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        self.tp_size = get_tensor_model_parallel_world_size()
+        cache = model.vllm_cache_config
+        self.prefix_caching = bool(cache.enable_prefix_caching)
+        self.block_size = int(cache.block_size)
 
     # ---- the readout head, read off the loaded weights
     def head(self) -> ReadoutHead:
@@ -137,12 +155,19 @@ class VllmExitLoop:
         device = hidden.device
         stats = ExitStats.start(n_reqs, self.num_layers, "compact", self.policy.label_token_ids, device)
         checkable = step.samples_last_token().to(device)
+        # Positions from which a request's tokens may be frozen at its exit: with prefix caching, the
+        # tokens of blocks that become full this step keep running every layer (vLLM may hand those
+        # blocks to later requests: they must hold the full model's K/V); without it, all of them.
+        seq_lens = step.common.seq_lens.to("cpu", torch.int64)[:n_reqs]
+        cacheable_end = (seq_lens // self.block_size) * self.block_size if self.prefix_caching else seq_lens * 0
         residual = None
-        active = torch.arange(n_reqs, device=device)  # step indices of the requests still running
-        tokens = torch.arange(n_tokens, device=device)  # their tokens, in step order
-        lens = (qsl[1:] - qsl[:-1]).to(device)
+        active = torch.arange(n_reqs, device=device)  # step indices of the requests still in the step
+        undecided = checkable.clone()  # per step request: may still stop (checked, no exit yet)
+        tokens = torch.arange(n_tokens, device=device)  # the active tokens, grouped by request in step order
+        lens = (qsl[1:] - qsl[:-1]).to(device)  # active tokens per active request
         pos = positions
         frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (tokens, state, positions)
+        answers: list[tuple[torch.Tensor, torch.Tensor]] = []  # (sampled token, exit state) of exits
         fin_tokens = fin_state = fin_pos = None
         base = self.head()
         for i in range(inner.start_layer, inner.end_layer):
@@ -156,47 +181,67 @@ class VllmExitLoop:
             k = i + 1
             if k not in self.checked or not active.numel():
                 continue
-            ends = torch.cumsum(lens, 0)
-            sel = torch.nonzero(checkable.index_select(0, active)).squeeze(1)
+            sel = torch.nonzero(undecided.index_select(0, active)).squeeze(1)
             if sel.numel() == 0:
                 continue
-            last = (ends - 1).index_select(0, sel)
+            last = (torch.cumsum(lens, 0) - 1).index_select(0, sel)  # an undecided request's last token is active
             state = hidden.index_select(0, last) + residual.index_select(0, last)
-            stop = check_rows(self.policy, base, k, state, active.index_select(0, sel), stats)
+            stop = self._agree(check_rows(self.policy, base, k, state, active.index_select(0, sel), stats))
             if not bool(stop.any()):
                 continue
             gone = sel[stop]  # positions among the active requests
-            keep = torch.ones(active.numel(), dtype=torch.bool, device=device)
-            keep[gone] = False
-            stats.exit_layers.index_fill_(0, active.index_select(0, gone), k)
-            starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-            out_idx = token_ranges(torch.cat([starts, ends[-1:]]).cpu(), gone.cpu()).to(device)
-            in_idx = token_ranges(torch.cat([starts, ends[-1:]]).cpu(), torch.nonzero(keep).squeeze(1).cpu()).to(device)
+            gone_reqs = active.index_select(0, gone)
+            stats.exit_layers.index_fill_(0, gone_reqs, k)
+            undecided.index_fill_(0, gone_reqs, False)
+            answers.append((tokens.index_select(0, last[stop]), state[stop]))
+            # Which tokens leave: those of the stopped requests outside blocks that become full.
+            owner = torch.repeat_interleave(torch.arange(active.numel(), device=device), lens)
+            stopped = torch.zeros(active.numel(), dtype=torch.bool, device=device)
+            stopped[gone] = True
+            limit = cacheable_end.to(device).index_select(0, active)
+            leave = stopped.index_select(0, owner) & (pos >= limit.index_select(0, owner))
+            # One compaction event over the step's tokens (the C++ dispatcher, as in the HF loop):
+            # the tokens that leave go out of hidden, residual and positions together.
+            event = compact_rows(~leave, tokens, [hidden, residual, pos])
             frozen.append(
                 (
-                    tokens.index_select(0, out_idx),
-                    hidden.index_select(0, out_idx) + residual.index_select(0, out_idx),
-                    pos.index_select(0, out_idx),
+                    event.finished_rows,
+                    hidden.index_select(0, event.finished) + residual.index_select(0, event.finished),
+                    pos.index_select(0, event.finished),
                 )
             )
             fin_tokens = torch.cat([f[0] for f in frozen])
             fin_state = torch.cat([f[1] for f in frozen])
             fin_pos = torch.cat([f[2] for f in frozen])
-            hidden, residual = hidden.index_select(0, in_idx), residual.index_select(0, in_idx)
-            pos, tokens = pos.index_select(0, in_idx), tokens.index_select(0, in_idx)
-            active, lens = active[keep], lens[keep]
+            hidden, residual, pos = event.tensors
+            tokens = event.row_map
+            lens = torch.zeros_like(lens).index_add_(0, owner, (~leave).to(lens.dtype))
+            still = lens > 0
+            active, lens = active[still], lens[still]
             if active.numel():
-                fc.attn_metadata.update(step.metadata_for(active, tokens))
+                fc.attn_metadata.update(step.metadata_for(active, lens, tokens))
                 for name, mapping in slots.items():
                     fc.slot_mapping[name] = mapping.index_select(0, tokens.to(mapping.device))
         out = torch.empty((n_tokens, base.hidden_size), dtype=hidden.dtype, device=device)
         if active.numel():
             final, _ = inner.norm(hidden, residual)
-            out.index_copy_(0, tokens, final)
+            scatter_rows(out, tokens, final)
         if fin_tokens is not None:
-            out.index_copy_(0, fin_tokens, inner.norm(fin_state))
+            scatter_rows(out, fin_tokens, inner.norm(fin_state))
+        if answers:  # a sampled token that kept running for the cache still answers from its exit state
+            scatter_rows(out, torch.cat([a[0] for a in answers]), inner.norm(torch.cat([a[1] for a in answers])))
         self._record(step, stats, checkable)
         return out
+
+    def _agree(self, stop: torch.Tensor) -> torch.Tensor:
+        """Under tensor parallel, every rank takes rank 0's decision (a broadcast of a few bytes): the
+        ranks hold the same hidden states after each layer's all-reduce, but a decision must not hang
+        on that reduction being bitwise identical everywhere, or the ranks would drop different requests."""
+        if self.tp_size == 1:
+            return stop
+        from vllm.distributed import get_tp_group
+
+        return get_tp_group().broadcast(stop.to(torch.uint8), src=0).to(torch.bool)
 
     def _fill_kv(self, layer, state, pos, slots, tokens) -> None:
         """K/V of ``layer`` for exited tokens (frozen states ``state``): input norm -> qkv ->
@@ -245,9 +290,7 @@ class VllmExitLoop:
         rows = torch.nonzero(stats.exit_layers < stats.num_layers).squeeze(1)
         if rows.numel() == 0:
             return logits
-        new = torch.full((rows.numel(), logits.shape[-1]), float("-inf"), dtype=logits.dtype, device=logits.device)
-        new.index_copy_(1, labels.to(logits.device), stats.label_logprobs.index_select(0, rows).to(logits.dtype))
-        logits[rows.to(logits.device)] = new
+        logits[rows.to(logits.device)] = label_answer_logits(stats.label_logprobs.index_select(0, rows), labels, logits)
         return logits
 
     def take_log(self, prefix: str | None = None) -> dict[str, list[int]]:
@@ -268,6 +311,7 @@ class AdaInferForCausalLM(LlamaForCausalLM):
             S.check_engine(vllm_config, str(hf_config.model_type))
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.adainfer_settings = plugin
+        self.vllm_cache_config = vllm_config.cache_config
         self.adainfer_exit_loop: VllmExitLoop | None = None
         if plugin.exits == "off":
             return

@@ -15,10 +15,11 @@ engine starts (never a silent fall back to the dense path):
 - pipeline parallel, speculative decoding, data-parallel micro-batching (DBO), multi-modal
   models and decode context parallel: steps whose requests the loop cannot drop;
 - an attention backend that writes K/V inside its forward (the K/V fill of skipped layers goes
-  through the backend's own ``do_kv_cache_update``);
-- prefix caching: the K/V a request that exited leaves for the layers it skipped are computed from
-  its exit state (state propagation), not by those layers; a later request that reused those
-  cached blocks would get an answer that depends on which requests ran before it.
+  through the backend's own ``do_kv_cache_update``).
+
+Prefix caching is not refused: the exit loop keeps the tokens of blocks that become full in a step
+running every layer even when their request exits (``model.VllmExitLoop``), so a block vLLM may
+hand to a later request always holds the full model's K/V.
 """
 
 from __future__ import annotations
@@ -99,12 +100,6 @@ def check_engine(vllm_config, model_type: str) -> None:
         raise AdaInferStartupError("AdaInfer does not run with dual-batch overlap (enable_dbo)")
     if vllm_config.speculative_config is not None:
         raise AdaInferStartupError("AdaInfer does not run with speculative decoding (its steps verify drafts)")
-    if vllm_config.cache_config.enable_prefix_caching:
-        raise AdaInferStartupError(
-            "prefix caching would hand later requests the state-propagated K/V of layers an exited request "
-            "skipped (their answers would depend on earlier requests): start vLLM with "
-            "enable_prefix_caching=False (--no-enable-prefix-caching)"
-        )
     if getattr(vllm_config.model_config, "is_multimodal_model", False):
         raise AdaInferStartupError("AdaInfer's vLLM adapter runs text-only models")
 

@@ -88,22 +88,25 @@ class StepCapture:
         seq_lens = self.common.seq_lens.to("cpu")[: self.num_reqs]
         return seq_lens >= prompt
 
-    def metadata_for(self, req_index: torch.Tensor, token_index: torch.Tensor) -> dict[str, object]:
+    def metadata_for(self, req_index: torch.Tensor, kept: torch.Tensor, token_index: torch.Tensor) -> dict[str, object]:
         """Per-layer attention metadata of the step restricted to requests ``req_index`` (sorted step
-        indices) and their tokens ``token_index``, each group rebuilt by its own builder."""
+        indices), of which the first ``kept[i]`` query tokens stay (``token_index``: those tokens,
+        grouped by request in step order), each group rebuilt by its own builder."""
         out: dict[str, object] = {}
         for b in self.builds:
-            common = select_requests(b.common, req_index, token_index)
+            common = select_requests(b.common, req_index, kept, token_index)
             md = b.group.build_metadata(common, b.ubatch)
             for name in b.group.layer_names:
                 out[name] = md
         return out
 
 
-def select_requests(common, req_index: torch.Tensor, token_index: torch.Tensor):
-    """``CommonAttentionMetadata`` of the requests ``req_index`` only (their query tokens
-    ``token_index``, in order): per-request fields indexed, per-token fields gathered, the query
-    layout recomputed; the rest (causal flag, ...) kept."""
+def select_requests(common, req_index: torch.Tensor, kept: torch.Tensor, token_index: torch.Tensor):
+    """``CommonAttentionMetadata`` of the requests ``req_index`` only, each keeping the first
+    ``kept[i]`` of its query tokens (``token_index``: those tokens, in order): per-request fields
+    indexed, per-token fields gathered, the query layout recomputed and each sequence shortened by the
+    query tokens it drops (they are the last ones: what stays attends exactly as before); the rest
+    (causal flag, ...) kept."""
     for name in _UNSUPPORTED:
         if getattr(common, name, None) is not None:
             raise RuntimeError(f"AdaInfer cannot drop requests from a step that uses {name}: refuse that feature")
@@ -111,7 +114,10 @@ def select_requests(common, req_index: torch.Tensor, token_index: torch.Tensor):
         raise RuntimeError("AdaInfer cannot drop requests from a step with per-request causal flags")
     qsl_cpu = common.query_start_loc_cpu.to(torch.int64)
     req_cpu = req_index.to("cpu", torch.int64)
-    lens = (qsl_cpu[1:] - qsl_cpu[:-1]).index_select(0, req_cpu)
+    lens = kept.to("cpu", torch.int64)
+    dropped = (qsl_cpu[1:] - qsl_cpu[:-1]).index_select(0, req_cpu) - lens
+    if bool((dropped < 0).any()) or bool((lens <= 0).any()):
+        raise RuntimeError("AdaInfer: a request must keep between 1 and all of its query tokens")
     new_qsl = torch.zeros(req_cpu.numel() + 1, dtype=common.query_start_loc_cpu.dtype)
     torch.cumsum(lens, 0, out=new_qsl[1:])
     dev = common.query_start_loc.device
@@ -130,6 +136,9 @@ def select_requests(common, req_index: torch.Tensor, token_index: torch.Tensor):
         value = getattr(common, name, None)
         if value is not None:
             changes[name] = value.index_select(0, req_dev.to(value.device))
+    for name in ("seq_lens", "seq_lens_cpu_upper_bound"):  # the dropped query tokens end each sequence
+        if changes.get(name) is not None:
+            changes[name] = changes[name] - dropped.to(device=changes[name].device, dtype=changes[name].dtype)
     seq_cpu = changes["seq_lens"].to("cpu")
     changes["max_seq_len"] = int(seq_cpu.max()) if seq_cpu.numel() else 0
     if common.positions is not None:
@@ -137,18 +146,6 @@ def select_requests(common, req_index: torch.Tensor, token_index: torch.Tensor):
     if common.req_idx is not None:
         changes["req_idx"] = common.req_idx[req_cpu.numpy()]
     return dataclasses.replace(common, **changes)
-
-
-def token_ranges(query_start_loc_cpu: torch.Tensor, req_index: torch.Tensor) -> torch.Tensor:
-    """(n,) int64 indices of the tokens of requests ``req_index`` in the step's flattened batch."""
-    qsl = query_start_loc_cpu.to(torch.int64)
-    req = req_index.to("cpu", torch.int64)
-    if req.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    starts, ends = qsl[req], qsl[req + 1]
-    lens = ends - starts
-    offsets = torch.repeat_interleave(starts - torch.cumsum(lens, 0) + lens, lens)
-    return torch.arange(int(lens.sum())) + offsets
 
 
 CURRENT = StepCapture()
