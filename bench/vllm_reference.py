@@ -55,6 +55,29 @@ def lens_reference(loaded, path: Path, max_new_tokens: int) -> dict:
             "hf_generated": tokens, "hf_generated_exits": exits}  # fmt: skip
 
 
+def label_lens_reference(loaded, clf, prompts: list[str], path: Path) -> dict:
+    """A label-token lens rule (gap over the task's label tokens from layer 10, no label bias: fixed,
+    not calibrated) saved at ``path``, and the HF runtime's exit layers and answers on ``prompts``:
+    the lens readout over label rows (what tensor parallel gathers onto every rank)."""
+    from adainfer.app.classify import classify
+    from adainfer.calibration.classifier import ModelIdentity, StopClassifier
+
+    lens = StopClassifier(
+        identity=ModelIdentity.from_model(loaded.model), method="gap", target="consistency", vocab_mode="labels",
+        w_top_prob=0.0, w_gap=1.0, w_layer=0.0, intercept=0.0, threshold=0.6, min_layer=10,
+        label_token_ids=tuple(clf.label_token_ids), label_words=clf.label_words,
+        info={"note": "bench/vllm_reference.py: a fixed rule for the tensor-parallel check, not calibrated"},
+    )  # fmt: skip
+    lens.save(path)
+    out = classify(loaded.model, loaded.tokenizer, prompts, lens, batch_size=16, progress=False)
+    return {
+        "classifier": str(path.resolve()),
+        "n": len(prompts),
+        "hf_exit_layers": out.exit_layers.tolist(),
+        "hf_answer_token": out.answer_token.tolist(),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--classifier", required=True)
@@ -108,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             generated_exits.append(list(steps))
         hook.remove()
     lens = lens_reference(loaded, Path(args.out).with_name("lens_classifier.json"), args.lens_max_new_tokens)
+    label_lens = label_lens_reference(loaded, clf, prompts[:16], Path(args.out).with_name("label_lens_classifier.json"))
     label_ids = [int(t) for t in clf.label_token_ids]
     ref = {
         "classifier": str(Path(args.classifier).resolve()),
@@ -125,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "hf_generated": generated,
         "hf_generated_exits": generated_exits,
         "lens": lens,
+        "label_lens": label_lens,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(ref))

@@ -19,6 +19,7 @@ never Hugging Face or vLLM.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -28,10 +29,20 @@ from adainfer.runtime.policy import ExitPolicy
 from adainfer.runtime.stats import ExitStats
 from adainfer_kernels.head import ExitSignals, ReadoutHead
 
+# (last (A, d), head, stop rule, device) -> ExitSignals: how an adapter decodes the rows (default:
+# the fused exit head on the whole head; under tensor parallel, the merged partials of the shards).
+Decode = Callable[[torch.Tensor, ReadoutHead, object, torch.device], ExitSignals]
+
 
 @torch.no_grad()  # a stop decision is not differentiable; the exit head refuses autograd inputs
 def check_rows(
-    policy: ExitPolicy, base: ReadoutHead, layer: int, last: torch.Tensor, rows: torch.Tensor, stats: ExitStats
+    policy: ExitPolicy,
+    base: ReadoutHead,
+    layer: int,
+    last: torch.Tensor,
+    rows: torch.Tensor,
+    stats: ExitStats,
+    decode: Decode | None = None,
 ) -> torch.Tensor:
     """(A,) bool: which active rows stop after layer ``layer``.
 
@@ -44,11 +55,13 @@ def check_rows(
         rows: (A,) int64 original ids of those rows in ``stats``.
         stats: the pass's ``ExitStats``; the answers of the rows that stop are recorded there,
             and ``rows_checked`` / ``check_seconds`` grow.
+        decode: how to get the signals of the rows (default ``decode.exit_signals``: the fused
+            exit head); an adapter whose head is split over devices passes its own.
     """
     t0 = time.perf_counter()
     head, stop_rule = policy.head_and_rule(layer, base)
     if policy.needs_signals:
-        signals = exit_signals(last, head, stop_rule, last.device)
+        signals = (decode or exit_signals)(last, head, stop_rule, last.device)
         stop = policy.should_stop(layer, signals, rows)
     else:  # decided without the signals: decode only the rows that stop
         stop = policy.should_stop(layer, None, rows)

@@ -54,7 +54,8 @@ from adainfer.vllm import settings as S
 from adainfer.vllm.plugin import install_step_hooks
 from adainfer.vllm.step import CURRENT
 from adainfer_kernels.compaction import compact_rows, scatter_rows
-from adainfer_kernels.head import ReadoutHead
+from adainfer_kernels.exit_partials import ExitPartials, exit_head_partials, merge_exit_partials
+from adainfer_kernels.head import ExitSignals, ReadoutHead
 
 # Exit layers kept per request until read (``report.take_exit_layers``); older entries are dropped
 # past this many requests so a server that nobody reads never grows without bound.
@@ -83,6 +84,18 @@ class _CheckOnly:
         return None
 
 
+class _LocalLabels:
+    """A label-mode classifier seen through label rows gathered into a (K, d) head: its subset is
+    0..K-1 (everything else is the classifier's)."""
+
+    def __init__(self, classifier) -> None:
+        self._classifier = classifier
+        self.vocab_subset = torch.arange(len(classifier.label_token_ids), dtype=torch.int64)
+
+    def __getattr__(self, name):
+        return getattr(self._classifier, name)
+
+
 class VllmExitLoop:
     """The exit loop of one ``AdaInferForCausalLM`` (one per worker process)."""
 
@@ -100,23 +113,67 @@ class VllmExitLoop:
         from vllm.distributed import get_tensor_model_parallel_world_size
 
         self.tp_size = get_tensor_model_parallel_world_size()
+        # Under tensor parallel: the label tokens whose LM-head rows a label lens gathers (None: the
+        # full-vocabulary lens over this rank's shard, decoded by _shard_signals; or a probe).
+        self.label_rows: list[int] | None = None
+        self._vocab_start = 0
+        self._decode = None
         cache = model.vllm_cache_config
         self.prefix_caching = bool(cache.enable_prefix_caching)
         self.block_size = int(cache.block_size)
 
     # ---- the readout head, read off the loaded weights
     def head(self) -> ReadoutHead:
+        """The model's final norm + LM head. Under tensor parallel the LM head is vocab-sharded: the
+        full-vocabulary lens reads this rank's shard (``_shard_signals`` merges the ranks' partials),
+        and a label-token lens gets the K label rows gathered onto every rank once (``label_rows``)."""
         if self._head is None:
             m = self.model
-            vocab = m.config.vocab_size
-            weight = m.lm_head.weight
-            if weight.shape[0] != vocab:  # vLLM pads the vocabulary rows of its LM head
-                weight = weight[:vocab]
             norm = m.model.norm
+            weight = m.lm_head.weight
+            if self.tp_size == 1:
+                vocab = m.config.vocab_size
+                weight = weight[:vocab] if weight.shape[0] != vocab else weight  # vLLM pads the vocabulary
+            elif self.label_rows is not None:
+                weight = self._gather_label_rows(weight)
+            else:
+                si = m.lm_head.shard_indices
+                weight = weight[: si.org_vocab_end_index - si.org_vocab_start_index]
+                self._vocab_start = int(si.org_vocab_start_index)
             self._head = ReadoutHead(
                 weight=weight, norm="rms", norm_weight=norm.weight, eps=float(norm.variance_epsilon)
             )
         return self._head
+
+    def _gather_label_rows(self, shard: torch.Tensor) -> torch.Tensor:
+        """(K, d) rows of the label tokens, on every rank: each rank fills the rows its shard holds,
+        an all-reduce (sum) completes them (once, a few KB)."""
+        from vllm.distributed import get_tp_group
+
+        si = self.model.lm_head.shard_indices
+        start, end = int(si.org_vocab_start_index), int(si.org_vocab_end_index)
+        rows = torch.zeros((len(self.label_rows), shard.shape[1]), dtype=shard.dtype, device=shard.device)
+        for k, token in enumerate(self.label_rows):
+            if start <= token < end:
+                rows[k] = shard[token - start]
+        return get_tp_group().all_reduce(rows)
+
+    def _shard_signals(self, last: torch.Tensor, head: ReadoutHead, rule, device) -> ExitSignals:
+        """Full-vocabulary lens under tensor parallel: this rank's partials (max, sum-exp, top-2 with
+        global ids) all-gathered (one (5, R) fp32 bundle: 20 bytes per row per rank) and merged by the same order-free
+        function on every rank (``adainfer_kernels.exit_partials``)."""
+        from vllm.distributed import get_tp_group
+
+        group = get_tp_group()
+        rows = last.to(head.weight.dtype) if last.dtype != head.weight.dtype else last
+        mine = exit_head_partials(rows, head, vocab_start=self._vocab_start)
+        # One all-gather of a (5, R) fp32 bundle: vLLM's CPU shared-memory all-gather has no int64,
+        # and ids below 2^24 (every vocabulary here) are exact in fp32.
+        packed = torch.stack([t.to(torch.float32) for t in mine.fields()])
+        every = group.all_gather(packed.unsqueeze(0).contiguous(), dim=0)  # (tp, 5, R)
+        m, s_, i1, t2, i2 = every.unbind(1)
+        gathered = (m, s_, i1.to(torch.int64), t2, i2.to(torch.int64))
+        return merge_exit_partials(ExitPartials(*gathered), rule)
 
     # ---- one step
     def forward(self, input_ids, positions, inputs_embeds=None) -> torch.Tensor:
@@ -186,7 +243,8 @@ class VllmExitLoop:
                 continue
             last = (torch.cumsum(lens, 0) - 1).index_select(0, sel)  # an undecided request's last token is active
             state = hidden.index_select(0, last) + residual.index_select(0, last)
-            stop = self._agree(check_rows(self.policy, base, k, state, active.index_select(0, sel), stats))
+            rows = active.index_select(0, sel)
+            stop = self._agree(check_rows(self.policy, base, k, state, rows, stats, self._decode))
             if not bool(stop.any()):
                 continue
             gone = sel[stop]  # positions among the active requests
@@ -319,17 +377,25 @@ class AdaInferForCausalLM(LlamaForCausalLM):
 
         classifier = StopClassifier.load(plugin.classifier)
         S.check_classifier(classifier, hf_config)
-        tp = vllm_config.parallel_config.tensor_parallel_size
-        if tp > 1 and getattr(classifier, "readout", "lens") != "probe":
-            raise S.AdaInferStartupError(
-                "under tensor parallel the lens readout needs the vocab-sharded exit head's partials; "
-                "serve a probe classifier (readout 'probe') or tensor_parallel_size=1"
-            )
         S.check_attention(self.model.layers[self.model.start_layer].self_attn.attn)
-        policy = ClassifierPolicy(classifier)
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        lens_labels = getattr(classifier, "readout", "lens") == "lens" and classifier.vocab_subset is not None
+        if tp > 1 and lens_labels:
+            # the label rows are gathered onto every rank: the policy indexes them 0..K-1, the
+            # answers keep the real token ids
+            policy = ClassifierPolicy(_LocalLabels(classifier))
+            policy.label_token_ids = classifier.vocab_subset
+        else:
+            policy = ClassifierPolicy(classifier)
         if plugin.exits == "check":
             policy = _CheckOnly(policy)
-        self.adainfer_exit_loop = VllmExitLoop(self, policy, int(hf_config.num_hidden_layers))
+        loop = VllmExitLoop(self, policy, int(hf_config.num_hidden_layers))
+        if tp > 1 and getattr(classifier, "readout", "lens") == "lens":
+            if lens_labels:
+                loop.label_rows = [int(t) for t in classifier.label_token_ids]
+            else:
+                loop._decode = loop._shard_signals
+        self.adainfer_exit_loop = loop
         install_step_hooks()
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
