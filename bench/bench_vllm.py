@@ -1,8 +1,11 @@
 """AdaInfer inside vLLM against plain vLLM: requests per second on the same prompts, one engine each.
 
 Runs in ``.venv-vllm`` (``make test-vllm`` builds it). Both engines are vLLM on this machine with the
-same configuration (fp32, eager, no prefix caching, one answer token per prompt); "plain" is the
-plugin with ``exits="off"`` (vLLM's own forward, bit for bit), "adainfer" runs the classifier's exits.
+same configuration (fp32, eager, vLLM's default prefix caching, one answer token per prompt); "plain"
+is the plugin with ``exits="off"`` (vLLM's own forward, bit for bit), "adainfer" runs the classifier's
+exits. The prompts share their few-shot demonstrations, so after the first (untimed) batch vLLM
+serves that prefix from its cache and a batch computes mostly each prompt's own suffix, in both
+engines. ``--no-prefix-caching`` times both without it.
 They are timed interleaved (``harness.interleaved``: one batch of all prompts per engine per round,
 the order rotated), so the shared machine's load hits both alike. The ideal speed-up is what the
 layers saved allow: (token rows of the dense decoder) / (token rows the exits computed), counted by
@@ -30,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5, help="timed batches per engine")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--quick", action="store_true", help="rows to build/bench, not bench/results")
+    p.add_argument("--no-prefix-caching", action="store_true", help="both engines without prefix caching")
     args = p.parse_args(argv)
 
     import vllm
@@ -39,8 +43,17 @@ def main(argv: list[str] | None = None) -> int:
 
     ref = json.loads(Path(args.reference).read_text())
     prompts = ref["prompts"]
-    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=2)
-    common = {"model": ref["model_dir"], "dtype": args.dtype, "max_model_len": 2048, "seed": 0}
+    # A classifier answers with a label word: both engines sample among the label tokens only (the
+    # exits already answer so; the full model's label answer is then what HF's classify reads).
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=2, allowed_token_ids=ref["label_token_ids"])
+    caching = not args.no_prefix_caching
+    common = {
+        "model": ref["model_dir"],
+        "dtype": args.dtype,
+        "max_model_len": 2048,
+        "seed": 0,
+        "enable_prefix_caching": caching,
+    }
     plain = LLM(**common, **engine_args(None, exits="off"))
     ada = LLM(**common, **engine_args(ref["classifier"]))
 
@@ -80,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "vllm": vllm.__version__,
         "dtype": args.dtype,
         "prompts": n,
+        "prefix_caching": caching,
         **{f"{k}_ms": round(t.median, 1) for k, t in timings.items()},
         **{f"{k}_p20_ms": round(t.p20, 1) for k, t in timings.items()},
         **{f"{k}_p80_ms": round(t.p80, 1) for k, t in timings.items()},
@@ -97,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = append_rows("bench_vllm", [row], record=not args.quick)
     env = environment()
-    print(f"vLLM {vllm.__version__} on {env['device']}, {args.dtype}, {n} prompts of the bundled task per batch")
+    print(
+        f"vLLM {vllm.__version__} on {env['device']}, {args.dtype}, prefix caching {'on' if caching else 'off'}, "
+        f"{n} prompts of the bundled task per batch"
+    )
     for name, label in (("plain", "plain vLLM    "), ("adainfer", "with AdaInfer ")):
         print(f"  {label} {row[name + '_req_per_s']:8.2f} req/s   (median batch {timings[name].median:.0f} ms)")
     print(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,6 @@ from adainfer.vllm.report import layer_work, take_exit_layers  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 
 GREEDY = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5)
-
-
-@pytest.fixture(scope="module")
-def ref() -> dict:
-    path = os.environ.get("ADAINFER_VLLM_REFERENCE")
-    if not path or not Path(path).is_file():
-        pytest.fail("ADAINFER_VLLM_REFERENCE must name the HF runtime's reference JSON: run `make test-vllm`")
-    return json.loads(Path(path).read_text())
 
 
 def _start(ref: dict, **kwargs) -> LLM:

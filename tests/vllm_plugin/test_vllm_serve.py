@@ -8,13 +8,11 @@ vllm.entrypoints.openai.api_server``: the same server and arguments as ``vllm se
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -26,14 +24,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ref() -> dict:
-    path = os.environ.get("ADAINFER_VLLM_REFERENCE")
-    if not path or not Path(path).is_file():
-        pytest.fail("ADAINFER_VLLM_REFERENCE must name the HF runtime's reference JSON: run `make test-vllm`")
-    return json.loads(Path(path).read_text())
 
 
 @pytest.fixture(scope="module")

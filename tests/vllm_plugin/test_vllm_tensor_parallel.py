@@ -7,9 +7,7 @@ Answers, exit layers and generated tokens must be the single-process HF runtime'
 from __future__ import annotations
 
 import gc
-import json
 import os
-from pathlib import Path
 
 import pytest
 
@@ -20,14 +18,6 @@ from adainfer.vllm.report import take_exit_layers
 from vllm import LLM, SamplingParams
 
 TP = 3
-
-
-@pytest.fixture(scope="module")
-def ref() -> dict:
-    path = os.environ.get("ADAINFER_VLLM_REFERENCE")
-    if not path or not Path(path).is_file():
-        pytest.fail("ADAINFER_VLLM_REFERENCE must name the HF runtime's reference JSON: run `make test-vllm`")
-    return json.loads(Path(path).read_text())
 
 
 @pytest.fixture(autouse=True)

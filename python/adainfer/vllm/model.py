@@ -43,6 +43,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.llama import LlamaForCausalLM
 
@@ -110,8 +111,6 @@ class VllmExitLoop:
         self.log: dict[str, list[int]] = defaultdict(list)  # request id -> exit layer of each answer
         self.layer_tokens = 0  # decoder-layer token rows computed, summed over steps
         self.dense_tokens = 0  # what the dense model would have computed
-        from vllm.distributed import get_tensor_model_parallel_world_size
-
         self.tp_size = get_tensor_model_parallel_world_size()
         # Under tensor parallel: the label tokens whose LM-head rows a label lens gathers (None: the
         # full-vocabulary lens over this rank's shard, decoded by _shard_signals; or a probe).
@@ -148,8 +147,6 @@ class VllmExitLoop:
     def _gather_label_rows(self, shard: torch.Tensor) -> torch.Tensor:
         """(K, d) rows of the label tokens, on every rank: each rank fills the rows its shard holds,
         an all-reduce (sum) completes them (once, a few KB)."""
-        from vllm.distributed import get_tp_group
-
         si = self.model.lm_head.shard_indices
         start, end = int(si.org_vocab_start_index), int(si.org_vocab_end_index)
         rows = torch.zeros((len(self.label_rows), shard.shape[1]), dtype=shard.dtype, device=shard.device)
@@ -162,8 +159,6 @@ class VllmExitLoop:
         """Full-vocabulary lens under tensor parallel: this rank's partials (max, sum-exp, top-2 with
         global ids) all-gathered (one (5, R) fp32 bundle: 20 bytes per row per rank) and merged by the same order-free
         function on every rank (``adainfer_kernels.exit_partials``)."""
-        from vllm.distributed import get_tp_group
-
         group = get_tp_group()
         rows = last.to(head.weight.dtype) if last.dtype != head.weight.dtype else last
         mine = exit_head_partials(rows, head, vocab_start=self._vocab_start)
@@ -297,8 +292,6 @@ class VllmExitLoop:
         on that reduction being bitwise identical everywhere, or the ranks would drop different requests."""
         if self.tp_size == 1:
             return stop
-        from vllm.distributed import get_tp_group
-
         return get_tp_group().broadcast(stop.to(torch.uint8), src=0).to(torch.bool)
 
     def _fill_kv(self, layer, state, pos, slots, tokens) -> None:
