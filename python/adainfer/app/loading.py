@@ -47,8 +47,17 @@ def bundled_model_dir() -> Path:
 
 
 def _cache_key(gguf: Path) -> str:
-    st = gguf.stat()
-    return f"{BUNDLED_NAME}-{st.st_size}-{int(st.st_mtime)}"
+    """Names the converted copy by the GGUF's content (size + a hash of its first and last MiB), not
+    its mtime: every install of the same file (another venv, a reinstall) finds the same copy."""
+    import hashlib
+
+    size = gguf.stat().st_size
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+    return f"{BUNDLED_NAME}-{size}-{digest.hexdigest()[:12]}"
 
 
 def _load_from_gguf(folder: Path, filename: str, dtype: torch.dtype):
