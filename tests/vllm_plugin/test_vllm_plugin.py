@@ -43,6 +43,12 @@ def engine(ref):
     _stop(llm)
 
 
+def _labels(ref: dict) -> SamplingParams:
+    """Greedy over the label tokens: a classifier's answer is a label word (exits answer so already;
+    a full-depth answer is then the full model's label answer, as the HF runtime's classify reads)."""
+    return SamplingParams(max_tokens=1, temperature=0.0, logprobs=5, allowed_token_ids=ref["label_token_ids"])
+
+
 def _run(llm: LLM, prompts: list[str], params: SamplingParams = GREEDY):
     outs = llm.generate(prompts, params, use_tqdm=False)
     exits = take_exit_layers(llm)
@@ -50,7 +56,7 @@ def _run(llm: LLM, prompts: list[str], params: SamplingParams = GREEDY):
 
 
 def test_answers_and_exit_layers_equal_the_hf_runtime(engine, ref):
-    outs, exits = _run(engine, ref["prompts"])
+    outs, exits = _run(engine, ref["prompts"], _labels(ref))
     answers = [o.outputs[0].token_ids[0] for o in outs]
     first_exit = [e[0] for e in exits]
     n = len(answers)
@@ -75,8 +81,8 @@ def test_answers_and_exit_layers_equal_the_hf_runtime(engine, ref):
 
 def test_a_request_answer_does_not_depend_on_its_batch_mates(engine, ref):
     prompts = ref["prompts"][:6]
-    together, exits_together = _run(engine, prompts[::-1])
-    alone = [_run(engine, [p]) for p in prompts]
+    together, exits_together = _run(engine, prompts[::-1], _labels(ref))
+    alone = [_run(engine, [p], _labels(ref)) for p in prompts]
     for j, (outs, exits) in enumerate(alone):
         i = len(prompts) - 1 - j
         assert outs[0].outputs[0].token_ids == together[i].outputs[0].token_ids
@@ -122,8 +128,8 @@ def test_with_prefix_caching_answers_are_the_hf_runtimes_and_do_not_depend_on_ea
     llm = _start(ref, **engine_args(ref["classifier"]))
     try:
         assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
-        first, exits_first = _run(llm, ref["prompts"][:n])  # fills the cache (shared demonstrations)
-        again, exits_again = _run(llm, ref["prompts"][:n][::-1])  # every prefix block from the cache
+        first, exits_first = _run(llm, ref["prompts"][:n], _labels(ref))  # fills the cache (the shared demos)
+        again, exits_again = _run(llm, ref["prompts"][:n][::-1], _labels(ref))  # prefix blocks from the cache
         done, dense = layer_work(llm)
     finally:
         _stop(llm)

@@ -62,29 +62,43 @@ def server(ref, tmp_path_factory):
 
 def test_completions_get_the_exit_answer_and_exit_layers(server, ref):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
-    n = 4
+    layers, num_layers = ref["hf_exit_layers"], ref["num_layers"]
+    # prompts that exit early and prompts that run every layer, per the HF runtime
+    early = [i for i, k in enumerate(layers) if k < num_layers][:2]
+    full = [i for i, k in enumerate(layers) if k == num_layers][:2]
+    picked = early + full
+    assert early and full, "the reference needs both kinds of prompts"
     resp = client.completions.create(
-        model=ref["model_dir"], prompt=ref["prompts"][:n], max_tokens=1, temperature=0, logprobs=2
+        model=ref["model_dir"],
+        prompt=[ref["prompts"][i] for i in picked],
+        max_tokens=1,
+        temperature=0,
+        logprobs=2,
+        extra_body={"allowed_token_ids": ref["label_token_ids"]},  # a classifier answers with a label word
     )
-    assert len(resp.choices) == n
-    tokenizer_words = dict(zip(ref["label_token_ids"], ref["label_forms"], strict=True))
+    assert len(resp.choices) == len(picked)
+    words = dict(zip(ref["label_token_ids"], ref["label_forms"], strict=True))
     for choice in resp.choices:
-        i = choice.index
-        assert choice.text == tokenizer_words[ref["hf_answer_token"][i]]
-        assert choice.model_extra["adainfer"] == {"exit_layers": [ref["hf_exit_layers"][i]]}
+        i = picked[choice.index]
+        assert choice.text == words[ref["hf_answer_token"][i]]
+        assert choice.model_extra["adainfer"] == {"exit_layers": [layers[i]]}
     work = json.load(urllib.request.urlopen(f"{server}/adainfer/work"))
     assert 0 < work["layer_tokens"] < work["dense_tokens"]
     metrics = urllib.request.urlopen(f"{server}/metrics").read().decode()
-    early = sum(k < ref["num_layers"] for k in ref["hf_exit_layers"][:n])
-    assert f"adainfer_answers_total {float(n)}" in metrics
-    assert f"adainfer_early_exits_total {float(early)}" in metrics
+    assert f"adainfer_answers_total {float(len(picked))}" in metrics
+    assert f"adainfer_early_exits_total {float(len(early))}" in metrics
     assert "adainfer_exit_layer_bucket" in metrics
 
 
 def test_streamed_completions_pass_through_the_middleware(server, ref):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
     stream = client.completions.create(
-        model=ref["model_dir"], prompt=ref["prompts"][1], max_tokens=1, temperature=0, stream=True
+        model=ref["model_dir"],
+        prompt=ref["prompts"][1],
+        max_tokens=1,
+        temperature=0,
+        stream=True,
+        extra_body={"allowed_token_ids": ref["label_token_ids"]},
     )
     text = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
     words = dict(zip(ref["label_token_ids"], ref["label_forms"], strict=True))

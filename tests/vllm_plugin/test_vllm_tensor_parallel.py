@@ -51,7 +51,8 @@ def test_tensor_parallel_answers_equal_the_hf_runtime(ref, which):
         want = list(zip(part["hf_answer_token"], part["hf_exit_layers"], strict=True))
     llm = _with_tp(ref, classifier)
     try:
-        outs = llm.generate(ref["prompts"][:n], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+        params = SamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=ref["label_token_ids"])
+        outs = llm.generate(ref["prompts"][:n], params, use_tqdm=False)
         exits = take_exit_layers(llm)
     finally:
         _stop(llm)
