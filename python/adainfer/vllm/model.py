@@ -63,6 +63,18 @@ from adainfer_kernels.head import ExitSignals, ReadoutHead
 MAX_LOGGED_REQUESTS = 100_000
 
 
+def _gather_slots(slots: dict[str, torch.Tensor], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each layer's slot mapping at ``tokens``; layers of one KV-cache group share one mapping
+    tensor, which is gathered once for all of them."""
+    gathered: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, mapping in slots.items():
+        if id(mapping) not in gathered:
+            gathered[id(mapping)] = mapping.index_select(0, tokens.to(mapping.device))
+        out[name] = gathered[id(mapping)]
+    return out
+
+
 class _CheckOnly:
     """A policy that runs every check of ``inner`` (same heads, same rules) but stops nothing."""
 
@@ -107,7 +119,7 @@ class VllmExitLoop:
         self.checked = frozenset(k for k in policy.layers_to_check(num_layers) if 1 <= k < num_layers)
         self._head: ReadoutHead | None = None
         self._used_serial = -1
-        self._last: tuple[ExitStats, torch.Tensor] | None = None  # (stats, checked mask) of the last step
+        self._last: ExitStats | None = None  # the last step's, until its answers are delivered
         self.log: dict[str, list[int]] = defaultdict(list)  # request id -> exit layer of each answer
         self.layer_tokens = 0  # decoder-layer token rows computed, summed over steps
         self.dense_tokens = 0  # what the dense model would have computed
@@ -218,14 +230,14 @@ class VllmExitLoop:
         tokens = torch.arange(n_tokens, device=device)  # the active tokens, grouped by request in step order
         lens = (qsl[1:] - qsl[:-1]).to(device)  # active tokens per active request
         pos = positions
-        frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (tokens, state, positions)
         answers: list[tuple[torch.Tensor, torch.Tensor]] = []  # (sampled token, exit state) of exits
-        fin_tokens = fin_state = fin_pos = None
+        # the frozen tokens (step indices), their states and positions, and their slots per layer
+        fin_tokens = fin_state = fin_pos = fin_slots = None
         base = self.head()
         for i in range(inner.start_layer, inner.end_layer):
             layer = inner.layers[i]
             if fin_tokens is not None:
-                self._fill_kv(layer, fin_state, fin_pos, slots, fin_tokens)
+                self._fill_kv(layer, fin_state, fin_pos, fin_slots)
             if active.numel():
                 hidden, residual = layer(pos, hidden, residual)
                 self.layer_tokens += hidden.shape[0]
@@ -256,16 +268,15 @@ class VllmExitLoop:
             # One compaction event over the step's tokens (the C++ dispatcher, as in the HF loop):
             # the tokens that leave go out of hidden, residual and positions together.
             event = compact_rows(~leave, tokens, [hidden, residual, pos])
-            frozen.append(
-                (
-                    event.finished_rows,
-                    hidden.index_select(0, event.finished) + residual.index_select(0, event.finished),
-                    pos.index_select(0, event.finished),
-                )
+            new = (
+                event.finished_rows,
+                hidden.index_select(0, event.finished) + residual.index_select(0, event.finished),
+                pos.index_select(0, event.finished),
             )
-            fin_tokens = torch.cat([f[0] for f in frozen])
-            fin_state = torch.cat([f[1] for f in frozen])
-            fin_pos = torch.cat([f[2] for f in frozen])
+            if fin_tokens is not None:
+                new = tuple(torch.cat(pair) for pair in zip((fin_tokens, fin_state, fin_pos), new, strict=True))
+            fin_tokens, fin_state, fin_pos = new
+            fin_slots = _gather_slots(slots, fin_tokens)
             hidden, residual, pos = event.tensors
             tokens = event.row_map
             lens = torch.zeros_like(lens).index_add_(0, owner, (~leave).to(lens.dtype))
@@ -273,8 +284,7 @@ class VllmExitLoop:
             active, lens = active[still], lens[still]
             if active.numel():
                 fc.attn_metadata.update(step.metadata_for(active, lens, tokens))
-                for name, mapping in slots.items():
-                    fc.slot_mapping[name] = mapping.index_select(0, tokens.to(mapping.device))
+                fc.slot_mapping.update(_gather_slots(slots, tokens))
         out = torch.empty((n_tokens, base.hidden_size), dtype=hidden.dtype, device=device)
         if active.numel():
             final, _ = inner.norm(hidden, residual)
@@ -294,9 +304,10 @@ class VllmExitLoop:
             return stop
         return get_tp_group().broadcast(stop.to(torch.uint8), src=0).to(torch.bool)
 
-    def _fill_kv(self, layer, state, pos, slots, tokens) -> None:
-        """K/V of ``layer`` for exited tokens (frozen states ``state``): input norm -> qkv ->
-        rotary, written to the cache by the backend's ``do_kv_cache_update``."""
+    def _fill_kv(self, layer, state, pos, slots: dict[str, torch.Tensor]) -> None:
+        """K/V of ``layer`` for exited tokens (frozen states ``state``, their cache slots per layer
+        ``slots``): input norm -> qkv -> rotary, written to the cache by the backend's
+        ``do_kv_cache_update``."""
         attn = layer.self_attn
         a = attn.attn
         mapping = slots.get(a.layer_name)
@@ -311,11 +322,11 @@ class VllmExitLoop:
             k.reshape(-1, a.num_kv_heads, a.head_size),
             v.reshape(-1, a.num_kv_heads, a.head_size_v),
             a.kv_cache,
-            mapping.index_select(0, tokens.to(mapping.device)),
+            mapping,
         )
 
     def _record(self, step, stats: ExitStats, checkable: torch.Tensor) -> None:
-        self._last = (stats, checkable)
+        self._last = stats
         layers = stats.exit_layers.tolist()
         for rid, k, answered in zip(step.req_ids(), layers, checkable.tolist(), strict=True):
             if answered:
@@ -327,10 +338,9 @@ class VllmExitLoop:
     # ---- answers
     def deliver(self, logits: torch.Tensor) -> torch.Tensor:
         """The exit answers in the sampled rows' logits (one row per request of the last step)."""
-        last, self._last = self._last, None
-        if last is None or logits is None:
+        stats, self._last = self._last, None
+        if stats is None or logits is None:
             return logits
-        stats, _ = last
         labels = stats.label_token_ids
         if labels is None:
             return logits  # full vocabulary: the LM head on the frozen state is the exit answer
