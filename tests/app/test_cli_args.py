@@ -291,3 +291,15 @@ def test_calibrate_out_file_still_writes_that_file_and_warns(tiny_dir, tmp_path,
     clf = StopClassifier.load(clf_path)
     assert clf.label_bias_estimator == "mean"
     assert not list(tmp_path.glob("**/classifier.json"))  # the old meaning: that file, no folder
+
+
+def test_calibrate_by_default_shares_what_the_test_split_leaves_between_calibration_and_heldout(
+    tiny_dir, tmp_path, capsys
+):
+    data = str(_reviews(tmp_path / "reviews.csv", n=41))  # 41 per class: 8 demo candidates, 4 test, 29 left
+    argv = ["calibrate", "--model", tiny_dir, "--task", data, "--text-column", "review", "--label-column", "stars"]
+    argv += ["--n-test", "8", "--k-shot", "2", "--method", "gap", "--budget", "0.2", "--out-dir", str(tmp_path / "c")]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "calibration 28, heldout 28, test 8" in capsys.readouterr().out  # 14 + 14 per class, the odd one unused
+    stored = StopClassifier.load(tmp_path / "c" / "classifier.json").info["task"]["sizes"]
+    assert stored == {"calibration": 28, "heldout": 28, "test": 8}

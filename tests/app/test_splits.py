@@ -83,5 +83,18 @@ def test_the_rest_split_takes_what_the_others_leave_up_to_its_cap():
     assert len(texts) == len(set(texts))
     with pytest.raises(ValueError, match="no examples are left for split 'heldout'"):
         balanced_splits(by_class, {"calibration": 80, "heldout": REST, "test": 80}, n_demo_pool=8, seed=0)
-    with pytest.raises(ValueError, match="only one split can take the rest"):
-        balanced_splits(by_class, {"calibration": REST, "heldout": REST}, n_demo_pool=8, seed=0)
+
+
+def test_rest_splits_share_what_the_others_leave_evenly_each_up_to_the_cap():
+    by_class = [[f"a{i}" for i in range(100)], [f"b{i}" for i in range(81)]]
+    sizes = {"calibration": REST, "heldout": REST, "test": 20}
+    _, splits = balanced_splits(by_class, sizes, n_demo_pool=8, seed=0, max_rest=None)
+    share = 2 * ((81 - 8 - 10) // 2)  # 63 left per class: 31 each, the odd one unused
+    assert {s: len(v) for s, v in splits.items()} == {"calibration": share, "heldout": share, "test": 20}
+    texts = [e.text for v in splits.values() for e in v]
+    assert len(texts) == len(set(texts))
+    _, capped = balanced_splits(by_class, sizes, n_demo_pool=8, seed=0, max_rest=40)
+    assert {s: len(v) for s, v in capped.items()} == {"calibration": 40, "heldout": 40, "test": 20}
+    assert balanced_splits(by_class, {s: len(v) for s, v in capped.items()}, n_demo_pool=8, seed=0)[1] == capped
+    with pytest.raises(ValueError, match="no examples are left for split 'calibration' / 'heldout'"):
+        balanced_splits(by_class, {"calibration": REST, "heldout": REST, "test": 144}, n_demo_pool=8, seed=0)

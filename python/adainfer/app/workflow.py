@@ -356,7 +356,7 @@ def calibrate_command(args, console=None) -> int:
     for line in calibration_lines(clf) + report.lines():
         console.print(line)
     if dtype != "float32":
-        # measured on the bundled task in bf16: exits equal the simulation's on 87% of the prompts
+        # measured on the bundled task in bf16: exits equal the simulation's on 85-87% of the prompts
         console.print(
             f"note: the bound is certified on the feature pass's {dtype} numerics; the runtime's {dtype} hidden "
             "states differ from them in their last bits, enough to move some exits (README, bf16): "
