@@ -6,9 +6,9 @@ per dtype) gives the per-layer features. Then, for each draw of disjoint splits 
 
 - ``former``: the defaults before issue 18: calibration 400 / held-out 400, the svm stop rule, the
   lens or probe readout whichever ran fewer layers *on the held-out split* (which also certified it);
-- ``new``: the defaults now: calibration 300 / held-out every remaining example (up to 1,200), the
-  readout (lens, probe) and the rule (gap, svm) chosen on the calibration split (out-of-fold probe
-  signals), the threshold alone certified on held-out;
+- ``new``: the defaults now: calibration and held-out share the remaining examples evenly (up to
+  1,200 each), the readout (lens, probe) and the rule (gap, svm) chosen on the calibration split
+  (out-of-fold probe signals), the threshold alone certified on held-out;
 - ``oracle``: each test row stops at the earliest layer from which the new rule's readout gives
   the full model's answer for good.
 
@@ -18,6 +18,7 @@ runtime on the first N test prompts, full model and exits alternating batch by b
 
     .venv/bin/python research/stop_rule.py --tasks tweet-sentiment movie-reviews --draws 20
     .venv/bin/python research/stop_rule.py --tasks cities --draws 5 --wallclock 96 --dtype bfloat16
+    .venv/bin/python research/stop_rule.py --tasks lmeval:rt_sst2 --include-path DIR   # lmeval_rt_sst2.py DIR
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from adainfer.app.lmeval_task import is_lmeval_spec, load_lmeval_task
 from adainfer.app.loading import cache_dir, load_bundled
+from adainfer.app.splits import MAX_REST
 from adainfer.app.tasks import load_task
 from adainfer.calibration.evaluate import evaluate
 from adainfer.calibration.features import LayerFeatures, collect_task_features
@@ -46,11 +49,21 @@ def pool_path(task: str, dtype: str, n: int) -> Path:
     return cache_dir() / "research" / f"stop_rule-{task}" / f"pool-{dtype}-{n}.npz"
 
 
-def load_pool(task: str, n: int, dtype: str, loaded=None) -> tuple[LayerFeatures, list[str]]:
+def task_pool(task: str, n: int, include_path: str | None = None):
+    """``n`` examples of ``task`` (a bundled task, or ``lmeval:NAME`` of ``include_path``) as one split."""
+    sizes = {"calibration": n, "heldout": 0, "test": 0}
+    if is_lmeval_spec(task):
+        return load_lmeval_task(task, include_path, sizes)
+    return load_task(task, sizes=sizes)
+
+
+def load_pool(
+    task: str, n: int, dtype: str, loaded=None, include_path: str | None = None
+) -> tuple[LayerFeatures, list[str]]:
     """The pool's features (cached) and its prompts, in the same order."""
-    path = pool_path(task, dtype, n)
+    path = pool_path(task.replace(":", "-"), dtype, n)
     loaded = loaded or load_bundled(dtype=DTYPES[dtype])
-    rendered = load_task(task, sizes={"calibration": n, "heldout": 0, "test": 0}).render(loaded.tokenizer)
+    rendered = task_pool(task, n, include_path).render(loaded.tokenizer)
     if path.exists():
         feats = LayerFeatures.load(path)
     else:
@@ -95,11 +108,11 @@ def figures(test: LayerFeatures, clf) -> dict:
 
 
 def run_task(task: str, args, loaded) -> dict:
-    feats, prompts = load_pool(task, args.pool, args.dtype, loaded)
+    feats, prompts = load_pool(task, args.pool, args.dtype, loaded, args.include_path)
     n = feats.n_examples
     left = n - N_TEST
     n_former = (min(400, left // 2), min(400, left // 2))
-    n_new = (min(300, left // 3), min(1200, left - min(300, left // 3)))
+    n_new = (min(MAX_REST, left // 2), min(MAX_REST, left // 2))
     rows = []
     t0 = time.perf_counter()
     for draw in range(args.draws):
@@ -174,6 +187,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
     ap.add_argument("--wallclock", type=int, default=0, help="time the runtime on this many test prompts")
     ap.add_argument("--out", default=None, help="append the tables to this markdown file")
+    ap.add_argument("--include-path", default=None, help="the folder of lmeval:NAME tasks (lmeval_rt_sst2.py)")
     args = ap.parse_args()
     loaded = load_bundled(dtype=DTYPES[args.dtype])
     lines = []
