@@ -150,3 +150,14 @@ def test_no_import_cycles_between_kernel_modules():
     assert sum(map(len, graph.values())) > 0, "no imports between kernel modules found: the scan is broken"
     cycles = import_cycles(graph)
     assert not cycles, f"kernel modules import each other in cycles: {cycles}"
+
+
+def test_the_runtime_and_the_vllm_plugin_load_no_fitting_library():
+    """scikit-learn and threadpoolctl fit classifiers; serving one (the HF runtime, a classifier and its
+    probe file, the vLLM plugin's venv, which has neither) must not import them."""
+    code = (
+        "import sys, adainfer, adainfer.vllm, adainfer.calibration.probe, adainfer.calibration.classifier;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'threadpoolctl')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"importing the runtime imported a fitting library: {out.stdout}"

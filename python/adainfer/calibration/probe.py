@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 DEFAULT_C = 0.05  # inverse L2 strength; chosen on the probe curve (research/probe_curve.md)
 DEFAULT_FOLDS = 5
@@ -103,6 +102,8 @@ def fit_probes(hidden: np.ndarray, target: np.ndarray, n_labels: int, c: float =
         raise ValueError(f"hidden must be (N, L-1, d) and target (N,); got {hidden.shape} and {target.shape}")
     if target.min() < 0 or target.max() >= n_labels:
         raise ValueError(f"targets must lie in 0..{n_labels - 1}")
+    from threadpoolctl import threadpool_limits  # with scikit-learn: fitting only, never the runtime's imports
+
     n, n_layers, d = hidden.shape
     weight = np.zeros((n_layers, n_labels, d), dtype=np.float32)
     bias = np.zeros((n_layers, n_labels), dtype=np.float32)
