@@ -33,7 +33,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-from adainfer.app.lmeval_task import is_lmeval_spec, load_lmeval_task
 from adainfer.app.loading import cache_dir, load_bundled
 from adainfer.app.splits import MAX_REST
 from adainfer.app.tasks import load_task
@@ -49,21 +48,14 @@ def pool_path(task: str, dtype: str, n: int) -> Path:
     return cache_dir() / "research" / f"stop_rule-{task}" / f"pool-{dtype}-{n}.npz"
 
 
-def task_pool(task: str, n: int, include_path: str | None = None):
-    """``n`` examples of ``task`` (a bundled task, or ``lmeval:NAME`` of ``include_path``) as one split."""
-    sizes = {"calibration": n, "heldout": 0, "test": 0}
-    if is_lmeval_spec(task):
-        return load_lmeval_task(task, include_path, sizes)
-    return load_task(task, sizes=sizes)
-
-
 def load_pool(
     task: str, n: int, dtype: str, loaded=None, include_path: str | None = None
 ) -> tuple[LayerFeatures, list[str]]:
     """The pool's features (cached) and its prompts, in the same order."""
     path = pool_path(task.replace(":", "-"), dtype, n)
     loaded = loaded or load_bundled(dtype=DTYPES[dtype])
-    rendered = task_pool(task, n, include_path).render(loaded.tokenizer)
+    where = {"include_path": include_path} if include_path else {}  # the folder of lmeval:NAME tasks
+    rendered = load_task(task, sizes={"calibration": n, "heldout": 0, "test": 0}, **where).render(loaded.tokenizer)
     if path.exists():
         feats = LayerFeatures.load(path)
     else:

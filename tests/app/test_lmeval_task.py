@@ -28,6 +28,17 @@ def test_an_lm_eval_task_becomes_a_classification_task_with_lm_evals_own_context
     assert set(picked.render(word_tokenizer()).prompts("calibration")) <= test_contexts
 
 
+def test_load_task_routes_lmeval_specs_and_refuses_options_the_yaml_defines(tmp_path):
+    from adainfer.app.tasks import load_task
+
+    write_task(tmp_path)
+    sizes = {"calibration": 9, "heldout": 6, "test": 6}
+    task = load_task("lmeval:tiny_mc", include_path=tmp_path, sizes=sizes, seed=1)
+    assert task == load_lmeval_task("lmeval:tiny_mc", tmp_path, sizes, seed=1)
+    with pytest.raises(ValueError, match="k_shot, template do not apply to lm-eval tasks"):
+        load_task("lmeval:tiny_mc", include_path=tmp_path, k_shot=2, template="plain")
+
+
 def test_lm_eval_tasks_the_source_cannot_use_are_refused(tmp_path):
     write_task(tmp_path / "gen", name="tiny_gen", output_type="generate_until")
     with pytest.raises(ValueError, match="output_type 'generate_until': calibration needs a multiple_choice task"):

@@ -217,12 +217,23 @@ def resolve_label_words(
 
 
 def load_task(spec: str, **kwargs) -> ClassificationTask:
-    """A bundled task by name (:mod:`adainfer.app.datasets`), or a user file by path
-    (:func:`adainfer.app.user_tasks.load_user_task`); ``kwargs`` go to the one chosen."""
-    # imported here: both modules build on this one's types
+    """A bundled task by name (:mod:`adainfer.app.datasets`), a user file by path
+    (:func:`adainfer.app.user_tasks.load_user_task`), or an lm-evaluation-harness multiple-choice
+    task, ``lmeval:NAME`` (:func:`adainfer.app.lmeval_task.load_lmeval_task`: ``include_path``,
+    ``sizes`` and ``seed`` only); ``kwargs`` go to the one chosen."""
+    # imported here: these modules build on this one's types
     from adainfer.app.datasets import BUNDLED_LOADERS, BUNDLED_TASKS
+    from adainfer.app.lmeval_task import is_lmeval_spec, load_lmeval_task
     from adainfer.app.user_tasks import TASK_FILE_KINDS, load_user_task
 
+    if is_lmeval_spec(spec):
+        other = sorted(set(kwargs) - {"include_path", "sizes", "seed"})
+        if other:
+            raise ValueError(
+                f"{', '.join(other)} do not apply to lm-eval tasks: "
+                "the prompt and label words come from the task's YAML"
+            )
+        return load_lmeval_task(spec, **kwargs)
     if spec in BUNDLED_TASKS:
         user_only = ("text_column", "label_column", "encoding")
         build = BUNDLED_LOADERS[spec]
@@ -231,4 +242,6 @@ def load_task(spec: str, **kwargs) -> ClassificationTask:
     if Path(spec).suffix.lower() in TASK_FILE_KINDS or Path(spec).exists():
         kwargs.pop("min_confidence", None)
         return load_user_task(spec, **kwargs)
-    raise ValueError(f"unknown task {spec!r}: use a bundled task ({', '.join(BUNDLED_TASKS)}) or a .csv/.jsonl file")
+    raise ValueError(
+        f"unknown task {spec!r}: use a bundled task ({', '.join(BUNDLED_TASKS)}), a .csv/.jsonl file or lmeval:NAME"
+    )
